@@ -1,0 +1,1 @@
+"""Triton kernels of sagfast (installed as `sagfast.kernels`). Importing this package needs no Triton."""

@@ -1,0 +1,104 @@
+"""Capture of the attention mass in one self-attention layer, without the N x N map.
+
+`SAGCaptureProcessor` has the stock diffusers processor signature. It computes the layer output with
+SDPA (asking SDPA for the per-row log-sum-exp it computes anyway) and, for the guide rows of the batch
+only, the per-key attention mass from q, k and that log-sum-exp (`sagfast.ops.attention_mass`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+
+from sagfast.ops import attention_mass
+
+
+def _lse_chunked(q, k, scale):
+    """Row log-sum-exp in fp32, a block of queries at a time (for devices SDPA gives no lse on)."""
+    b, h, n, _ = q.shape
+    rows = max(1, (1 << 23) // max(1, b * h * k.shape[2]))
+    parts = [
+        torch.logsumexp(torch.matmul(q[:, :, i : i + rows].float(), k.float().transpose(-1, -2)) * scale, dim=-1)
+        for i in range(0, n, rows)
+    ]
+    return torch.cat(parts, dim=2)
+
+
+def sdpa_with_lse(q, k, v, scale: float):
+    """(out, lse) of softmax attention; q, k, v [B, H, N, D]; lse [B, H, N] fp32 (natural log)."""
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+        return out, lse
+    if q.device.type == "cuda":
+        d = q.shape[-1]
+        if q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256:
+            res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
+            return res[0], res[1]
+        res = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False, scale=scale)
+        return res[0], res[1][:, :, : q.shape[2]]
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return out, _lse_chunked(q, k, scale)
+
+
+class SAGCaptureProcessor:
+    """Self-attention processor that also records the attention mass of the first `guide_batch` rows.
+
+    After a call, `self.mass` is [guide_batch, N] fp32. Accepts what `AttnProcessor2_0` accepts on a
+    self-attention layer, except an attention mask (SD's self-attention layers never get one).
+    """
+
+    def __init__(self, guide_batch: int, backend: str = "auto"):
+        self.guide_batch = guide_batch
+        self.backend = backend
+        self.mass = None
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is not None:
+            raise ValueError("SAG's capture layer must be a self-attention layer; it was given encoder_hidden_states")
+        if attention_mask is not None:
+            raise ValueError("SAG's capture layer does not take an attention mask")
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        out, lse = sdpa_with_lse(query, key, value, attn.scale)
+        g = self.guide_batch
+        self.mass = attention_mass(query[:g], key[:g], lse[:g], attn.scale, backend=self.backend)
+
+        hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor

@@ -1,0 +1,81 @@
+"""One configuration object for everything sagfast does, each field with its trade-off."""
+
+from __future__ import annotations
+
+import dataclasses
+
+MODES = ("exact",)  # "batched" arrives with the batched runner
+BACKENDS = ("auto", "triton", "cpp", "torch")
+MASKS = ("attention", "global", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class SAGConfig:
+    """Settings of Self-Attention Guidance (Hong et al., ICCV 2023).
+
+    Frozen: `sagfast.enable(pipe, config, **overrides)` makes a new one with `dataclasses.replace`.
+    """
+
+    scale: float = 0.75
+    """SAG scale `s` in `out = cfg + s * (o_guide - o_degraded)`. The paper uses 0.1 to 1.0; diffusers'
+    default is 0.75. Larger values sharpen structure more and start to over-saturate. 0 disables SAG
+    (the wrapped UNet then makes exactly the plain pipeline's call)."""
+
+    mode: str = "exact"
+    """"exact": two model calls per step (main, then degraded), the algorithm of the paper and of
+    diffusers. "batched": one model call per step on [uncond, cond, degraded], the degraded input built
+    from the previous step's eps and mask (cheaper per step, an approximation; see README)."""
+
+    threshold: float = 1.0
+    """psi: a key is masked when the attention it receives, averaged over heads, exceeds this. The
+    mean over keys is exactly 1, so 1.0 masks the keys that get more than their share."""
+
+    blur_kernel_size: int = 9
+    """Gaussian blur window (odd). Reflect padding needs latent height and width > kernel_size // 2."""
+
+    blur_sigma: float = 1.0
+    """Gaussian blur standard deviation in latent pixels."""
+
+    layers: str = "mid"
+    """Which self-attention layer the map is read from: "mid" (the first self-attention of the UNet's
+    mid block, as in the paper and diffusers) or the module name of a self-attention layer, such as
+    "down_blocks.1.attentions.0.transformer_blocks.0.attn1" (higher-resolution layers cost more)."""
+
+    backend: str = "auto"
+    """Which implementation of the ops runs: "auto" (first of triton on CUDA, cpp, torch that
+    supports the input), "triton", "cpp" or "torch" (the plain PyTorch reference). An explicit
+    backend never falls back: it raises with its reasons."""
+
+    mask: str = "attention"
+    """Which pixels get blurred, the paper's ablation: "attention" (SAG), "global" (blur everything:
+    blur guidance) or "random" (a random ~40% of pixels at the map's resolution)."""
+
+    random_mask_ratio: float = 0.4
+    """Fraction of map pixels blurred when mask="random"."""
+
+    def __post_init__(self):
+        problems = []
+        if not isinstance(self.scale, (int, float)) or isinstance(self.scale, bool) or self.scale < 0:
+            problems.append(f"scale must be a number >= 0, got {self.scale!r}")
+        if self.mode == "batched":
+            problems.append('mode="batched" is not implemented yet; use mode="exact"')
+        elif self.mode not in MODES:
+            problems.append(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not isinstance(self.threshold, (int, float)) or isinstance(self.threshold, bool):
+            problems.append(f"threshold must be a number, got {self.threshold!r}")
+        k = self.blur_kernel_size
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1 or k % 2 == 0:
+            problems.append(f"blur_kernel_size must be an odd int >= 1, got {k!r}")
+        if not isinstance(self.blur_sigma, (int, float)) or isinstance(self.blur_sigma, bool) or self.blur_sigma <= 0:
+            problems.append(f"blur_sigma must be a number > 0, got {self.blur_sigma!r}")
+        if not isinstance(self.layers, str) or not self.layers:
+            problems.append(f'layers must be "mid" or the module name of a self-attention layer, got {self.layers!r}')
+        if self.backend not in BACKENDS:
+            problems.append(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.mask not in MASKS:
+            problems.append(f"mask must be one of {MASKS}, got {self.mask!r}")
+        r = self.random_mask_ratio
+        if not isinstance(r, (int, float)) or isinstance(r, bool) or not 0.0 <= r <= 1.0:
+            problems.append(f"random_mask_ratio must be in [0, 1], got {r!r}")
+        if problems:
+            raise ValueError("invalid SAGConfig: " + "; ".join(problems))

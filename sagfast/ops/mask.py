@@ -1,0 +1,29 @@
+"""SAG mask: keys that receive more than `threshold` attention, laid out on the layer's (h, w) map."""
+
+from __future__ import annotations
+
+import torch
+
+
+def sag_mask_ref(mass: torch.Tensor, threshold: float, hw: tuple) -> torch.Tensor:
+    """mass: [B, N] -> bool [B, h, w] with `mass > threshold`.
+
+    `hw` is the layer's true spatial map (from the block's input), never guessed from N: a non-square
+    latent has h != w, and N = h * w has several factorizations.
+    """
+    h, w = int(hw[0]), int(hw[1])
+    if mass.dim() != 2 or mass.shape[1] != h * w:
+        raise ValueError(f"mass must be [B, h*w] = [B, {h * w}] for map {h}x{w}; got {tuple(mass.shape)}")
+    return (mass > threshold).reshape(mass.shape[0], h, w)
+
+
+def upsample_index(size_in: int, size_out: int, device=None) -> torch.Tensor:
+    """Nearest-neighbour source index floor(i * in / out) in exact integer arithmetic."""
+    return torch.div(torch.arange(size_out, device=device) * size_in, size_out, rounding_mode="floor")
+
+
+def upsample_mask_ref(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[B, h, w] -> [B, 1, H, W], nearest by index; the same mask for every channel."""
+    rows = upsample_index(mask.shape[1], height, mask.device)
+    cols = upsample_index(mask.shape[2], width, mask.device)
+    return mask[:, rows][:, :, cols].unsqueeze(1)
