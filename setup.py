@@ -27,7 +27,7 @@ setup(
     ],
     extras_require={
         "triton": ["triton"],
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "triton", "mlxtend"],
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "triton", "mlxtend", "matplotlib"],
         "train": ["mlxtend"],
     },
     entry_points={"console_scripts": ["sagfast=sagfast.cli:main"]},

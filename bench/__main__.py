@@ -1,0 +1,123 @@
+"""python -m bench SCENARIO [--quick] [--out DIR] [...]
+
+Scenarios: step, overhead, memory, kernels, e2e, or all (each in turn, plus DIR/PERFORMANCE.md).
+Each writes DIR/<scenario>.json (machine, versions, dtype, settings, rows, raw samples), .csv, .md
+(a markdown table) and, where it helps, a .png plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench import common
+
+SCENARIOS = ("step", "overhead", "memory", "kernels", "e2e")
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("scenario", choices=SCENARIOS + ("all",))
+    p.add_argument("--quick", action="store_true", help="small models and few rounds: a CPU run in minutes")
+    p.add_argument("--full", action="store_true", help="on CPU too: the SDXL-shaped model and N=16384 where it fits")
+    p.add_argument("--out", default="bench-results", help="output folder (default: bench-results)")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    p.add_argument("--dtype", choices=sorted(common.DTYPES), help="default: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--models", help="comma-separated: tiny, sd15, sdxl (step, overhead, e2e)")
+    p.add_argument("--variants", help="comma-separated step variants: cfg, floor, diffusers_sag, sagfast_exact, "
+                   "sagfast_batched, sagfast_exact_graph, sagfast_batched_graph, pag")
+    p.add_argument("--size", type=int, help="image side in pixels (default per model and device)")
+    p.add_argument("--steps", type=int, help="denoising steps per pipeline call")
+    p.add_argument("--rounds", type=int, help="timed rounds (after warm-up)")
+    p.add_argument("--warmup", type=int, help="untimed warm-up rounds")
+    p.add_argument("--tokens", help="memory: comma-separated N (default 1024,4096,16384)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    opts = p.parse_args(argv)
+    opts.command = "python -m bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    opts.device = common.pick_device(opts.device)
+    opts.dtype = common.DTYPES[opts.dtype or ("fp16" if opts.device.type == "cuda" else "fp32")]
+    opts.models = opts.models.split(",") if opts.models else None
+    opts.variants = opts.variants.split(",") if opts.variants else None
+    opts.tokens = [int(n) for n in opts.tokens.split(",")] if opts.tokens else None
+    return opts
+
+
+def settings_of(opts) -> dict:
+    keep = ("scenario", "quick", "full", "models", "variants", "size", "steps", "rounds", "warmup", "tokens", "threads", "out", "command")
+    return {k: getattr(opts, k) for k in keep}
+
+
+def run_kernels(opts, record: dict) -> dict:
+    """Scenario "kernels": each op per backend against its reference, from bench.kernels (written with
+    the kernels issue) when it is there."""
+    columns = [("op", "op"), ("backend", "backend"), ("status", "status")]
+    try:
+        kernels = importlib.import_module("bench.kernels")
+        run = kernels.run
+    except (ImportError, AttributeError) as exc:
+        msg = f"bench.kernels is not there yet ({type(exc).__name__}: {exc})"
+        common.log(f"kernels: {msg}")
+        return {"title": "Kernels per backend", "rows": [], "notes": [msg], "columns": columns}
+    rows = list(run(opts.quick))
+    keys = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    notes = [] if opts.device.type == "cuda" else ["CPU figures; GPU figures pending (no CUDA device in this run)."]
+    return {"title": "Kernels per backend", "rows": rows, "notes": notes, "columns": [(k, k) for k in keys] or columns}
+
+
+def run_scenario(name: str, opts, out_dir: Path) -> Path:
+    runner = run_kernels if name == "kernels" else importlib.import_module(f"bench.{name}").run
+    settings = settings_of(opts)
+    settings["scenario"] = name
+    record = common.machine_record(opts.device, opts.dtype, settings)
+    t0 = time.perf_counter()
+    result = runner(opts, record)
+    record["scenario_wall_s"] = round(time.perf_counter() - t0, 1)
+    plots = result.pop("plots", [])
+    columns = result.pop("columns")
+    title = result.pop("title")
+    result = {"scenario": name, "machine": record, **result}
+    written = []
+    for filename, draw in plots:
+        if not result.get("rows"):
+            break
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            path = common.plot(out_dir / filename, draw)
+        except Exception as exc:  # a plot is a convenience; the numbers are in the JSON
+            common.log(f"plot {filename} failed: {type(exc).__name__}: {exc}")
+            path = None
+        if path:
+            written.append(filename)
+    result["plots"] = written
+    path = common.write_results(out_dir, name, result, columns, title)
+    common.log(f"{name}: wrote {path} (+ .csv, .md{', ' + ', '.join(written) if written else ''}) in {record['scenario_wall_s']} s")
+    print((out_dir / f"{name}.md").read_text())
+    return path
+
+
+def main(argv=None) -> int:
+    opts = parse(argv)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    out_dir = Path(opts.out)
+    names = SCENARIOS if opts.scenario == "all" else (opts.scenario,)
+    for name in names:
+        run_scenario(name, opts, out_dir)
+    if opts.scenario == "all":
+        parts = ["## Performance", "", f"Generated by `{opts.command}`.", ""]
+        parts += [(out_dir / f"{n}.md").read_text() for n in names if (out_dir / f"{n}.md").exists()]
+        (out_dir / "PERFORMANCE.md").write_text("\n".join(parts))
+        common.log(f"wrote {out_dir / 'PERFORMANCE.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""Scenario "step": time per denoising step, sagfast against diffusers and against the floor.
+
+Variants (all on one shared UNet with random weights, DDIM, guidance 7.5, batch 1):
+  (a) cfg          CFG only: the plain StableDiffusion(XL)Pipeline, one batch-2 model call per step
+  (b) floor        CFG + one dummy batch-1 model call per step: the practical floor for exact SAG
+                   (exact SAG cannot avoid a second, dependent model call)
+  (c) diffusers    diffusers' StableDiffusionSAGPipeline (SD 1.x/2.x only; none for SDXL)
+  (d) exact        sagfast.enable(pipe, mode="exact")
+  (e) batched      sagfast.enable(pipe, mode="batched"), when SAGConfig accepts it
+  (f) *+graph      (d)/(e) with CUDA graphs, on CUDA when SAGConfig has `cuda_graph`
+  (g) pag          diffusers' PAG pipeline, pag_applied_layers=["mid"], for reference (one batch-3 call)
+
+Method: each variant runs the whole pipeline for `steps` steps with output_type="latent" (no VAE
+decode). A step-end callback marks the time (perf_counter on CPU; a CUDA event on GPU, read after one
+synchronize). The step time is the mean of the steady-state steps (steps 2..n: it leaves out step 1,
+which carries the pipeline's set-up and, for the batched mode, its warm-start); with steps=1 it is
+step 1. Variants are interleaved, a b c d e g a b c ..., over `rounds` rounds after warm-up; ratios
+and differences are computed round by round and their median reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import statistics
+
+import torch
+
+import sagfast
+from bench import common, models
+from sagfast.config import SAGConfig
+
+LABELS = {
+    "cfg": "(a) CFG only",
+    "floor": "(b) CFG + dummy batch-B call (floor)",
+    "diffusers_sag": "(c) diffusers SAG pipeline",
+    "sagfast_exact": "(d) sagfast exact",
+    "sagfast_batched": "(e) sagfast batched",
+    "sagfast_exact_graph": "(f) sagfast exact + CUDA graph",
+    "sagfast_batched_graph": "(f) sagfast batched + CUDA graph",
+    "pag": "(g) diffusers PAG (mid)",
+}
+
+
+def _slice(value, full: int, keep: int):
+    if torch.is_tensor(value):
+        return value[:keep] if value.dim() >= 1 and value.shape[0] == full else value
+    if isinstance(value, dict):
+        return {k: _slice(v, full, keep) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_slice(v, full, keep) for v in value)
+    return value
+
+
+class ExtraCallUNet(torch.nn.Module):
+    """Variant (b): the pipeline's own model call, then one more call on the first B rows (the guide
+    branch) whose output is thrown away. What exact SAG costs if everything outside the model is free."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+        self._signature = inspect.signature(unet.forward)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["unet"], name)
+
+    def forward(self, *args, **kwargs):
+        out = self.unet(*args, **kwargs)
+        bound = self._signature.bind(*args, **kwargs)
+        call = dict(bound.arguments)
+        call.update(call.pop("kwargs", {}) if "kwargs" in self._signature.parameters else {})
+        sample = call.pop("sample")
+        full = sample.shape[0]
+        b = full // 2 if full % 2 == 0 else full
+        call["return_dict"] = False
+        self.unet(sample[:b], **_slice(call, full, b))
+        return out
+
+
+def batched_supported() -> tuple[bool, str]:
+    try:
+        SAGConfig(mode="batched")
+        return True, ""
+    except Exception as exc:
+        return False, str(exc)
+
+
+def graph_supported(device) -> tuple[bool, str]:
+    if device.type != "cuda":
+        return False, "CUDA graphs need a CUDA device (no CUDA here)"
+    if "cuda_graph" not in {f.name for f in dataclasses.fields(SAGConfig)}:
+        return False, "SAGConfig has no cuda_graph field yet"
+    return True, ""
+
+
+class PipelineRunner:
+    """Calls a pipeline for `steps` steps and returns the steady-state seconds per step."""
+
+    def __init__(self, pipe, kwargs: dict, steps: int, device, old_callback: bool):
+        self.pipe = pipe
+        self.kwargs = kwargs
+        self.steps = steps
+        self.device = device
+        self.old_callback = old_callback
+        self.first_steps = []
+
+    def __call__(self) -> float:
+        clock = common.StepClock(self.device)
+        kw = dict(self.kwargs)
+        if self.old_callback:  # diffusers' deprecated SAG pipeline: callback(step, t, latents)
+            kw.update(callback=lambda *a: clock.mark(), callback_steps=1)
+        else:
+
+            def on_step_end(pipe, i, t, cb_kwargs):
+                clock.mark()
+                return cb_kwargs
+
+            kw.update(callback_on_step_end=on_step_end)
+        kw["generator"] = torch.Generator(device=self.device).manual_seed(0)
+        common.sync(self.device)
+        clock.mark()
+        with torch.inference_mode():
+            self.pipe(num_inference_steps=self.steps, output_type="latent", **kw)
+        steps = clock.intervals()
+        if len(steps) != self.steps:
+            raise RuntimeError(f"expected {self.steps} step marks, got {len(steps)}")
+        self.first_steps.append(steps[0])
+        steady = steps[1:] or steps
+        return sum(steady) / len(steady)
+
+
+def build_variants(spec, size: int, steps: int, device, dtype, wanted: list | None, log) -> tuple[dict, dict, dict]:
+    """(runners, skipped {name: reason}, info)."""
+    classes = models.sd_pipeline_classes(spec)
+    log(f"building {spec.name} UNet ({device}, {dtype}) ...")
+    unet = models.build_unet(spec, device, dtype)
+    info = {"unet_params_M": round(models.count_params(unet) / 1e6, 1)}
+    call = dict(models.prompt_kwargs(spec, device, dtype), height=size, width=size, guidance_scale=7.5)
+    runners, skipped = {}, {}
+    want = lambda n: wanted is None or n in wanted  # noqa: E731
+
+    def pipe_of(cls, **extra):
+        pipe = cls(**models.components(spec, device, dtype, unet=unet), **extra)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    if want("cfg"):
+        runners["cfg"] = PipelineRunner(pipe_of(classes["base"]), call, steps, device, False)
+    if want("floor"):
+        pipe = pipe_of(classes["base"])
+        pipe.__dict__["unet"] = ExtraCallUNet(unet)  # as sagfast.enable does: leave pipe.config alone
+        runners["floor"] = PipelineRunner(pipe, call, steps, device, False)
+    if want("diffusers_sag"):
+        if classes["sag"] is None:
+            skipped["diffusers_sag"] = "diffusers' SAG pipeline supports SD 1.x/2.x only"
+        else:
+            runners["diffusers_sag"] = PipelineRunner(pipe_of(classes["sag"]), dict(call, sag_scale=0.75), steps, device, True)
+    modes = [("sagfast_exact", dict(mode="exact"))]
+    ok, why = batched_supported()
+    if ok:
+        modes.append(("sagfast_batched", dict(mode="batched")))
+    elif want("sagfast_batched"):
+        skipped["sagfast_batched"] = f"not available: {why}"
+    gok, gwhy = graph_supported(device)
+    for name, cfg in list(modes):
+        if gok:
+            modes.append((name + "_graph", dict(cfg, cuda_graph=True)))
+        elif want(name + "_graph"):
+            skipped[name + "_graph"] = gwhy
+    for name, cfg in modes:
+        if not want(name):
+            continue
+        pipe = pipe_of(classes["base"])
+        try:
+            sagfast.enable(pipe, scale=0.75, **cfg)
+        except Exception as exc:
+            skipped[name] = f"sagfast.enable failed: {type(exc).__name__}: {exc}"
+            continue
+        runners[name] = PipelineRunner(pipe, call, steps, device, False)
+    if want("pag"):
+        runners["pag"] = PipelineRunner(pipe_of(classes["pag"], pag_applied_layers=["mid"]), dict(call, pag_scale=3.0), steps, device, False)
+    return runners, skipped, info
+
+
+def _median_diff(a, b):
+    n = min(len(a), len(b))
+    return statistics.median([(a[i] - b[i]) * 1e3 for i in range(n)]) if n else None
+
+
+def plan(opts, device) -> list:
+    """[(model name, image size, steps, rounds)] for this run."""
+    cuda = device.type == "cuda"
+    if opts.models:
+        names = opts.models
+    elif opts.quick:
+        names = ["tiny"]
+    elif cuda or opts.full:
+        names = ["tiny", "sd15", "sdxl"]
+    else:
+        names = ["tiny", "sd15"]
+    out = []
+    for name in names:
+        spec = models.MODELS[name]
+        if name == "tiny":
+            size, steps, rounds = spec.default_size, 5, (7 if opts.quick else 11)
+        elif name == "sd15":
+            size, steps, rounds = (512, 10, 5) if cuda else (256, 2, 3)
+        else:
+            size, steps, rounds = (1024, 10, 5) if cuda else (512, 2, 2)
+        size = opts.size or size
+        steps = opts.steps or steps
+        rounds = opts.rounds or rounds
+        if cuda and name == "tiny":
+            steps = opts.steps or 10
+        out.append((name, size, steps, rounds))
+    return out
+
+
+def run(opts, record: dict, log=common.log) -> dict:
+    device, dtype = opts.device, opts.dtype
+    rows, notes, raw = [], [], {}
+    warmup = opts.warmup if opts.warmup is not None else (2 if device.type == "cuda" else 1)
+    for name, size, steps, rounds in plan(opts, device):
+        spec = models.MODELS[name]
+        runners, skipped, info = build_variants(spec, size, steps, device, dtype, opts.variants, log)
+        log(f"step: {name} {size}x{size}, {steps} steps, {rounds} rounds + {warmup} warm-up: {list(runners)}")
+        samples = common.interleave(runners, rounds, warmup, log)
+        raw[name] = {"samples_s": samples, "first_step_s": {k: r.first_steps for k, r in runners.items()}, **info}
+        base = samples.get("cfg") if isinstance(samples.get("cfg"), list) else None
+        floor = samples.get("floor") if isinstance(samples.get("floor"), list) else None
+        for key in LABELS:
+            row = {"model": name, "image": f"{size}x{size}", "latent": f"{size // 8}x{size // 8}", "steps": steps, "variant": LABELS[key], "key": key}
+            if key in skipped:
+                rows.append(dict(row, status=f"skipped: {skipped[key]}"))
+                continue
+            s = samples.get(key)
+            if s is None:
+                continue
+            if isinstance(s, dict):
+                rows.append(dict(row, status=f"error: {s['error']}"))
+                continue
+            summ = common.summarize(s)
+            row.update(
+                ms_per_step=summ["median"],
+                p25_ms=summ["p25"],
+                p75_ms=summ["p75"],
+                min_ms=summ["min"],
+                max_ms=summ["max"],
+                rounds=summ["n"],
+                first_step_ms=statistics.median(runners[key].first_steps[-len(s):]) * 1e3,
+                status="ok",
+            )
+            if base:
+                r = common.paired_ratio(s, base)
+                row.update(x_cfg=r["median"], x_cfg_min=r["min"], x_cfg_max=r["max"])
+            if floor and key.startswith("sagfast"):
+                row.update(
+                    over_floor_ms=_median_diff(s, floor),
+                    x_floor=common.paired_ratio(s, floor)["median"],
+                )
+            rows.append(row)
+        del runners
+    notes += [
+        "ms/step: median over interleaved rounds of the mean steady-state step (steps 2..n of one pipeline call, "
+        "output_type='latent'); p25-p75 is the spread over rounds.",
+        "x CFG: median of per-round ratios to (a) in the same run; over floor: median of per-round differences "
+        "to (b), i.e. what sagfast adds outside the model calls (Python, capture, mask, degrade, combine).",
+        f"Random weights, DDIM, guidance 7.5, batch 1, dtype {str(dtype).replace('torch.', '')}.",
+    ]
+    if device.type != "cuda":
+        notes.append("CPU figures; GPU figures pending (no CUDA device in this run).")
+    return {
+        "title": "Step time per mode",
+        "rows": rows,
+        "notes": notes,
+        "raw": raw,
+        "columns": [
+            ("model", "model"),
+            ("image", "image"),
+            ("variant", "variant"),
+            ("ms_per_step", "ms/step (median)"),
+            ("p25_ms", "p25"),
+            ("p75_ms", "p75"),
+            ("min_ms", "min"),
+            ("x_cfg", "x CFG"),
+            ("over_floor_ms", "over floor (ms)"),
+            ("status", "status"),
+        ],
+        "plots": [("step.png", lambda plt: _plot(plt, rows))],
+    }
+
+
+def _plot(plt, rows):
+    ok = [r for r in rows if r.get("status") == "ok"]
+    model_names = list(dict.fromkeys(r["model"] for r in ok))
+    fig, axes = plt.subplots(1, max(1, len(model_names)), figsize=(5 * max(1, len(model_names)), 4), squeeze=False)
+    for ax, m in zip(axes[0], model_names):
+        rs = [r for r in ok if r["model"] == m]
+        labels = [r["variant"] for r in rs]
+        med = [r["ms_per_step"] for r in rs]
+        err = [[r["ms_per_step"] - r["p25_ms"] for r in rs], [r["p75_ms"] - r["ms_per_step"] for r in rs]]
+        ax.barh(range(len(rs)), med, xerr=err, color="tab:blue")
+        ax.set_yticks(range(len(rs)))
+        ax.set_yticklabels(labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("ms per step (median, p25-p75)")
+        ax.set_title(f"{m} {rs[0]['image']}")
+    return fig
