@@ -63,7 +63,7 @@ def run_kernels(opts, record: dict) -> dict:
     except (ImportError, AttributeError) as exc:
         msg = f"bench.kernels is not there yet ({type(exc).__name__}: {exc})"
         common.log(f"kernels: {msg}")
-        return {"title": "Kernels per backend", "rows": [], "notes": [msg], "columns": columns}
+        return {"title": "Kernels per backend", "rows": [{"op": "all", "backend": "-", "status": msg}], "notes": [], "columns": columns}
     rows = list(run(opts.quick))
     keys = []
     for r in rows:

@@ -132,8 +132,8 @@ class PipelineRunner:
         return sum(steady) / len(steady)
 
 
-def build_variants(spec, size: int, steps: int, device, dtype, wanted: list | None, log) -> tuple[dict, dict, dict]:
-    """(runners, skipped {name: reason}, info)."""
+def build_variants(spec, size: int, steps: int, device, dtype, wanted: list | None, log, vae: str = "stub") -> tuple[dict, dict, dict]:
+    """(runners, skipped {name: reason}, info). `vae`: "stub" (never decoded) or "sd" (bench.models)."""
     classes = models.sd_pipeline_classes(spec)
     log(f"building {spec.name} UNet ({device}, {dtype}) ...")
     unet = models.build_unet(spec, device, dtype)
@@ -143,7 +143,7 @@ def build_variants(spec, size: int, steps: int, device, dtype, wanted: list | No
     want = lambda n: wanted is None or n in wanted  # noqa: E731
 
     def pipe_of(cls, **extra):
-        pipe = cls(**models.components(spec, device, dtype, unet=unet), **extra)
+        pipe = cls(**models.components(spec, device, dtype, vae=vae, unet=unet), **extra)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 

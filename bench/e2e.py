@@ -1,0 +1,208 @@
+"""Scenario "e2e": whole-pipeline wall time per mode.
+
+1. The embedded digit model (`sagfast.digits`, trained weights shipped with the package): one pipeline
+   call generating the ten digits 0-9 (batch 10) with CFG, per mode: plain CFG, sagfast exact,
+   sagfast batched (when SAGConfig accepts it), and with CUDA graphs on a GPU. Imported lazily: while
+   the digit model is not there, the rows say "not available" and why.
+2. On a GPU only: the SD 1.5-shaped UNet (random weights) with the SD VAE's shape, 512x512, 30 steps,
+   batch 1, output_type="pt" (VAE decode included), per mode: CFG, diffusers' SAG pipeline, sagfast
+   exact / batched / + CUDA graph, diffusers' PAG (mid). Not run on CPU (a 30-step SD 1.5 call at 512
+   takes minutes per mode on 2 cores); the row says so.
+
+Each mode is a whole pipeline call, timed end to end (CUDA events + synchronize on GPU), the modes
+interleaved over rounds after warm-up; "x CFG" is the median of the per-round ratios.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+
+import torch
+
+import sagfast
+from bench import common, models, step
+
+
+def _load_digits(device, dtype):
+    """(pipeline factory, None) or (None, reason)."""
+    try:
+        digits = importlib.import_module("sagfast.digits")
+    except Exception as exc:
+        return None, f"sagfast.digits not importable ({type(exc).__name__}: {exc})"
+    load = getattr(digits, "load_pipeline", None)
+    if load is None:
+        try:
+            load = importlib.import_module("sagfast.digits.weights").load_pipeline
+        except Exception as exc:
+            return None, f"sagfast.digits has no load_pipeline ({type(exc).__name__}: {exc})"
+    try:
+        kw = {}
+        params = inspect.signature(load).parameters
+        if "device" in params:
+            kw["device"] = device
+        if "dtype" in params:
+            kw["dtype"] = dtype
+        if "progress" in params:
+            kw["progress"] = False
+        load(**kw)  # probe once: weights present, pipeline class present
+    except Exception as exc:
+        return None, f"the digit pipeline does not load ({type(exc).__name__}: {exc})"
+    return (lambda: load(**kw)), None
+
+
+def _digits_call(pipe, steps: int, device) -> dict:
+    """Keyword arguments for one call that generates the digits 0-9, read off the pipeline's signature."""
+    params = inspect.signature(pipe.__call__).parameters
+    kw = {}
+    label_name = next((n for n in ("class_labels", "labels", "digits", "digit", "classes") if n in params), None)
+    if label_name is None:
+        raise TypeError(f"cannot tell the label argument of {type(pipe).__name__}.__call__{inspect.signature(pipe.__call__)}")
+    kw[label_name] = list(range(10))
+    if "num_inference_steps" in params:
+        kw["num_inference_steps"] = steps
+    if "guidance_scale" in params:
+        kw["guidance_scale"] = 3.0
+    if "generator" in params:
+        kw["generator"] = torch.Generator(device=device).manual_seed(0)
+    if "output_type" in params:
+        kw["output_type"] = "pt"
+    return kw
+
+
+def _rows_from(samples: dict, skipped: dict, base: dict, labels: dict) -> list:
+    rows = []
+    cfg = samples.get("cfg") if isinstance(samples.get("cfg"), list) else None
+    for key, label in labels.items():
+        row = dict(base, mode=label, key=key)
+        if key in skipped:
+            rows.append(dict(row, status=f"skipped: {skipped[key]}"))
+            continue
+        s = samples.get(key)
+        if s is None:
+            continue
+        if isinstance(s, dict):
+            rows.append(dict(row, status=f"error: {s['error']}"))
+            continue
+        summ = common.summarize(s)
+        row.update(wall_ms=summ["median"], p25_ms=summ["p25"], p75_ms=summ["p75"], min_ms=summ["min"], rounds=summ["n"], status="ok")
+        if cfg:
+            row["x_cfg"] = common.paired_ratio(s, cfg)["median"]
+        rows.append(row)
+    return rows
+
+
+def run_digits(opts, log) -> tuple[list, list]:
+    device, dtype = opts.device, opts.dtype
+    steps = opts.steps or (10 if opts.quick else 25)
+    rounds = opts.rounds or (3 if opts.quick else 5)
+    warmup = opts.warmup if opts.warmup is not None else 1
+    base = {"model": "digits (embedded)", "image": "32x32", "batch": 10, "steps": steps}
+    factory, why = _load_digits(device, dtype)
+    if factory is None:
+        return [dict(base, mode="all", status=f"not available: {why}")], [f"digit model not available: {why}"]
+    labels = {"cfg": "CFG only (no SAG)", "sagfast_exact": "sagfast exact", "sagfast_batched": "sagfast batched",
+              "sagfast_exact_graph": "sagfast exact + CUDA graph", "sagfast_batched_graph": "sagfast batched + CUDA graph"}
+    modes = {"sagfast_exact": dict(mode="exact")}
+    skipped = {}
+    ok, why_b = step.batched_supported()
+    if ok:
+        modes["sagfast_batched"] = dict(mode="batched")
+    else:
+        skipped["sagfast_batched"] = f"not available: {why_b}"
+    gok, gwhy = step.graph_supported(device)
+    for name, cfg in list(modes.items()):
+        if gok:
+            modes[name + "_graph"] = dict(cfg, cuda_graph=True)
+        else:
+            skipped[name + "_graph"] = gwhy
+    runners = {}
+    try:
+        pipes = {"cfg": factory()}
+        for name, cfg in modes.items():
+            pipe = factory()
+            try:
+                sagfast.enable(pipe, scale=0.75, **cfg)
+            except Exception as exc:
+                skipped[name] = f"sagfast.enable failed: {type(exc).__name__}: {exc}"
+                continue
+            pipes[name] = pipe
+        for name, pipe in pipes.items():
+            _digits_call(pipe, steps, device)  # fails early if the signature is not understood
+
+            def fn(pipe=pipe):
+                with torch.inference_mode():
+                    pipe(**_digits_call(pipe, steps, device))
+
+            runners[name] = common.timed(fn, device, number=1)
+    except Exception as exc:
+        return [dict(base, mode="all", status=f"error: {type(exc).__name__}: {exc}")], []
+    log(f"e2e: digits, {steps} steps, batch 10, {rounds} rounds: {list(runners)}")
+    samples = common.interleave(runners, rounds, warmup, log)
+    return _rows_from(samples, skipped, base, labels), []
+
+
+def run_sd15(opts, log) -> tuple[list, list]:
+    device, dtype = opts.device, opts.dtype
+    size = opts.size or 512
+    steps = opts.steps or 30
+    base = {"model": "sd15", "image": f"{size}x{size}", "batch": 1, "steps": steps}
+    if device.type != "cuda":
+        return [dict(base, mode="all", status="GPU only: not run on CPU (GPU figures pending)")], []
+    rounds = opts.rounds or 3
+    warmup = opts.warmup if opts.warmup is not None else 1
+    runners, skipped, _ = step.build_variants(models.SD15, size, steps, device, dtype, opts.variants, log, vae="sd")
+    runners.pop("floor", None)
+    timed = {}
+    for name, r in runners.items():
+
+        def fn(r=r):
+            with torch.inference_mode():
+                r.pipe(
+                    num_inference_steps=steps,
+                    output_type="pt",
+                    generator=torch.Generator(device=device).manual_seed(0),
+                    **r.kwargs,
+                )
+
+        timed[name] = common.timed(fn, device, number=1)
+    log(f"e2e: sd15 {size}x{size}, {steps} steps, {rounds} rounds: {list(timed)}")
+    samples = common.interleave(timed, rounds, warmup, log)
+    labels = {k: v for k, v in step.LABELS.items() if k != "floor"}
+    return _rows_from(samples, skipped, base, labels), []
+
+
+def run(opts, record: dict, log=common.log) -> dict:
+    rows, notes = [], []
+    wanted = opts.models or ["digits", "sd15"]
+    if "digits" in wanted or "tiny" in wanted:
+        r, n = run_digits(opts, log)
+        rows += r
+        notes += n
+    if "sd15" in wanted:
+        r, n = run_sd15(opts, log)
+        rows += r
+        notes += n
+    notes += [
+        "wall ms: median over interleaved rounds of one whole pipeline call (decode included); x CFG: median of "
+        "per-round ratios to the CFG-only call of the same run.",
+    ]
+    if opts.device.type != "cuda":
+        notes.append("CPU figures; GPU figures pending (no CUDA device in this run).")
+    return {
+        "title": "End to end: whole pipeline wall time per mode",
+        "rows": rows,
+        "notes": notes,
+        "columns": [
+            ("model", "model"),
+            ("image", "image"),
+            ("batch", "batch"),
+            ("steps", "steps"),
+            ("mode", "mode"),
+            ("wall_ms", "wall ms (median)"),
+            ("p25_ms", "p25"),
+            ("p75_ms", "p75"),
+            ("x_cfg", "x CFG"),
+            ("status", "status"),
+        ],
+    }
