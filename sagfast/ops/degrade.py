@@ -12,6 +12,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from sagfast.ops import _cpp, _triton
 from sagfast.ops._dispatch import Backend, dispatch
 from sagfast.ops.mask import upsample_mask_ref
 
@@ -69,11 +70,107 @@ def degrade_ref(x0, mask, eps, abar, kernel_size: int = 9, sigma: float = 1.0) -
     return (a.sqrt() * x0d + (1 - a).sqrt() * eps.float()).to(x0.dtype)
 
 
-BACKENDS = (Backend("torch", lambda: [], lambda *a: [], degrade_ref),)
+FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _common_reasons(x0, mask, eps, abar) -> list[str]:
+    out = []
+    if x0.dtype not in FLOAT_TYPES:
+        out.append(f"x0 dtype {x0.dtype} is not one of fp32, fp16, bf16")
+    if not abar.dtype.is_floating_point:
+        out.append(f"abar must be floating point, got {abar.dtype}")
+    if len({x0.device, mask.device, eps.device, abar.device}) > 1:
+        out.append("x0, mask, eps and abar must be on one device")
+    return out
+
+
+# --- Triton ------------------------------------------------------------------------------------------
+
+MAX_TRITON_KERNEL_SIZE = 15
+
+
+def _triton_supports(x0, mask, eps, abar, kernel_size, sigma) -> list[str]:
+    out = _triton.device_reasons(x0, mask, eps, abar) + _common_reasons(x0, mask, eps, abar)
+    if eps.dtype not in FLOAT_TYPES:
+        out.append(f"eps dtype {eps.dtype} is not one of fp32, fp16, bf16")
+    if kernel_size > MAX_TRITON_KERNEL_SIZE:
+        out.append(f"kernel_size {kernel_size} > {MAX_TRITON_KERNEL_SIZE} (the K x K taps are unrolled)")
+    if x0.device.type == "cpu" and torch.bfloat16 in (x0.dtype, eps.dtype):
+        out.append("bf16 under the Triton interpreter is not trusted (it computes bf16 arithmetic wrongly); bf16 is GPU-only")
+    return out
+
+
+def _triton_blocks(rows: int, width: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_W) over the B*C*H stacked rows: whole rows when they fit; ~1K elements per
+    program on a GPU, larger tiles under the interpreter, where each program costs ~ms whatever its size."""
+    per_program = 8192 if device.type == "cpu" else 1024
+    block_w = min(_triton.next_pow2(width), 128 if device.type == "cpu" else 64)
+    block_r = min(_triton.next_pow2(rows), max(1, per_program // block_w))
+    return block_r, block_w
+
+
+@torch.library.custom_op("sagfast::degrade_triton", mutates_args=())
+def degrade_triton(
+    x0: torch.Tensor, mask: torch.Tensor, eps: torch.Tensor, abar: torch.Tensor, kernel_size: int, sigma: float
+) -> torch.Tensor:
+    """The degraded latent with the Triton kernel (see kernels/degrade.py)."""
+    import triton
+
+    kern = _triton.kernels("degrade")
+    b, c, hgt, wid = x0.shape
+    m = (mask if mask.dtype == torch.bool else mask != 0).view(torch.uint8)
+    out = torch.empty_like(x0, memory_format=torch.contiguous_format)
+    rows = b * c * hgt
+    block_r, block_w = _triton_blocks(rows, wid, x0.device)
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(wid, block_w))
+    kern.degrade_kernel[grid](
+        x0, m, eps, abar.contiguous(), out,
+        *x0.stride(), *m.stride(), *eps.stride(), *out.stride(),
+        c, hgt, wid, rows, m.shape[1], m.shape[2], float(sigma),
+        KSIZE=int(kernel_size), BLOCK_R=block_r, BLOCK_W=block_w,
+    )
+    return out
+
+
+@degrade_triton.register_fake
+def _(x0, mask, eps, abar, kernel_size, sigma):
+    return torch.empty_like(x0, memory_format=torch.contiguous_format)
+
+
+# --- C++ ---------------------------------------------------------------------------------------------
+
+
+def _cpp_supports(x0, mask, eps, abar, kernel_size, sigma) -> list[str]:
+    out = _cpp.device_reasons(x0, mask, eps, abar) + _common_reasons(x0, mask, eps, abar)
+    if eps.dtype != x0.dtype:
+        out.append(f"eps dtype {eps.dtype} differs from x0 dtype {x0.dtype}")
+    return out
+
+
+def _cpp_run(x0, mask, eps, abar, kernel_size, sigma):
+    return torch.ops.sagfast.degrade(x0, mask, eps, abar, int(kernel_size), float(sigma))
+
+
+def _triton_run(x0, mask, eps, abar, kernel_size, sigma):
+    return degrade_triton(x0, mask, eps, abar, int(kernel_size), float(sigma))
+
+
+BACKENDS = (
+    Backend("triton", _triton.available, _triton_supports, _triton_run),
+    Backend("cpp", _cpp.available, _cpp_supports, _cpp_run),
+    Backend("torch", lambda: [], lambda *a: [], degrade_ref),
+)
+
+
+def _key(x0, mask, eps, abar, kernel_size):
+    # Everything the backends' supports() look at.
+    devices = (x0.device, mask.device, eps.device, abar.device)
+    return devices + (x0.dtype, eps.dtype, abar.dtype, kernel_size > MAX_TRITON_KERNEL_SIZE, _triton.interpreting())
 
 
 def degrade(x0, mask, eps, abar, kernel_size: int = 9, sigma: float = 1.0, *, backend: str = "auto"):
-    """The degraded, re-noised latent (see the module docstring)."""
+    """The degraded, re-noised latent (see the module docstring), in x0's dtype."""
     check_degrade_inputs(x0, mask, eps, abar, kernel_size)
-    impl = dispatch("degrade", BACKENDS, backend, (x0, mask, eps, abar, kernel_size, sigma))
-    return impl(x0, mask, eps, abar, kernel_size, sigma)
+    inputs = (x0, mask, eps, abar, kernel_size, sigma)
+    impl = dispatch("degrade", BACKENDS, backend, inputs, key=_key(x0, mask, eps, abar, kernel_size))
+    return impl(*inputs)

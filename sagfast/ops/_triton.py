@@ -1,0 +1,80 @@
+"""Where the Triton backend can run, and the loader of its kernels (sagfast.kernels).
+
+Triton kernels run on CUDA tensors, and on CPU tensors only under the interpreter
+(`TRITON_INTERPRET=1`, which must be set before any kernel is defined: tests/conftest.py does it).
+Kernels are imported on first use, so importing sagfast never needs Triton.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+import pathlib
+import sys
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=1)
+def _import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install
+        return f"triton is not importable ({type(e).__name__}: {e})"
+    return None
+
+
+def available() -> list[str]:
+    why = _import_error()
+    return [why] if why else []
+
+
+def device_reasons(*tensors) -> list[str]:
+    """Reasons Triton cannot take tensors on these devices."""
+    out = []
+    for t in tensors:
+        dev = t.device.type
+        if dev == "cuda":
+            continue
+        if dev == "cpu" and interpreting():
+            continue
+        extra = " (CPU tensors need TRITON_INTERPRET=1 set before the kernels are defined)" if dev == "cpu" else ""
+        out.append(f"Triton runs on CUDA tensors, got a {dev} tensor{extra}")
+        break
+    return out
+
+
+def kernels(name: str):
+    """The module sagfast.kernels.<name>.
+
+    Installed, `kernels/` is the package sagfast.kernels (setup.py's package_dir). In a source
+    checkout used without installing (python -m pytest from the repository root) that mapping does
+    not exist, so the folder beside the sagfast package is registered under that name.
+    """
+    try:
+        return importlib.import_module(f"sagfast.kernels.{name}")
+    except ModuleNotFoundError as e:
+        if e.name not in ("sagfast.kernels", f"sagfast.kernels.{name}"):
+            raise
+    import sagfast
+
+    folder = pathlib.Path(sagfast.__file__).resolve().parent.parent / "kernels"
+    if "sagfast.kernels" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "sagfast.kernels", folder / "__init__.py", submodule_search_locations=[str(folder)]
+        )
+        if spec is None:
+            raise ModuleNotFoundError(f"sagfast.kernels is not installed and {folder} has no kernels")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["sagfast.kernels"] = module
+        spec.loader.exec_module(module)
+    return importlib.import_module(f"sagfast.kernels.{name}")
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
