@@ -96,11 +96,17 @@ SDXL = ModelSpec(
 MODELS = {m.name: m for m in (TINY, SD15, SDXL)}
 
 
+def _to(module, device, dtype):
+    if dtype != torch.float32:  # (a float32 .to(dtype) only makes diffusers warn)
+        module = module.to(dtype=dtype)
+    return module.to(device=device).eval().requires_grad_(False)
+
+
 def build_unet(spec: ModelSpec, device, dtype, seed: int = 0) -> UNet2DConditionModel:
     torch.manual_seed(seed)
     with torch.device(device):
         unet = UNet2DConditionModel(**spec.unet)
-    return unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return _to(unet, device, dtype)
 
 
 def build_vae(kind: str, device, dtype, seed: int = 0) -> AutoencoderKL:
@@ -123,7 +129,7 @@ def build_vae(kind: str, device, dtype, seed: int = 0) -> AutoencoderKL:
             sample_size=512,
             **cfg,
         )
-    return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return _to(vae, device, dtype)
 
 
 def scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:

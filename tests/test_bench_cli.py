@@ -1,0 +1,47 @@
+"""Smoke test of the benchmark CLI: a quick step run on the tiny UNet writes valid JSON (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _strict(const):
+    raise ValueError(f"invalid JSON constant {const}")
+
+
+def test_cli_step_quick_writes_valid_json(tmp_path):
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "bench", "step", "--quick", "--device", "cpu", "--out", str(out),
+        "--models", "tiny", "--variants", "cfg,floor,sagfast_exact,sagfast_exact_graph", "--steps", "2", "--rounds", "1", "--warmup", "0",
+    ]
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    data = json.loads((out / "step.json").read_text(), parse_constant=_strict)
+    machine = data["machine"]
+    assert data["scenario"] == "step"
+    assert machine["cpu_model"] and machine["cpu_cores"] >= 1
+    assert machine["device"] == "cpu" and machine["gpu_name"] is None
+    assert set(machine["versions"]) >= {"torch", "triton", "diffusers", "sagfast"}
+    assert machine["versions"]["torch"] and machine["versions"]["diffusers"]
+    assert machine["dtype"] == "float32"
+    assert machine["settings"]["quick"] is True and machine["settings"]["rounds"] == 1
+
+    rows = {r["key"]: r for r in data["rows"]}
+    for key in ("cfg", "floor", "sagfast_exact"):
+        assert rows[key]["status"] == "ok", rows[key]
+        assert isinstance(rows[key]["ms_per_step"], float) and math.isfinite(rows[key]["ms_per_step"])
+        assert rows[key]["model"] == "tiny" and rows[key]["steps"] == 2
+    # a variant that cannot run here is listed with its reason, never silently dropped or faked
+    assert "(no CUDA here)" in rows["sagfast_exact_graph"]["status"]
+    assert (out / "step.csv").read_text().startswith("model,")
+    assert "| (d) sagfast exact |" in (out / "step.md").read_text()
