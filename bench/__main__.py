@@ -8,6 +8,7 @@ Each writes DIR/<scenario>.json (machine, versions, dtype, settings, rows, raw s
 from __future__ import annotations
 
 import argparse
+import os
 import importlib
 import shlex
 import sys
@@ -107,6 +108,13 @@ def main(argv=None) -> int:
     opts = parse(argv)
     if opts.threads:
         torch.set_num_threads(opts.threads)
+    elif opts.device.type == "cpu" and hasattr(os, "getloadavg"):
+        load, cores = os.getloadavg()[0], len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        if load > cores and torch.get_num_threads() > 1:
+            common.log(
+                f"warning: load average {load:.1f} on {cores} cores: with {torch.get_num_threads()} torch threads an "
+                "oversubscribed CPU makes timings erratic (threads wait on each other); --threads 1 is steadier"
+            )
     out_dir = Path(opts.out)
     names = SCENARIOS if opts.scenario == "all" else (opts.scenario,)
     for name in names:
