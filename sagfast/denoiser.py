@@ -75,7 +75,6 @@ class GuidedUNet(torch.nn.Module):
         self.capture_name, self._attn, self._map_owner = resolve_capture_layer(unet, config.layers)
         self._signature = inspect.signature(unet.forward)
         self._generator = None
-        self.last_degraded_input = None
 
     def __getattr__(self, name):
         try:
@@ -114,15 +113,17 @@ class GuidedUNet(torch.nn.Module):
             raise ValueError(f"CFG is on but the model input batch {full} is not [uncond, cond] (odd size)")
         b = full // chunks
         abar = alpha_bar(scheduler, call["timestep"], b, sample.device)
-        x = sample[:b]
-        check_blur_size(x.shape[-2], x.shape[-1], cfg.blur_kernel_size)
+        check_blur_size(sample.shape[-2], sample.shape[-1], cfg.blur_kernel_size)
 
         o, hw, mass = self._main_pass(sample, call, b, capture=cfg.mask == "attention")
+        # Inpainting UNets take [latents, mask, masked-image latents] and predict the latents'
+        # channels only: the latent is the first out-channels of the input; the rest rides along.
+        latent_channels = o.shape[1]
+        x = sample[:b, :latent_channels]
         x0, eps = x0_eps(x, o[:b], abar, scheduler.config.prediction_type)
         mask = self._mask(mass, hw, b, cfg, sample.device)
         xd = ops.degrade(x0, mask, eps, abar, cfg.blur_kernel_size, cfg.blur_sigma, backend=cfg.backend)
-        xd = xd.to(sample.dtype)
-        self.last_degraded_input = xd
+        xd = torch.cat([xd.to(sample.dtype), sample[:b, latent_channels:]], dim=1)
         o_deg = self.unet(xd, **_slice_batch(call, full, b), return_dict=False)[0]
         return ops.combine(o, o[:b], o_deg, cfg.scale, backend=cfg.backend)
 

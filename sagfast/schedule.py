@@ -46,8 +46,8 @@ def _current_sigma(scheduler, timestep):
         t = timestep if torch.is_tensor(timestep) else torch.tensor(timestep)
         t = t.reshape(-1)[0].to(scheduler.timesteps.device)
         index = scheduler.index_for_timestep(t)
-    # KDPM2's second-order evaluations run at the interpolated sigma.
-    if getattr(scheduler, "state_in_first_order", True) is False:
+    # KDPM2's second-order evaluations run at the interpolated sigma (Heun's sigmas are interleaved).
+    if getattr(scheduler, "state_in_first_order", True) is False and hasattr(scheduler, "sigmas_interpol"):
         sigmas = scheduler.sigmas_interpol
     return sigmas[index]
 

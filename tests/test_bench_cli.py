@@ -20,7 +20,7 @@ def test_cli_step_quick_writes_valid_json(tmp_path):
     out = tmp_path / "out"
     cmd = [
         sys.executable, "-m", "bench", "step", "--quick", "--device", "cpu", "--out", str(out),
-        "--models", "tiny", "--variants", "cfg,floor,sagfast_exact,sagfast_exact_graph", "--steps", "2", "--rounds", "1", "--warmup", "0",
+        "--models", "tiny", "--variants", "cfg,floor,sagfast_exact,sagfast_exact_graph", "--steps", "2", "--rounds", "1", "--warmup", "0", "--threads", "1",
     ]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

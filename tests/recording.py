@@ -1,0 +1,38 @@
+"""Records every call of a UNet (inputs and outputs) and the capture layer's input, with hooks."""
+
+from __future__ import annotations
+
+import torch
+
+
+class UNetRecorder:
+    def __init__(self, unet, attn, scheduler):
+        self.calls = []
+        self.attn_inputs = []
+        self.scheduler = scheduler
+        self.handles = [
+            unet.register_forward_pre_hook(self._pre, with_kwargs=True),
+            unet.register_forward_hook(self._post, with_kwargs=True),
+            attn.register_forward_pre_hook(self._attn, with_kwargs=True),
+        ]
+
+    def _pre(self, module, args, kwargs):
+        sample = args[0] if args else kwargs["sample"]
+        sched = self.scheduler
+        index = getattr(sched, "step_index", None)
+        if index is None:
+            index = 0  # multistep schedulers set step_index in their first step(); text-to-image starts at 0
+        sigma = sched.sigmas[index].item() if getattr(sched, "sigmas", None) is not None else None
+        self.calls.append({"sample": sample.detach().clone(), "kwargs": kwargs, "sigma": sigma})
+
+    def _post(self, module, args, kwargs, output):
+        out = output[0] if isinstance(output, tuple) else output.sample
+        self.calls[-1]["out"] = out.detach().clone()
+
+    def _attn(self, module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self.attn_inputs.append(hidden.detach().clone())
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()

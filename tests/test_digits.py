@@ -1,0 +1,204 @@
+"""The embedded digit model: shipped weights load offline, the model is really trained, the pipeline
+works with sagfast like a Stable Diffusion pipeline, the demo writes its PNG, the training script and
+the quality benchmark run."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import sagfast
+from sagfast.digits import DigitDiffusionPipeline, load_classifier, load_pipeline
+from sagfast.digits.data import load_mnist
+from sagfast.digits.weights import WEIGHTS_DIR
+
+LABELS = [d for d in range(10) for _ in range(3)]  # 30 digits, 3 per class
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    # Nothing here may touch the network: the weights ship with the package.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("DIFFUSERS_OFFLINE", "1")
+    monkeypatch.delenv("SAGFAST_DIGITS_WEIGHTS", raising=False)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_pipeline(progress=False)
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return load_classifier()
+
+
+def _noise(n, seed=0):
+    return torch.randn(n, 1, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def _accuracy(classifier, images, labels):
+    with torch.no_grad():
+        pred = classifier(images.float().clamp(-1, 1)).argmax(1)
+    return (pred == torch.tensor(labels)).float().mean().item()
+
+
+def test_shipped_weights_small_and_complete():
+    files = {p.name: p.stat().st_size for p in WEIGHTS_DIR.iterdir()}
+    for name in ("digits_unet.safetensors", "digits_unet.json", "digits_class_embedding.safetensors",
+                 "digits_class_embedding.json", "digits_scheduler.json", "digits_classifier.safetensors"):
+        assert name in files, f"{name} missing from {WEIGHTS_DIR}"
+    total = sum(files.values())
+    assert total < 6 * 2**20, f"shipped weights are {total / 2**20:.1f} MiB"
+
+
+def test_pipeline_structure(pipe):
+    assert isinstance(pipe, DigitDiffusionPipeline)
+    assert set(pipe.components) == {"unet", "class_embedding", "scheduler"}
+    assert pipe.unet.mid_block.attentions[0].transformer_blocks[0].attn1 is not None
+    assert pipe.unet.config.sample_size == 32 and pipe.unet.config.in_channels == 1
+    assert type(pipe.unet).__name__ == "UNet2DConditionModel"
+    assert all(p.dtype == torch.float32 for p in pipe.unet.parameters())
+
+
+def test_real_digits_classified(classifier):
+    x, y = load_mnist()
+    assert x.shape == (5000, 1, 32, 32) and float(x.min()) == -1.0 and float(x.max()) == 1.0
+    idx = torch.arange(0, 5000, 10)
+    assert _accuracy(classifier, x[idx], y[idx].tolist()) > 0.9
+
+
+def test_samples_recognised_as_requested_digit(pipe, classifier):
+    """The diffusion model is really trained: chance is 10%."""
+    out = pipe(LABELS, num_inference_steps=10, guidance_scale=3.0, latents=_noise(len(LABELS)), output_type="latent")
+    acc = _accuracy(classifier, out.images, LABELS)
+    assert acc >= 0.7, f"only {acc:.0%} of the generated digits are recognised as the requested digit"
+    # without guidance too, well above chance
+    out = pipe(LABELS, num_inference_steps=10, guidance_scale=1.0, latents=_noise(len(LABELS)), output_type="latent")
+    assert _accuracy(classifier, out.images, LABELS) >= 0.4
+
+
+def test_output_types(pipe):
+    kw = dict(num_inference_steps=2, latents=_noise(2))
+    pil = pipe([1, 7], **kw).images
+    assert len(pil) == 2 and pil[0].size == (32, 32) and pil[0].mode == "L"
+    arr = pipe([1, 7], output_type="np", **kw).images
+    assert arr.shape == (2, 32, 32, 1) and arr.min() >= 0 and arr.max() <= 1
+    pt = pipe([1, 7], output_type="pt", **kw).images
+    np.testing.assert_allclose(pt.permute(0, 2, 3, 1).numpy(), arr)
+    assert np.array_equal(np.asarray(pil[1]), (arr[1, :, :, 0] * 255).round().astype(np.uint8))
+
+
+def test_bad_labels(pipe):
+    with pytest.raises(ValueError, match="digits 0..9"):
+        pipe([3, 10], num_inference_steps=1)
+    with pytest.raises(ValueError, match="shape"):
+        pipe([3], num_inference_steps=1, latents=_noise(2))
+
+
+def test_generator_reproducible(pipe):
+    a = pipe([4, 5], num_inference_steps=3, generator=torch.Generator().manual_seed(3), output_type="pt").images
+    b = pipe([4, 5], num_inference_steps=3, generator=torch.Generator().manual_seed(3), output_type="pt").images
+    c = pipe([4, 5], num_inference_steps=3, generator=torch.Generator().manual_seed(4), output_type="pt").images
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("guidance", [3.0, 1.0])
+def test_enable_changes_output_and_scale0_is_plain(guidance):
+    pipe = load_pipeline(progress=False)
+    kw = dict(num_inference_steps=4, guidance_scale=guidance, output_type="pt")
+    plain = pipe([0, 8], latents=_noise(2), **kw).images
+    sagfast.enable(pipe, scale=0.0)
+    assert torch.equal(pipe([0, 8], latents=_noise(2), **kw).images, plain)
+    sagfast.enable(pipe, scale=0.75)
+    guided = pipe([0, 8], latents=_noise(2), **kw).images
+    assert (guided - plain).abs().max() > 1e-3
+    assert pipe.unet.last_degraded_input.shape == (2, 1, 32, 32)  # the guide branch only
+    sagfast.disable(pipe)
+    assert torch.equal(pipe([0, 8], latents=_noise(2), **kw).images, plain)
+
+
+def test_sag_with_euler_scheduler():
+    from diffusers import EulerDiscreteScheduler
+
+    pipe = load_pipeline(scheduler=EulerDiscreteScheduler, progress=False)
+    plain = pipe([2, 6], num_inference_steps=4, latents=_noise(2), output_type="pt").images
+    sagfast.enable(pipe, scale=0.5)
+    guided = pipe([2, 6], num_inference_steps=4, latents=_noise(2), output_type="pt").images
+    assert torch.isfinite(guided).all() and (guided - plain).abs().max() > 1e-3
+
+
+def test_demo_writes_png_of_documented_size(tmp_path, capsys):
+    from sagfast.cli import batched_available, digit_grid_size, main
+
+    out = tmp_path / "demo.png"
+    assert main(["demo", "--out", str(out), "--steps", "2"]) == 0
+    img = Image.open(out)
+    img.verify()
+    img = Image.open(out)
+    columns = 4 if batched_available()[0] else 3
+    assert img.size == digit_grid_size(columns) == (36 + columns * 100, 1028)
+    assert img.mode == "RGB"
+    printed = capsys.readouterr().out
+    assert "no guidance" in printed and "CFG" in printed and "exact" in printed and " s " in printed
+    # the cells are not blank: the digit columns differ from the white background
+    arr = np.asarray(img.convert("L"), dtype=np.float32)
+    assert arr[28:, 36:].std() > 20
+
+
+def test_demo_rejects_prompt_without_model(tmp_path):
+    from sagfast.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["demo", "--out", str(tmp_path / "x.png"), "--prompt", "a cat"])
+
+
+def test_training_script_is_reproducible(tmp_path):
+    """Two runs of the training script with the same seed write identical weights (a few steps)."""
+    from safetensors.torch import load_file
+
+    from sagfast.digits import train
+
+    args = ["--steps", "2", "--batch-size", "8", "--classifier-epochs", "1", "--log-every", "1", "--fp32"]
+    for run in ("a", "b"):
+        assert train.main(args + ["--out", str(tmp_path / run)]) == 0
+    for name in ("digits_unet.safetensors", "digits_class_embedding.safetensors", "digits_classifier.safetensors"):
+        a, b = load_file(str(tmp_path / "a" / name)), load_file(str(tmp_path / "b" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    log = json.loads((tmp_path / "a" / "digits_train.json").read_text())
+    assert log["args"]["steps"] == 2
+    # the written weights load as a working pipeline
+    pipe = load_pipeline(weights_dir=tmp_path / "a", progress=False)
+    assert pipe([5], num_inference_steps=1, output_type="pt").images.shape == (1, 1, 32, 32)
+
+
+def test_frechet_distance():
+    from bench.quality import frechet
+
+    rng = np.random.default_rng(0)
+    cov = np.cov(rng.normal(size=(500, 4)), rowvar=False)
+    mu = np.zeros(4)
+    assert abs(frechet(mu, cov, mu, cov)) < 1e-6
+    shift = np.array([1.0, 2.0, 0.0, 0.0])
+    assert frechet(mu, cov, shift, cov) == pytest.approx(5.0, abs=1e-6)
+    # different covariances: Tr(C1 + C2 - 2 sqrt(C1 C2)) for diagonal ones
+    assert frechet(mu, np.eye(4), mu, 4 * np.eye(4)) == pytest.approx(4.0, abs=1e-6)
+
+
+def test_quality_benchmark_smoke(tmp_path):
+    from bench.quality import run
+
+    record = run(out_dir=tmp_path, n=20, steps=2, scales=(0.5,), sag_only_scales=(0.5,), batch=20, log=lambda *a: None)
+    keys = [r["key"] for r in record["rows"]]
+    assert keys[:3] == ["real", "none", "cfg"] and "sag_only_0.5" in keys and "cfg_sag_exact_0.5" in keys
+    for r in record["rows"]:
+        assert np.isfinite(r["fid"]) and r["fid"] >= 0 and 0 <= r["accuracy"] <= 1
+    saved = json.loads((tmp_path / "quality.json").read_text())
+    assert saved["rows"] == record["rows"]
+    assert Image.open(tmp_path / "quality.png").size[0] > 100
+    assert "| CFG + SAG exact |" in (tmp_path / "quality.md").read_text()
