@@ -202,3 +202,31 @@ def test_quality_benchmark_smoke(tmp_path):
     assert saved["rows"] == record["rows"]
     assert Image.open(tmp_path / "quality.png").size[0] > 100
     assert "| CFG + SAG exact |" in (tmp_path / "quality.md").read_text()
+
+
+def test_demo_with_stable_diffusion_folder(tmp_path, monkeypatch):
+    """`sagfast demo --model DIR --prompt ...` flow, on tiny random SD components standing in for the
+    folder (no text encoder here: prompts are encoded to fixed random embeddings)."""
+    import diffusers
+    from components import prompt_embeds, sd_pipeline
+
+    from sagfast.cli import batched_available, main
+
+    pe, ne = prompt_embeds(1)
+    loaded = {}
+
+    def fake_from_pretrained(path, **kwargs):
+        assert kwargs.get("local_files_only") is True
+        pipe = sd_pipeline()
+        pipe.encode_prompt = lambda *a, **k: (pe, ne)
+        loaded["pipe"] = pipe
+        return pipe
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", staticmethod(fake_from_pretrained))
+    out = tmp_path / "sd.png"
+    assert main(["demo", "--model", str(tmp_path), "--prompt", "a", "--prompt", "b", "--steps", "2", "--out", str(out)]) == 0
+    img = Image.open(out)
+    columns = 3 if batched_available()[0] else 2
+    side = 32  # the tiny pipeline's default image size
+    assert img.size == (36 + columns * (side + 4), 28 + 2 * (side + 4))
+    assert not sagfast.is_enabled(loaded["pipe"])

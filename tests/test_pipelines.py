@@ -1,0 +1,108 @@
+"""SAG on other diffusers pipelines: SDXL (added_cond_kwargs sliced), img2img, inpaint."""
+
+import torch
+from diffusers import (
+    EulerDiscreteScheduler,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionXLPipeline,
+)
+
+import sagfast
+from components import TOKENS, prompt_embeds, scheduler_config, sd_components, tiny_unet, tiny_vae
+from recording import UNetRecorder
+
+POOLED = 32
+
+
+def sdxl_pipeline():
+    unet = tiny_unet(
+        cross_attention_dim=64,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + POOLED,
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=tiny_vae(),
+        text_encoder=None,
+        text_encoder_2=None,
+        tokenizer=None,
+        tokenizer_2=None,
+        unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(scheduler_config()),
+        add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_sdxl_slices_added_cond_kwargs_for_the_degraded_pass():
+    pipe = sdxl_pipeline()
+    g = torch.Generator().manual_seed(3)
+    emb = dict(
+        prompt_embeds=torch.randn(2, TOKENS, 64, generator=g),
+        negative_prompt_embeds=torch.randn(2, TOKENS, 64, generator=g),
+        pooled_prompt_embeds=torch.randn(2, POOLED, generator=g),
+        negative_pooled_prompt_embeds=torch.randn(2, POOLED, generator=g),
+    )
+    call = dict(height=48, width=40, num_inference_steps=2, output_type="latent", **emb)
+    plain = pipe(generator=torch.Generator().manual_seed(0), **call).images
+    sagfast.enable(pipe)
+    rec = UNetRecorder(pipe.unet.unet, pipe.unet.unet.mid_block, pipe.scheduler)
+    try:
+        out = pipe(generator=torch.Generator().manual_seed(0), **call).images
+    finally:
+        rec.remove()
+    assert torch.isfinite(out).all() and (out - plain).abs().max() > 1e-3
+    main, degraded = rec.calls[0], rec.calls[1]
+    assert main["sample"].shape[0] == 4 and degraded["sample"].shape[0] == 2
+    for key in ("text_embeds", "time_ids"):
+        full = main["kwargs"]["added_cond_kwargs"][key]
+        part = degraded["kwargs"]["added_cond_kwargs"][key]
+        assert full.shape[0] == 4 and torch.equal(part, full[:2]), key
+    # The guide branch is the unconditional one: its text embeddings are the negative prompt's.
+    assert torch.equal(degraded["kwargs"]["encoder_hidden_states"], main["kwargs"]["encoder_hidden_states"][:2])
+    assert torch.equal(degraded["kwargs"]["added_cond_kwargs"]["text_embeds"], emb["negative_pooled_prompt_embeds"])
+
+
+def _image():
+    return torch.rand(1, 3, 64, 48, generator=torch.Generator().manual_seed(5)) * 2 - 1
+
+
+def test_img2img_runs_with_sag():
+    pipe = StableDiffusionImg2ImgPipeline(**sd_components())
+    pipe.set_progress_bar_config(disable=True)
+    pe, ne = prompt_embeds(1)
+    call = dict(prompt_embeds=pe, negative_prompt_embeds=ne, image=_image(), strength=0.75, num_inference_steps=4, output_type="latent")
+    plain = pipe(generator=torch.Generator().manual_seed(0), **call).images
+    with sagfast.guided(pipe):
+        out = pipe(generator=torch.Generator().manual_seed(0), **call).images
+    assert out.shape == plain.shape == (1, 4, 32, 24)
+    assert torch.isfinite(out).all() and (out - plain).abs().max() > 1e-3
+
+
+def test_inpaint_with_a_nine_channel_unet_runs_with_sag():
+    comps = sd_components()
+    comps["unet"] = tiny_unet(in_channels=9)
+    pipe = StableDiffusionInpaintPipeline(**comps)
+    pipe.set_progress_bar_config(disable=True)
+    pe, ne = prompt_embeds(1)
+    mask = torch.zeros(1, 1, 64, 48)
+    mask[..., 16:48, 8:40] = 1
+    call = dict(prompt_embeds=pe, negative_prompt_embeds=ne, image=_image(), mask_image=mask, height=64, width=48,
+                num_inference_steps=3, output_type="latent")
+    plain = pipe(generator=torch.Generator().manual_seed(0), **call).images
+    sagfast.enable(pipe)
+    rec = UNetRecorder(pipe.unet.unet, pipe.unet.unet.mid_block, pipe.scheduler)
+    try:
+        out = pipe(generator=torch.Generator().manual_seed(0), **call).images
+    finally:
+        rec.remove()
+    assert torch.isfinite(out).all() and (out - plain).abs().max() > 1e-3
+    main, degraded = rec.calls[0], rec.calls[1]
+    # The degraded input re-noises the 4 latent channels and keeps the guide rows' mask + masked image.
+    assert degraded["sample"].shape == (1, 9, 32, 24)
+    assert torch.equal(degraded["sample"][:, 4:], main["sample"][:1, 4:])
+    assert not torch.equal(degraded["sample"][:, :4], main["sample"][:1, :4])
