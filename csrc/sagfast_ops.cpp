@@ -28,49 +28,79 @@ namespace sagfast {
 // all query blocks; only a [kQueryBlock, kKeyBlock] tile of scores exists per thread, never N x N.
 // ----------------------------------------------------------------------------------------------------
 
+// Elements per parallel chunk for the memory-bound ops, ATen's own grain (at::internal::GRAIN_SIZE):
+// below it a parallel region costs more than it saves.
+constexpr int64_t kGrainElements = 32768;
+
 constexpr int64_t kKeyBlock = 256;
 constexpr int64_t kQueryBlock = 256;
 
-std::tuple<at::Tensor, at::Tensor> attention_mass_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse, double scale, double threshold) {
-  check_attention_mass(q, k, lse);
-  const int64_t B = q.size(0), H = q.size(1), N = q.size(2);
-  auto part = at::empty({B, H, N}, q.options().dtype(at::kFloat));
+// Copies rows [r0, r0 + rows) of one (b, h) slice of a [B, H, N, D] tensor with any strides into a
+// contiguous fp32 [rows, D] buffer.
+template <typename scalar_t>
+void load_rows_fp32(const scalar_t* base, int64_t stride_n, int64_t stride_d, int64_t r0, int64_t rows, int64_t D,
+                    float* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* src = base + (r0 + r) * stride_n;
+    float* d = dst + r * D;
+    for (int64_t c = 0; c < D; ++c) d[c] = static_cast<float>(src[c * stride_d]);
+  }
+}
+
+template <typename scalar_t>
+void attention_mass_partial(const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse, float scale,
+                            at::Tensor& part) {
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
   const int64_t key_blocks = (N + kKeyBlock - 1) / kKeyBlock;
-  const float fscale = static_cast<float>(scale);
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  const scalar_t* kp = k.data_ptr<scalar_t>();
+  const float* lp = lse.data_ptr<float>();
+  float* pp = part.data_ptr<float>();
+  const auto qs = q.strides(), ks = k.strides(), ls = lse.strides();
 
   at::parallel_for(0, B * H * key_blocks, 1, [&](int64_t begin, int64_t end) {
-    auto scores = at::empty({kQueryBlock * kKeyBlock}, q.options().dtype(at::kFloat));
-    std::vector<float> acc(kKeyBlock);
+    // Per-thread scratch, bounded whatever N is: a key block, a query block, one tile of scores.
+    std::vector<float> kbuf(kKeyBlock * D), qbuf(kQueryBlock * D), acc(kKeyBlock);
+    const auto fopt = at::TensorOptions().dtype(at::kFloat);
+    auto scores = at::empty({kQueryBlock * kKeyBlock}, fopt);
+    float* sp = scores.data_ptr<float>();
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / key_blocks, j0 = (task % key_blocks) * kKeyBlock;
       const int64_t b = bh / H, h = bh % H;
       const int64_t jn = std::min(kKeyBlock, N - j0);
-      // [D, jn] fp32 (a copy when k is 16-bit; a strided view otherwise, which mm takes as is).
-      const at::Tensor kt = k.select(0, b).select(0, h).narrow(0, j0, jn).to(at::kFloat).t();
-      const at::Tensor lrow = lse.select(0, b).select(0, h).to(at::kFloat).contiguous();
-      const float* lp = lrow.data_ptr<float>();
+      load_rows_fp32(kp + b * ks[0] + h * ks[1], ks[2], ks[3], j0, jn, D, kbuf.data());
+      const float* lrow = lp + b * ls[0] + h * ls[1];
       std::fill(acc.begin(), acc.begin() + jn, 0.0f);
       for (int64_t i0 = 0; i0 < N; i0 += kQueryBlock) {
         const int64_t in = std::min(kQueryBlock, N - i0);
-        const at::Tensor qt = q.select(0, b).select(0, h).narrow(0, i0, in).to(at::kFloat);
+        load_rows_fp32(qp + b * qs[0] + h * qs[1], qs[2], qs[3], i0, in, D, qbuf.data());
+        // scores[i][j] = q_i . k_j on the fp32 buffers (ATen's BLAS; single-threaded in this region).
         at::Tensor s = scores.narrow(0, 0, in * jn).view({in, jn});
-        at::mm_out(s, qt, kt);
-        float* sp = s.data_ptr<float>();
+        at::mm_out(s, at::from_blob(qbuf.data(), {in, D}, fopt), at::from_blob(kbuf.data(), {jn, D}, fopt).t());
         for (int64_t r = 0; r < in; ++r) {
-          const float l = lp[i0 + r];
+          const float l = lrow[(i0 + r) * ls[2]];
           float* row = sp + r * jn;
-          for (int64_t c = 0; c < jn; ++c) row[c] = row[c] * fscale - l;
+          for (int64_t c = 0; c < jn; ++c) row[c] = row[c] * scale - l;
         }
-        s.exp_();
+        scores.narrow(0, 0, in * jn).exp_();  // ATen's vectorized exp (runtime-dispatched SIMD)
         for (int64_t r = 0; r < in; ++r) {
           const float* row = sp + r * jn;
           for (int64_t c = 0; c < jn; ++c) acc[c] += row[c];
         }
       }
-      float* out = part.data_ptr<float>() + bh * N + j0;
-      std::copy(acc.begin(), acc.begin() + jn, out);
+      std::copy(acc.begin(), acc.begin() + jn, pp + bh * N + j0);
     }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_mass_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse_in, double scale, double threshold) {
+  check_attention_mass(q, k, lse_in);
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2);
+  const at::Tensor lse = lse_in.to(at::kFloat);  // no copy for SDPA's fp32 lse
+  auto part = at::empty({B, H, N}, q.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "sagfast_attention_mass_cpu", [&] {
+    attention_mass_partial<scalar_t>(q, k, lse, static_cast<float>(scale), part);
   });
 
   // Mean over heads in a fixed order (deterministic), and the mask in the same loop.
@@ -80,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor> attention_mass_cpu(
   float* mp = mass.data_ptr<float>();
   bool* kp = mask.data_ptr<bool>();
   const float thr = static_cast<float>(threshold);
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B, std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, H * N)), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       float* m = mp + b * N;
       std::fill(m, m + N, 0.0f);
@@ -118,7 +148,9 @@ void degrade_plane_loop(const at::Tensor& x0, const at::Tensor& mask, const at::
   std::vector<int64_t> mcol(W);
   for (int64_t j = 0; j < W; ++j) mcol[j] = j * mw / W;  // floor(j * w / W), the reference's index
 
-  at::parallel_for(0, B * C, 1, [&](int64_t begin, int64_t end) {
+  // Enough planes per chunk that a chunk is worth a thread (small latents then run inline).
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, Hh * W));
+  at::parallel_for(0, B * C, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> padded(W + 2 * pad), tmp(Hh * W), acc(W);
     for (int64_t plane = begin; plane < end; ++plane) {
       const int64_t b = plane / C, c = plane % C;
@@ -180,8 +212,8 @@ void combine_loop(const at::Tensor& o, const std::vector<at::Tensor>& pos, const
   const int64_t M = pos[0].numel(), chunks = o.numel() / M;
   const scalar_t* op = o.data_ptr<scalar_t>();
   scalar_t* dp = out.data_ptr<scalar_t>();
-  constexpr int64_t kGrain = 4096;
-  at::parallel_for(0, M, kGrain, [&](int64_t begin, int64_t end) {
+  constexpr int64_t kGrain = 4096;  // inner block: the term buffer stays in L1
+  at::parallel_for(0, M, kGrainElements, [&](int64_t begin, int64_t end) {
     std::vector<float> term(kGrain);
     for (int64_t i0 = begin; i0 < end; i0 += kGrain) {
       const int64_t n = std::min(kGrain, end - i0);
