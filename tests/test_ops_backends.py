@@ -253,6 +253,17 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
     clear_cache()
 
 
+def test_auto_leaves_the_interpreter_to_explicit_requests(monkeypatch):
+    """Under TRITON_INTERPRET=1 Triton takes CPU tensors when asked, but "auto" does not pick it."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    clear_cache()
+    x = torch.randn(2, 4, 8, 8)
+    ops.combine(x, x[:1], x[1:], 0.5)
+    picked = cached_choice("combine", "auto", comb_mod._key(x, x[:1], x[1:], 0.5, ()))
+    assert picked == ("cpp" if not WHY_NOT["cpp"] else "torch")
+    clear_cache()
+
+
 def test_cpp_not_built_is_refused_and_auto_falls_back(monkeypatch):
     monkeypatch.setattr(_cpp, "_load_error", lambda: "the C++ extension sagfast._C is not built (test)")
     monkeypatch.setenv("TRITON_INTERPRET", "0")

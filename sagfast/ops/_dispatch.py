@@ -1,7 +1,8 @@
 """One dispatch rule for every op.
 
 Each op lists its backends in a fixed tuple, fastest first (Triton on CUDA tensors, the C++ op, the
-PyTorch reference). "auto" takes the first whose `available()` and `supports(inputs)` give no reasons;
+PyTorch reference). "auto" takes the first whose `available()` and `supports(inputs)` give no reasons
+(and that does not ask "auto" to pass it over: the Triton interpreter on CPU tensors is for tests);
 an explicitly requested backend never falls back: it raises with its reasons.
 
 The choice is made once per (op, requested backend, dispatch key) and cached. Each op's key holds
@@ -25,6 +26,9 @@ class Backend:
     supports: Callable[..., list]
     """Reasons it refuses these inputs (empty when it takes them)."""
     run: Callable
+    auto_skip: Callable[..., list] = lambda *inputs: []
+    """Reasons "auto" passes over it although an explicit request may use it (the Triton interpreter
+    on CPU tensors: a test mode, far slower than any other backend)."""
 
 
 class BackendUnsupported(RuntimeError):
@@ -59,7 +63,7 @@ def choose(name: str, backends: Sequence[Backend], requested: str, inputs: Seque
         return backend
     refused = []
     for backend in backends:
-        why = reasons(backend, inputs)
+        why = reasons(backend, inputs) or list(backend.auto_skip(*inputs))
         if not why:
             return backend
         refused.append(f"{backend.name}: " + "; ".join(why))

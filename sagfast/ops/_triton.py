@@ -49,6 +49,14 @@ def device_reasons(*tensors) -> list[str]:
     return out
 
 
+def auto_skip(*inputs) -> list[str]:
+    """Why "auto" does not pick Triton for these inputs: CPU tensors run only under the interpreter,
+    which is a test mode (~ms per program instance); auto leaves them to the C++ op or the reference."""
+    if any(getattr(t, "device", None) is not None and t.device.type == "cpu" for t in inputs if hasattr(t, "device")):
+        return ["the Triton interpreter (CPU tensors) is taken only when backend='triton' is requested"]
+    return []
+
+
 def kernels(name: str):
     """The module sagfast.kernels.<name>.
 

@@ -139,7 +139,7 @@ def _triton_run(q, k, lse, scale, threshold):
 
 
 BACKENDS = (
-    Backend("triton", _triton.available, _triton_supports, _triton_run),
+    Backend("triton", _triton.available, _triton_supports, _triton_run, _triton.auto_skip),
     Backend("cpp", _cpp.available, _cpp_supports, _cpp_run),
     Backend("torch", lambda: [], lambda *a: [], _torch_run),
 )

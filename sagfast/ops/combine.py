@@ -127,7 +127,7 @@ def _triton_run(o, guide, degraded, scale, extra_terms=()):
 
 
 BACKENDS = (
-    Backend("triton", _triton.available, _triton_supports, _triton_run),
+    Backend("triton", _triton.available, _triton_supports, _triton_run, _triton.auto_skip),
     Backend("cpp", _cpp.available, _cpp_supports, _cpp_run),
     Backend("torch", lambda: [], lambda *a: [], combine_ref),
 )

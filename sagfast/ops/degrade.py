@@ -156,7 +156,7 @@ def _triton_run(x0, mask, eps, abar, kernel_size, sigma):
 
 
 BACKENDS = (
-    Backend("triton", _triton.available, _triton_supports, _triton_run),
+    Backend("triton", _triton.available, _triton_supports, _triton_run, _triton.auto_skip),
     Backend("cpp", _cpp.available, _cpp_supports, _cpp_run),
     Backend("torch", lambda: [], lambda *a: [], degrade_ref),
 )
