@@ -9,7 +9,9 @@ measured is the extra peak of computing the layer output plus the SAG mask, thre
               from `Attention.get_attention_scores` (baddbmm + softmax: the N x N map per head), multiplies
               by v, and the pipeline reduces the stored map with `.mean(1).sum(1) > 1.0`
   sagfast     `sdpa_with_lse` (the layer output and the per-row log-sum-exp from SDPA) then
-              `sagfast.ops.attention_mass` (backend "auto") and `> 1.0`: O(B*H*N) plus one bounded tile
+              `sagfast.ops.attention_mass` and `> 1.0`: O(B*H*N) plus one bounded tile; as "auto"
+              picks the backend, then each backend explicitly (sagfast[torch], [cpp], [triton]; one
+              that is not built or refuses the device is listed as skipped)
   sdpa        the stock layer without SAG (`F.scaled_dot_product_attention`): the baseline
 
 Measurement: on CUDA, `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()`, minus the
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from bench import common
 
 HEADS, HEAD_DIM, BATCH = 8, 40, 1
+SAGFAST_BACKENDS = ("torch", "cpp", "triton")
 TILE_BYTES = (1 << 23) * 4  # sagfast.ops.attention_mass: one fp32 tile of at most 2**23 elements
 
 
@@ -87,13 +90,26 @@ def measure_peak(fn, device) -> int:
     return max(peak, 0)
 
 
+def _refuses(fn) -> str | None:
+    """Why an explicitly requested backend does not run here (None when it does)."""
+    try:
+        with torch.inference_mode():
+            fn()
+        return None
+    except Exception as exc:
+        return f"{type(exc).__name__}: {str(exc).split('cannot run these inputs: ', 1)[-1]}"
+
+
 def analytic(variant: str, n: int, elt: int) -> int:
     bh = BATCH * HEADS
+    if variant.startswith("sagfast[") and variant != "sagfast[torch]":
+        # a tiled kernel: output + lse + fp32 mass, no tile worth counting
+        return bh * n * HEAD_DIM * elt + 2 * bh * n * 4
     if variant == "diffusers":
         # baddbmm scores and softmax probabilities alive together (2 maps), then the head mean (1/H map)
         return 2 * bh * n * n * elt + BATCH * n * n * elt + bh * n * HEAD_DIM * elt
-    if variant == "sagfast":
-        # output + lse + fp32 mass accumulator + up to three fp32 tiles alive (scores, scores - lse, exp)
+    if variant in ("sagfast", "sagfast[torch]"):
+        # (for "auto" this is the worst case: the torch reference) output + lse + fp32 mass accumulator + up to three fp32 tiles alive (scores, scores - lse, exp)
         return bh * n * HEAD_DIM * elt + 2 * bh * n * 4 + 3 * min(TILE_BYTES, bh * n * n * 4)
     return bh * n * HEAD_DIM * elt
 
@@ -132,9 +148,9 @@ def run(opts, record: dict, log=common.log) -> dict:
         mask = probs.reshape(BATCH, HEADS, n, n).mean(1, keepdim=False).sum(1, keepdim=False) > 1.0
         return out, mask
 
-    def sagfast_way(q, k, v):
+    def sagfast_way(q, k, v, backend="auto"):
         out, lse = sdpa_with_lse(q, k, v, scale)
-        mask = attention_mass(q, k, lse, scale) > 1.0
+        mask = attention_mass(q, k, lse, scale, backend=backend) > 1.0
         return out, mask
 
     def sdpa_way(q, k, v):
@@ -146,11 +162,11 @@ def run(opts, record: dict, log=common.log) -> dict:
         q, k, v = (torch.randn(BATCH, HEADS, n, HEAD_DIM, generator=g).to(device, dtype) for _ in range(3))
         q3, k3, v3 = (t.reshape(BATCH * HEADS, n, HEAD_DIM) for t in (q, k, v))
         dense = BATCH * HEADS * n * n * elt
-        for variant, fn in (
-            ("sdpa", lambda: sdpa_way(q, k, v)),
-            ("sagfast", lambda: sagfast_way(q, k, v)),
-            ("diffusers", lambda: diffusers_way(q3, k3, v3)),
-        ):
+        cases = [("sdpa", lambda: sdpa_way(q, k, v)), ("sagfast", lambda: sagfast_way(q, k, v))]
+        for be in SAGFAST_BACKENDS:
+            cases.append((f"sagfast[{be}]", lambda be=be: sagfast_way(q, k, v, be)))
+        cases.append(("diffusers", lambda: diffusers_way(q3, k3, v3)))
+        for variant, fn in cases:
             need = analytic(variant, n, elt)
             if device.type == "cuda":
                 free = torch.cuda.mem_get_info(device)[0]
@@ -164,6 +180,12 @@ def run(opts, record: dict, log=common.log) -> dict:
                 "dense_map_MiB": dense / 2**20,
                 "analytic_MiB": need / 2**20,
             }
+            if variant.startswith("sagfast[") and n in tokens:
+                why = _refuses(fn)
+                if why:
+                    row.update(status=f"skipped: {why}")
+                    rows.append(row)
+                    continue
             if n not in tokens:
                 row.update(peak_MiB=need / 2**20, source="analytic", status="not run (--quick)")
             elif need * 1.2 > budget:
@@ -216,7 +238,9 @@ def run(opts, record: dict, log=common.log) -> dict:
 
 def _plot(plt, rows):
     fig, ax = plt.subplots(figsize=(6, 4))
-    for variant, color in (("diffusers", "tab:red"), ("sagfast", "tab:blue"), ("sdpa", "tab:gray")):
+    palette = (("diffusers", "tab:red"), ("sagfast", "tab:blue"), ("sagfast[torch]", "tab:cyan"),
+               ("sagfast[cpp]", "tab:green"), ("sagfast[triton]", "tab:purple"), ("sdpa", "tab:gray"))
+    for variant, color in palette:
         rs = [r for r in rows if r["variant"] == variant and r.get("peak_MiB") is not None]
         if not rs:
             continue
