@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-MODES = ("exact",)  # "batched" arrives with the batched runner
+MODES = ("exact", "batched")
 BACKENDS = ("auto", "triton", "cpp", "torch")
 MASKS = ("attention", "global", "random")
 
@@ -22,9 +22,12 @@ class SAGConfig:
     (the wrapped UNet then makes exactly the plain pipeline's call)."""
 
     mode: str = "exact"
-    """"exact": two model calls per step (main, then degraded), the algorithm of the paper and of
-    diffusers. "batched": one model call per step on [uncond, cond, degraded], the degraded input built
-    from the previous step's eps and mask (cheaper per step, an approximation; see README)."""
+    """"exact": two model calls per step (main on [uncond, cond], then degraded on B), the algorithm of
+    the paper and of diffusers. "batched": one model call per step on [uncond, cond, degraded] (3B),
+    the degraded input built from the current input and the previous evaluation's eps and mask: one
+    larger call instead of two sequential ones (faster where the model is not compute bound, or where
+    per-call overhead dominates), an approximation whose quality cost the README reports. The first
+    evaluation of each pipeline call (and after a change of batch or shape) is an exact step."""
 
     threshold: float = 1.0
     """psi: a key is masked when the attention it receives, averaged over heads, exceeds this. The
@@ -57,9 +60,7 @@ class SAGConfig:
         problems = []
         if not isinstance(self.scale, (int, float)) or isinstance(self.scale, bool) or self.scale < 0:
             problems.append(f"scale must be a number >= 0, got {self.scale!r}")
-        if self.mode == "batched":
-            problems.append('mode="batched" is not implemented yet; use mode="exact"')
-        elif self.mode not in MODES:
+        if self.mode not in MODES:
             problems.append(f"mode must be one of {MODES}, got {self.mode!r}")
         if not isinstance(self.threshold, (int, float)) or isinstance(self.threshold, bool):
             problems.append(f"threshold must be a number, got {self.threshold!r}")

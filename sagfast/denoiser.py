@@ -16,6 +16,7 @@ The wrapped UNet's processors and forward are never changed outside a call.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import weakref
 
@@ -64,6 +65,57 @@ def _slice_batch(value, full: int, keep: int):
     return value
 
 
+def _extend_batch(value, full: int, keep: int):
+    """`value` with every tensor whose batch dim is `full` followed by its own first `keep` rows."""
+    if torch.is_tensor(value):
+        return torch.cat([value, value[:keep]]) if value.dim() >= 1 and value.shape[0] == full else value
+    if isinstance(value, dict):
+        return {k: _extend_batch(v, full, keep) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_extend_batch(v, full, keep) for v in value)
+    return value
+
+
+class _Identity:
+    """Compares equal only to a wrapper of the very same object (and keeps that object alive)."""
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __eq__(self, other):
+        return isinstance(other, _Identity) and self.obj is other.obj and self.obj is not None
+
+
+@dataclasses.dataclass
+class _Previous:
+    key: tuple
+    eps: torch.Tensor  # fp32 [B, C, H, W]
+    mask: torch.Tensor  # bool [B, h, w]
+
+
+@dataclasses.dataclass
+class _Step:
+    sample: torch.Tensor
+    call: dict
+    b: int
+    abar: torch.Tensor
+    prediction_type: str
+    key: tuple
+
+    @property
+    def full(self) -> int:
+        return self.sample.shape[0]
+
+    def latent(self, o: torch.Tensor) -> torch.Tensor:
+        # Inpainting UNets take [latents, mask, masked-image latents] and predict the latents'
+        # channels only: the latent is the first out-channels of the input; the rest rides along.
+        return self.sample[: self.b, : o.shape[1]]
+
+    def model_input(self, xd: torch.Tensor) -> torch.Tensor:
+        """The degraded latent, in the model's dtype, with the guide rows' extra input channels."""
+        return torch.cat([xd.to(self.sample.dtype), self.sample[: self.b, xd.shape[1] :]], dim=1)
+
+
 class GuidedUNet(torch.nn.Module):
     """Stands in for a diffusers UNet; attributes it does not define (config, dtype, ...) are the UNet's."""
 
@@ -75,6 +127,7 @@ class GuidedUNet(torch.nn.Module):
         self.capture_name, self._attn, self._map_owner = resolve_capture_layer(unet, config.layers)
         self._signature = inspect.signature(unet.forward)
         self._generator = None
+        self._previous = None  # batched mode: eps and mask of the previous evaluation of this call
 
     def __getattr__(self, name):
         try:
@@ -114,18 +167,57 @@ class GuidedUNet(torch.nn.Module):
         b = full // chunks
         abar = alpha_bar(scheduler, call["timestep"], b, sample.device)
         check_blur_size(sample.shape[-2], sample.shape[-1], cfg.blur_kernel_size)
+        step = _Step(sample, call, b, abar, scheduler.config.prediction_type, self._call_key(scheduler, sample, chunks))
+        previous = self._previous if cfg.mode == "batched" else None
+        if previous is not None and previous.key == step.key:
+            return self._batched_step(step, previous, cfg)
+        return self._exact_step(step, cfg)
 
-        o, hw, mass = self._main_pass(sample, call, b, capture=cfg.mask == "attention")
-        # Inpainting UNets take [latents, mask, masked-image latents] and predict the latents'
-        # channels only: the latent is the first out-channels of the input; the rest rides along.
-        latent_channels = o.shape[1]
-        x = sample[:b, :latent_channels]
-        x0, eps = x0_eps(x, o[:b], abar, scheduler.config.prediction_type)
-        mask = self._mask(mass, hw, b, cfg, sample.device)
-        xd = ops.degrade(x0, mask, eps, abar, cfg.blur_kernel_size, cfg.blur_sigma, backend=cfg.backend)
-        xd = torch.cat([xd.to(sample.dtype), sample[:b, latent_channels:]], dim=1)
-        o_deg = self.unet(xd, **_slice_batch(call, full, b), return_dict=False)[0]
+    def _exact_step(self, step: "_Step", cfg: SAGConfig) -> torch.Tensor:
+        """Main pass, then the degraded pass built from this step's own eps and mask."""
+        b = step.b
+        o, hw, mass = self._main_pass(step.sample, step.call, b, capture=cfg.mask == "attention")
+        x0, eps = x0_eps(step.latent(o), o[:b], step.abar, step.prediction_type)
+        mask = self._mask(mass, hw, b, cfg, step.sample.device)
+        xd = step.model_input(ops.degrade(x0, mask, eps, step.abar, cfg.blur_kernel_size, cfg.blur_sigma, backend=cfg.backend))
+        o_deg = self.unet(xd, **_slice_batch(step.call, step.full, b), return_dict=False)[0]
+        self._remember(step, cfg, eps, mask)
         return ops.combine(o, o[:b], o_deg, cfg.scale, backend=cfg.backend)
+
+    def _batched_step(self, step: "_Step", previous: "_Previous", cfg: SAGConfig) -> torch.Tensor:
+        """One model call on [main batch, degraded], the degraded input built from the current x and the
+        previous evaluation's eps and mask (DESIGN.md section 4):
+
+            x0' = (x - sqrt(1 - abar) * eps_prev) / sqrt(abar)
+            xd  = sqrt(abar) * Degrade(x0'; M_prev) + sqrt(1 - abar) * eps_prev
+                = x - sqrt(abar) * M_prev * (x0' - Blur(x0'))
+
+        which is the exact-mode input whenever eps_prev equals this step's eps.
+        """
+        b, full = step.b, step.full
+        x = step.sample[:b, : previous.eps.shape[1]]
+        a = step.abar.view(-1, 1, 1, 1)
+        x0_prev = (x.float() - (1 - a).sqrt() * previous.eps) / a.sqrt()
+        xd = step.model_input(
+            ops.degrade(x0_prev, previous.mask, previous.eps, step.abar, cfg.blur_kernel_size, cfg.blur_sigma, backend=cfg.backend)
+        )
+        batch = torch.cat([step.sample, xd])
+        o_all, hw, mass = self._main_pass(batch, _extend_batch(step.call, full, b), b, capture=cfg.mask == "attention")
+        o, o_deg = o_all[:full], o_all[full:]
+        _, eps = x0_eps(x, o[:b], step.abar, step.prediction_type)
+        self._remember(step, cfg, eps, self._mask(mass, hw, b, cfg, step.sample.device))
+        return ops.combine(o, o[:b], o_deg, cfg.scale, backend=cfg.backend)
+
+    def _remember(self, step: "_Step", cfg: SAGConfig, eps, mask) -> None:
+        self._previous = _Previous(step.key, eps, mask) if cfg.mode == "batched" else None
+
+    @staticmethod
+    def _call_key(scheduler, sample, chunks):
+        """What ties a step to the previous one of the same pipeline call. Every diffusers pipeline
+        calls `scheduler.set_timesteps` once per call, which makes a new `timesteps` tensor: holding
+        that object (not its id) tells a new call from the next step of the same one. A change of
+        batch, shape, dtype, device or CFG also starts afresh."""
+        return (_Identity(getattr(scheduler, "timesteps", None)), tuple(sample.shape), sample.dtype, sample.device, chunks)
 
     def _main_pass(self, sample, call, guide_batch: int, capture: bool):
         hw = {}

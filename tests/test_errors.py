@@ -13,7 +13,7 @@ from components import prompt_embeds, sd_components, sd_pipeline, tiny_unet
     [
         (dict(scale=-0.1), "scale must be a number >= 0"),
         (dict(mode="fast"), "mode must be one of"),
-        (dict(mode="batched"), 'mode="batched" is not implemented yet'),
+        (dict(mode="both"), "mode must be one of"),
         (dict(backend="cuda"), "backend must be one of"),
         (dict(blur_kernel_size=4), "blur_kernel_size must be an odd int"),
         (dict(blur_sigma=0), "blur_sigma must be a number > 0"),
