@@ -207,7 +207,7 @@ def plan(opts, device) -> list:
         if name == "tiny":
             size, steps, rounds = spec.default_size, 5, (7 if opts.quick else 11)
         elif name == "sd15":
-            size, steps, rounds = (512, 10, 5) if cuda else (256, 2, 3)
+            size, steps, rounds = (512, 10, 5) if cuda else (256, 2, 5)
         else:
             size, steps, rounds = (1024, 10, 5) if cuda else (512, 2, 2)
         size = opts.size or size
@@ -267,7 +267,8 @@ def run(opts, record: dict, log=common.log) -> dict:
         "ms/step: median over interleaved rounds of the mean steady-state step (steps 2..n of one pipeline call, "
         "output_type='latent'); p25-p75 is the spread over rounds.",
         "x CFG: median of per-round ratios to (a) in the same run; over floor: median of per-round differences "
-        "to (b), i.e. what sagfast adds outside the model calls (Python, capture, mask, degrade, combine).",
+        "to (b), i.e. what sagfast exact adds outside the model calls (Python, capture, mask, degrade, combine); "
+        "(b) is the floor of exact SAG only: batched mode makes one larger call per step and can go below it.",
         f"Random weights, DDIM, guidance 7.5, batch 1, dtype {str(dtype).replace('torch.', '')}.",
     ]
     if device.type != "cuda":
