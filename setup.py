@@ -26,8 +26,10 @@ def _cpp_extension():
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except ImportError:
+        print("sagfast: torch is not importable at build time: building without the C++ ops", file=sys.stderr)
         return [], {}
     if shutil.which(os.environ.get("CXX", "c++")) is None:
+        print("sagfast: no C++ compiler found: building without the C++ ops", file=sys.stderr)
         return [], {}
     here = os.path.dirname(os.path.abspath(__file__))
     sources = ["csrc/sagfast_ops.cpp"]
