@@ -41,6 +41,29 @@ def sdpa_with_lse(q, k, v, scale: float):
     return out, _lse_chunked(q, k, scale)
 
 
+def xformers_reasons(q=None) -> list:
+    """Why the capture layer cannot take its output and lse from xformers (empty when it can)."""
+    why = []
+    try:
+        import xformers.ops.fmha  # noqa: F401
+    except Exception as e:  # not installed, or built for another torch
+        why.append(f"xformers is not importable ({type(e).__name__}: {e})")
+    if q is not None and q.device.type != "cuda":
+        why.append(f"xformers runs on CUDA tensors, got {q.device.type}")
+    return why
+
+
+def xformers_with_lse(q, k, v, scale: float):
+    """(out, lse) from xformers' memory-efficient forward; q, k, v [B, H, N, D] as sdpa_with_lse."""
+    from xformers.ops import fmha
+
+    out, lse = fmha.memory_efficient_attention_forward_requires_grad(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=None, p=0.0, scale=scale
+    )
+    # xformers pads the lse's query dim up to its block size.
+    return out.transpose(1, 2), lse[:, :, : q.shape[2]].float()
+
+
 class SAGCaptureProcessor:
     """Self-attention processor that also records the attention mass of the first `guide_batch` rows.
 
@@ -48,9 +71,12 @@ class SAGCaptureProcessor:
     self-attention layer, except an attention mask (SD's self-attention layers never get one).
     """
 
-    def __init__(self, guide_batch: int, backend: str = "auto"):
+    def __init__(self, guide_batch: int, backend: str = "auto", xformers: bool = False):
         self.guide_batch = guide_batch
         self.backend = backend
+        self.xformers = xformers
+        """Take output and lse from xformers (the layer's own processor was xformers') where it can run
+        on these inputs; otherwise SDPA."""
         self.mass = None
 
     def __call__(
@@ -90,7 +116,10 @@ class SAGCaptureProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        out, lse = sdpa_with_lse(query, key, value, attn.scale)
+        if self.xformers and not xformers_reasons(query):
+            out, lse = xformers_with_lse(query, key, value, attn.scale)
+        else:
+            out, lse = sdpa_with_lse(query, key, value, attn.scale)
         g = self.guide_batch
         self.mass = attention_mass(query[:g], key[:g], lse[:g], attn.scale, backend=self.backend)
 

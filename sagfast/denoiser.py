@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import warnings
 import weakref
 
 import torch
@@ -27,6 +28,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from sagfast import ops
 from sagfast.capture import SAGCaptureProcessor
 from sagfast.config import SAGConfig
+from sagfast.cuda_graph import StepGraphs
 from sagfast.ops.degrade import check_blur_size
 from sagfast.schedule import alpha_bar, check_scheduler, x0_eps
 
@@ -88,7 +90,6 @@ class _Identity:
 
 @dataclasses.dataclass
 class _Previous:
-    key: tuple
     eps: torch.Tensor  # fp32 [B, C, H, W]
     mask: torch.Tensor  # bool [B, h, w]
 
@@ -100,7 +101,7 @@ class _Step:
     b: int
     abar: torch.Tensor
     prediction_type: str
-    key: tuple
+    shape_key: tuple
 
     @property
     def full(self) -> int:
@@ -127,7 +128,14 @@ class GuidedUNet(torch.nn.Module):
         self.capture_name, self._attn, self._map_owner = resolve_capture_layer(unet, config.layers)
         self._signature = inspect.signature(unet.forward)
         self._generator = None
-        self._previous = None  # batched mode: eps and mask of the previous evaluation of this call
+        # Batched mode: eps and mask of the previous evaluation, per input shape, and the pipeline
+        # call they belong to. Every diffusers pipeline calls `scheduler.set_timesteps` once per call,
+        # which makes a new `timesteps` tensor: holding that object (not its id) tells a new call from
+        # the next step of the same one; a change of batch, shape, dtype, device or CFG starts afresh.
+        self._state: dict = {}
+        self._state_call = None
+        self._graphs = StepGraphs()
+        self._graph_refusal_warned = False
 
     def __getattr__(self, name):
         try:
@@ -167,11 +175,46 @@ class GuidedUNet(torch.nn.Module):
         b = full // chunks
         abar = alpha_bar(scheduler, call["timestep"], b, sample.device)
         check_blur_size(sample.shape[-2], sample.shape[-1], cfg.blur_kernel_size)
-        step = _Step(sample, call, b, abar, scheduler.config.prediction_type, self._call_key(scheduler, sample, chunks))
-        previous = self._previous if cfg.mode == "batched" else None
-        if previous is not None and previous.key == step.key:
-            return self._batched_step(step, previous, cfg)
+        shape_key = (tuple(sample.shape), sample.dtype, sample.device, chunks)
+        call_key = (_Identity(getattr(scheduler, "timesteps", None)), shape_key)
+        batched = cfg.mode == "batched" and self._state_call == call_key and shape_key in self._state
+        variant = "batched" if batched else "exact"
+        step = _Step(sample, call, b, abar, scheduler.config.prediction_type, shape_key)
+        out = None
+        if cfg.cuda_graph:
+            out = self._graphed(variant, step, cfg)
+        if out is None:
+            out = self._run_step(variant, step, cfg)
+        self._state_call = call_key if cfg.mode == "batched" else None
+        return out
+
+    def _run_step(self, variant: str, step: "_Step", cfg: SAGConfig) -> torch.Tensor:
+        if variant == "batched":
+            return self._batched_step(step, self._state[step.shape_key], cfg)
         return self._exact_step(step, cfg)
+
+    def _graphed(self, variant: str, step: "_Step", cfg: SAGConfig):
+        why = []
+        if step.sample.device.type != "cuda":
+            why.append(f"CUDA graphs need CUDA tensors, got {step.sample.device.type}")
+        if cfg.mask == "random":
+            why.append('mask="random" draws from a generator the graph does not own')
+        if why:
+            if not self._graph_refusal_warned:
+                warnings.warn("sagfast: cuda_graph=True, running without CUDA graphs: " + "; ".join(why), RuntimeWarning, stacklevel=5)
+                self._graph_refusal_warned = True
+            return None
+        # The timestep enters the graph as a device tensor, so one graph serves every step.
+        call = dict(step.call, timestep=torch.as_tensor(step.call["timestep"], device=step.sample.device))
+        inputs = {"sample": step.sample, "call": call, "abar": step.abar}
+        previous = self._state.get(step.shape_key)
+        state = (previous.eps, previous.mask) if previous is not None else ()
+
+        def fn(inp):
+            s = dataclasses.replace(step, sample=inp["sample"], call=inp["call"], abar=inp["abar"])
+            return self._run_step(variant, s, cfg)
+
+        return self._graphs.run(variant, fn, inputs, state)
 
     def _exact_step(self, step: "_Step", cfg: SAGConfig) -> torch.Tensor:
         """Main pass, then the degraded pass built from this step's own eps and mask."""
@@ -209,15 +252,16 @@ class GuidedUNet(torch.nn.Module):
         return ops.combine(o, o[:b], o_deg, cfg.scale, backend=cfg.backend)
 
     def _remember(self, step: "_Step", cfg: SAGConfig, eps, mask) -> None:
-        self._previous = _Previous(step.key, eps, mask) if cfg.mode == "batched" else None
-
-    @staticmethod
-    def _call_key(scheduler, sample, chunks):
-        """What ties a step to the previous one of the same pipeline call. Every diffusers pipeline
-        calls `scheduler.set_timesteps` once per call, which makes a new `timesteps` tensor: holding
-        that object (not its id) tells a new call from the next step of the same one. A change of
-        batch, shape, dtype, device or CFG also starts afresh."""
-        return (_Identity(getattr(scheduler, "timesteps", None)), tuple(sample.shape), sample.dtype, sample.device, chunks)
+        """Batched mode: keep this evaluation's eps and mask for the next one, in buffers that persist
+        per shape (a CUDA graph reads and writes them at fixed addresses)."""
+        if cfg.mode != "batched":
+            return
+        state = self._state.get(step.shape_key)
+        if state is None or state.eps.shape != eps.shape or state.mask.shape != mask.shape:
+            self._state[step.shape_key] = _Previous(eps.clone(), mask.clone())
+        else:
+            state.eps.copy_(eps)
+            state.mask.copy_(mask)
 
     def _main_pass(self, sample, call, guide_batch: int, capture: bool):
         hw = {}
@@ -229,7 +273,8 @@ class GuidedUNet(torch.nn.Module):
 
         attn = self._attn
         original = attn.processor
-        processor = SAGCaptureProcessor(guide_batch, self.sag_config.backend) if capture else None
+        uses_xformers = "XFormers" in type(original).__name__
+        processor = SAGCaptureProcessor(guide_batch, self.sag_config.backend, uses_xformers) if capture else None
         handle = self._map_owner.register_forward_pre_hook(record_hw, with_kwargs=True)
         try:
             if processor is not None:

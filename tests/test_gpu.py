@@ -1,0 +1,75 @@
+"""GPU-only checks: half precision end to end, CUDA graphs, xformers. Skipped without CUDA;
+bench/gpu_checks.sh runs them on a machine that has one."""
+
+import pytest
+import torch
+
+import sagfast
+from components import prompt_embeds, sd_pipeline
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+CALL = dict(height=64, width=48, num_inference_steps=4, output_type="latent")
+
+
+def run(pipe, dtype=torch.float32, n=1):
+    pe, ne = prompt_embeds(n)
+    gen = torch.Generator("cuda").manual_seed(0)
+    return pipe(prompt_embeds=pe.to("cuda", dtype), negative_prompt_embeds=ne.to("cuda", dtype), generator=gen, **CALL).images
+
+
+def cuda_pipe(dtype=torch.float32):
+    pipe = sd_pipeline().to("cuda", dtype)
+    return pipe
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["exact", "batched"])
+def test_half_precision_end_to_end(dtype, mode):
+    pipe = cuda_pipe(dtype)
+    plain = run(pipe, dtype)
+    sagfast.enable(pipe, mode=mode)
+    out = run(pipe, dtype)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert (out.float() - plain.float()).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("mode", ["exact", "batched"])
+def test_cuda_graph_matches_eager_and_recaptures_on_new_shapes(mode):
+    pipe = sagfast.enable(cuda_pipe(), mode=mode)
+    eager = run(pipe)
+    sagfast.enable(pipe, mode=mode, cuda_graph=True)
+    graphed = run(pipe)
+    again = run(pipe)  # replays the graphs captured by the first call
+    tol = 1e-4 * max(1.0, eager.abs().max().item())
+    assert (graphed - eager).abs().max().item() <= tol
+    assert torch.equal(graphed, again)
+    graphs = pipe.unet._graphs._graphs
+    n = len(graphs)
+    assert n == (2 if mode == "batched" else 1)
+    run(pipe, n=2)  # another batch size: new graphs
+    assert len(pipe.unet._graphs._graphs) == 2 * n
+
+
+def test_cuda_graph_capture_failure_falls_back_with_a_warning():
+    pipe = sagfast.enable(cuda_pipe())
+    eager = run(pipe)
+    sagfast.enable(pipe, cuda_graph=True)
+    # A host synchronization inside the step makes capture impossible.
+    handle = pipe.unet.unet.mid_block.register_forward_hook(lambda m, a, o: o.sum().item() and None)
+    try:
+        with pytest.warns(RuntimeWarning, match="without a CUDA graph: capture of the exact step failed"):
+            out = run(pipe)
+    finally:
+        handle.remove()
+    assert (out - eager).abs().max().item() <= 1e-4 * max(1.0, eager.abs().max().item())
+
+
+def test_xformers_capture_matches_sdpa():
+    pytest.importorskip("xformers")
+    pipe = sagfast.enable(cuda_pipe(torch.float16))
+    sdpa = run(pipe, torch.float16)
+    pipe.unet.unet.enable_xformers_memory_efficient_attention()
+    xf = run(pipe, torch.float16)
+    assert torch.isfinite(xf).all()
+    assert (xf.float() - sdpa.float()).abs().max().item() <= 2e-2 * max(1.0, sdpa.float().abs().max().item())
