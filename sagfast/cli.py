@@ -10,9 +10,9 @@
         rows the prompts, columns CFG and CFG + SAG (exact, and batched when available).
 
 Grid geometry (digit demo): each cell is `--samples` digits side by side, each 32x32 upscaled by 3
-(96 px), 4 px gaps, a 36 px label column on the left and a 28 px header. So the PNG is
-`36 + columns * (samples * 96 + 4)` by `28 + 10 * (96 + 4)` pixels: 436 x 1028 for 4 columns and
-1 sample, 336 x 1028 for 3 columns (no batched mode).
+(96 px), 4 px gaps, a 36 px label column on the left and a 40 px header (two-line column titles).
+So the PNG is `36 + columns * (samples * 96 + 4)` by `40 + 10 * (96 + 4)` pixels: 436 x 1040 for 4
+columns and 1 sample, 336 x 1040 for 3 columns (a sagfast without batched mode).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 DIGIT_ZOOM = 3
 GAP = 4
 LEFT = 36
-TOP = 28
+TOP = 40
 
 
 def batched_available() -> tuple[bool, str]:
@@ -51,7 +51,7 @@ def _font():
     from PIL import ImageFont
 
     try:
-        return ImageFont.load_default(size=14)
+        return ImageFont.load_default(size=12)
     except TypeError:  # Pillow < 10.1
         return ImageFont.load_default()
 
@@ -67,7 +67,7 @@ def _grid(columns: list[tuple[str, list]], row_labels: list[str], cell_w: int, c
     font = _font()
     for c, (title, images) in enumerate(columns):
         x = left + c * (cell_w + GAP)
-        draw.text((x + 2, 6), title, fill="black", font=font)
+        draw.multiline_text((x + 2, 4), title, fill="black", font=font, spacing=2)
         for r, img in enumerate(images):
             canvas.paste(img.convert("RGB"), (x, TOP + r * (cell_h + GAP)))
     for r, label in enumerate(row_labels):
@@ -78,10 +78,10 @@ def _grid(columns: list[tuple[str, list]], row_labels: list[str], cell_w: int, c
 def _digit_columns(batched: bool, guidance: float, sag_scale: float):
     from sagfast.config import SAGConfig
 
-    cols = [("no guidance", 1.0, None), (f"CFG {guidance:g}", guidance, None),
-            (f"+SAG {sag_scale:g} exact", guidance, SAGConfig(scale=sag_scale))]
+    cols = [("no\nguidance", 1.0, None), (f"CFG\ng={guidance:g}", guidance, None),
+            (f"CFG+SAG\nexact {sag_scale:g}", guidance, SAGConfig(scale=sag_scale))]
     if batched:
-        cols.append((f"+SAG {sag_scale:g} batched", guidance, SAGConfig(scale=sag_scale, mode="batched")))
+        cols.append((f"CFG+SAG\nbatched {sag_scale:g}", guidance, SAGConfig(scale=sag_scale, mode="batched")))
     return cols
 
 
@@ -111,8 +111,9 @@ def demo_digits(out: str, steps: int = 20, samples: int = 1, guidance: float = 3
         t0 = time.perf_counter()
         imgs = pipe(labels, num_inference_steps=steps, guidance_scale=g, latents=noise.clone(), output_type="pil").images
         dt = time.perf_counter() - t0
-        times.append({"title": title, "seconds": round(dt, 3)})
-        log(f"{title:>22}: {dt:6.2f} s  ({len(labels)} digits, {steps} steps)")
+        name = title.replace("\n", " ")
+        times.append({"title": name, "seconds": round(dt, 3)})
+        log(f"{name:>22}: {dt:6.2f} s  ({len(labels)} digits, {steps} steps)")
         rows = []
         for d in range(10):
             row = Image.new("L", (samples * cell, cell), 255)
@@ -163,9 +164,9 @@ def demo_sd(model: str, prompts: list[str], out: str, steps: int = 25, guidance:
     pipe = pipe.to("cuda" if cuda else "cpu")
     pipe.set_progress_bar_config(disable=True)
     ok, why = batched_available()
-    cols = [(f"CFG {guidance:g}", None), (f"+SAG {sag_scale:g} exact", SAGConfig(scale=sag_scale))]
+    cols = [(f"CFG\ng={guidance:g}", None), (f"CFG+SAG\nexact {sag_scale:g}", SAGConfig(scale=sag_scale))]
     if ok:
-        cols.append((f"+SAG {sag_scale:g} batched", SAGConfig(scale=sag_scale, mode="batched")))
+        cols.append((f"CFG+SAG\nbatched {sag_scale:g}", SAGConfig(scale=sag_scale, mode="batched")))
     else:
         log(f"batched mode not available in this sagfast ({why})")
     columns, times, size = [], [], None
@@ -180,8 +181,9 @@ def demo_sd(model: str, prompts: list[str], out: str, steps: int = 25, guidance:
                 kw["negative_prompt"] = negative_prompt
             images.append(pipe(**kw).images[0])
         dt = time.perf_counter() - t0
-        times.append({"title": title, "seconds": round(dt, 3)})
-        log(f"{title:>22}: {dt:7.2f} s  ({len(prompts)} images, {steps} steps)")
+        name = title.replace("\n", " ")
+        times.append({"title": name, "seconds": round(dt, 3)})
+        log(f"{name:>22}: {dt:7.2f} s  ({len(prompts)} images, {steps} steps)")
         size = images[0].size
         columns.append((title, images))
     sagfast.disable(pipe)

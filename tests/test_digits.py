@@ -151,13 +151,13 @@ def test_demo_writes_png_of_documented_size(tmp_path, capsys):
     img.verify()
     img = Image.open(out)
     columns = 4 if batched_available()[0] else 3
-    assert img.size == digit_grid_size(columns) == (36 + columns * 100, 1028)
+    assert img.size == digit_grid_size(columns) == (36 + columns * 100, 1040)
     assert img.mode == "RGB"
     printed = capsys.readouterr().out
     assert "no guidance" in printed and "CFG" in printed and "exact" in printed and " s " in printed
     # the cells are not blank: the digit columns differ from the white background
     arr = np.asarray(img.convert("L"), dtype=np.float32)
-    assert arr[28:, 36:].std() > 20
+    assert arr[40:, 36:].std() > 20
 
 
 def test_demo_rejects_prompt_without_model(tmp_path):
@@ -237,5 +237,5 @@ def test_demo_with_stable_diffusion_folder(tmp_path, monkeypatch):
     img = Image.open(out)
     columns = 3 if batched_available()[0] else 2
     side = 32  # the tiny pipeline's default image size
-    assert img.size == (36 + columns * (side + 4), 28 + 2 * (side + 4))
+    assert img.size == (36 + columns * (side + 4), 40 + 2 * (side + 4))
     assert not sagfast.is_enabled(loaded["pipe"])
