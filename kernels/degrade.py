@@ -6,14 +6,15 @@ Reference: `sagfast.ops.degrade.degrade_ref`:
     x0d = M * x0b + (1 - M) * x0                  (M: low-res mask upsampled by index)
     xd  = sqrt(abar) * x0d + sqrt(1 - abar) * eps
 
-One program computes a [BLOCK_R, BLOCK_W] tile of the (b, c) planes stacked row-wise. The blur is evaluated as the
-separable sum `sum_dy wy[dy] * sum_dx wx[dx] * x[reflect(i+dy-p), reflect(j+dx-p)]` (row pass inside,
-column pass outside, the reference's order) by gathering the halo straight from global memory: the
-K*K loads of neighbours hit L1/L2, so DRAM sees x0, eps and the output once each, and there is no
+One program computes a [BLOCK_R, BLOCK_W] tile of the (b, c) planes stacked row-wise. The blur is
+the separable sum `sum_dy w[dy] * sum_dx w[dx] * x[reflect(i+dy-p), reflect(j+dx-p)]` (row pass
+inside, column pass outside, the reference's order): for each of the K source rows, one gather of
+[BLOCK_R, BLOCK_W, K] neighbours straight from global memory, weighted and summed over the tap axis.
+The K*K reads per output hit L1/L2, so DRAM sees x0, eps and the output once each, and there is no
 intermediate blurred tensor. Latents are small (SDXL: 4 x 128 x 128 per sample), so this op is launch
 bound on a GPU; what matters is one launch and no temporaries.
 
-The Gaussian weights are computed inside the kernel from `sigma` (K exponentials per program), so the
+The Gaussian weights are computed inside the kernel from `sigma` (one vector of K exponentials), so the
 op takes no weight tensor: nothing to upload per call, which keeps it CUDA-graph safe. `abar` is read
 from a [B] tensor for the same reason.
 """
@@ -59,6 +60,7 @@ def degrade_kernel(
     mask_w,
     sigma,
     KSIZE: tl.constexpr,
+    KPAD: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_W: tl.constexpr,
 ):
@@ -74,7 +76,8 @@ def degrade_kernel(
     EPS: noise [B, C, Hgt, Wid], any strides, stride_e*.
     ABAR: cumulative alpha [B] (contiguous), read per sample.
     OUT: degraded latent [B, C, Hgt, Wid] (x0's dtype), stride_o*.
-    sigma: Gaussian standard deviation; KSIZE: odd window size (pad = KSIZE // 2 <= min(Hgt, Wid) - 1).
+    sigma: Gaussian standard deviation; KSIZE: odd window size (pad = KSIZE // 2 <= min(Hgt, Wid) - 1);
+    KPAD: KSIZE rounded up to a power of 2 (the tap axis of the row gathers).
     Grid: (cdiv(ROWS, BLOCK_R), cdiv(Wid, BLOCK_W)).
     """
     g = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -88,29 +91,29 @@ def degrade_kernel(
     b = plane // C
     c = plane % C
 
-    # Normalisation of the Gaussian window, as gaussian_weights(): samples at -half..half, sum to 1.
+    # The Gaussian window as a vector over the tap axis (gaussian_weights(): samples at -half..half,
+    # normalised to sum 1); lanes past KSIZE get weight 0.
     half = (KSIZE - 1) * 0.5
-    norm = 0.0
-    for t in tl.static_range(KSIZE):
-        u = (t - half) / sigma
-        norm += tl.exp(-0.5 * u * u)
+    taps = tl.arange(0, KPAD)
+    u = (taps.to(tl.float32) - half) / sigma
+    wt = tl.where(taps < KSIZE, tl.exp(-0.5 * u * u), 0.0)
+    wt = wt / tl.sum(wt, axis=0)
+    # Source columns of every (output column, tap): [BLOCK_W, KPAD], reflected, then clamped so the
+    # zero-weight lanes past KSIZE stay in bounds.
+    src_c = _reflect(q[:, None] + taps[None, :] - KSIZE // 2, Wid)
+    src_c = tl.minimum(tl.maximum(src_c, 0), Wid - 1)
 
-    x_plane = (b * stride_xb + c * stride_xc)[:, None]
+    x_plane = b * stride_xb + c * stride_xc
     blurred = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.float32)
     for dy in tl.static_range(KSIZE):
-        uy = (dy - half) / sigma
-        wy = tl.exp(-0.5 * uy * uy) / norm
+        wy = tl.sum(tl.where(taps == dy, wt, 0.0), axis=0)  # the same window, tap dy
         src_r = _reflect(r + dy - KSIZE // 2, Hgt)
-        row = tl.zeros([BLOCK_R, BLOCK_W], dtype=tl.float32)
-        for dx in tl.static_range(KSIZE):
-            ux = (dx - half) / sigma
-            wx = tl.exp(-0.5 * ux * ux) / norm
-            src_c = _reflect(q + dx - KSIZE // 2, Wid)
-            v = tl.load(X0 + x_plane + src_r[:, None] * stride_xh + src_c[None, :] * stride_xw)
-            row += wx * v.to(tl.float32)  # upcast right after the load (interpreter; fp32 math)
-        blurred += wy * row
+        # Row pass for source row src_r: one [BLOCK_R, BLOCK_W, KPAD] gather, weighted sum over taps.
+        ptrs = X0 + (x_plane + src_r * stride_xh)[:, None, None] + src_c[None, :, :] * stride_xw
+        v = tl.load(ptrs).to(tl.float32)  # upcast right after the load (interpreter; fp32 math)
+        blurred += wy * tl.sum(v * wt[None, None, :], axis=2)
 
-    x = tl.load(X0 + x_plane + r[:, None] * stride_xh + q[None, :] * stride_xw).to(tl.float32)
+    x = tl.load(X0 + (x_plane + r * stride_xh)[:, None] + q[None, :] * stride_xw).to(tl.float32)
     mr = (r * mask_h) // Hgt
     mc = (q * mask_w) // Wid
     m = tl.load(MASK + (b * stride_mb + mr * stride_mh)[:, None] + mc[None, :] * stride_mw)

@@ -101,9 +101,11 @@ def _triton_supports(x0, mask, eps, abar, kernel_size, sigma) -> list[str]:
 
 
 def _triton_blocks(rows: int, width: int, device: torch.device) -> tuple[int, int]:
-    """(BLOCK_R, BLOCK_W) over the B*C*H stacked rows: whole rows when they fit; ~1K elements per
-    program on a GPU, larger tiles under the interpreter, where each program costs ~ms whatever its size."""
-    per_program = 8192 if device.type == "cpu" else 1024
+    """(BLOCK_R, BLOCK_W) over the B*C*H stacked rows: whole rows when they fit; small tiles on a GPU,
+    large ones under the interpreter, where each program costs ~ms whatever its size."""
+    # Each program gathers [BLOCK_R, BLOCK_W, KPAD] values per source row: 256 outputs keep that at
+    # ~32 registers per thread on a GPU.
+    per_program = 8192 if device.type == "cpu" else 256
     block_w = min(_triton.next_pow2(width), 128 if device.type == "cpu" else 64)
     block_r = min(_triton.next_pow2(rows), max(1, per_program // block_w))
     return block_r, block_w
@@ -127,7 +129,7 @@ def degrade_triton(
         x0, m, eps, abar.contiguous(), out,
         *x0.stride(), *m.stride(), *eps.stride(), *out.stride(),
         c, hgt, wid, rows, m.shape[1], m.shape[2], float(sigma),
-        KSIZE=int(kernel_size), BLOCK_R=block_r, BLOCK_W=block_w,
+        KSIZE=int(kernel_size), KPAD=max(2, _triton.next_pow2(kernel_size)), BLOCK_R=block_r, BLOCK_W=block_w,
     )
     return out
 
