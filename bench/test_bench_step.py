@@ -38,5 +38,5 @@ def test_step_tiny(benchmark, runners, variant):
     benchmark.group = f"step tiny {SIZE}x{SIZE}, {STEPS} steps, {DEVICE.type}"
     benchmark.extra_info.update(variant=step.LABELS[variant], steps=STEPS, device=str(DEVICE), dtype=str(DTYPE))
     benchmark.pedantic(runner, rounds=5, warmup_rounds=1, iterations=1)
-    # the runner itself marks every step; a call that did not run all its steps raises inside it
-    assert len(runner.first_steps) == 6
+    # the runner marks every step and raises if a call did not run all of them
+    assert runner.first_steps and all(t > 0 for t in runner.first_steps)
