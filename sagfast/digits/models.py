@@ -15,8 +15,8 @@ CROSS_DIM = 64
 
 # A pixel-space class-conditional UNet: 32x32 -> 16x16 -> 8x8; the mid block (UNetMidBlock2DCrossAttn)
 # has a self-attention layer over the 8x8 map, which is what SAG reads. Attention (self + cross to the
-# class embedding) only at 8x8 and in the mid block: ~1.0 M parameters, ~0.22 GFLOP per sample per
-# forward, which is what 2 shared CPU cores can train in about half an hour.
+# class embedding) only at 8x8 and in the mid block: 0.99 M parameters, ~0.22 GFLOP per sample per
+# forward, which one shared CPU core trains in ~20 minutes.
 UNET_CONFIG = dict(
     sample_size=IMAGE_SIZE,
     in_channels=1,
