@@ -26,7 +26,7 @@ def parse(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("scenario", choices=SCENARIOS + ("all",))
     p.add_argument("--quick", action="store_true", help="small models and few rounds: a CPU run in minutes")
-    p.add_argument("--full", action="store_true", help="on CPU too: the SDXL-shaped model and N=16384 where it fits")
+    p.add_argument("--full", action="store_true", help="on CPU too: the SDXL-shaped model (step, overhead; slow)")
     p.add_argument("--out", default="bench-results", help="output folder (default: bench-results)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     p.add_argument("--dtype", choices=sorted(common.DTYPES), help="default: fp16 on CUDA, fp32 on CPU")
