@@ -49,7 +49,7 @@ def enable(pipe, config: SAGConfig | None = None, **overrides):
             f"{type(pipe).__name__} does not expose `do_classifier_free_guidance`, so sagfast cannot tell "
             "an [uncond, cond] batch from a batch of conditional samples"
         )
-    resolve_capture_layer(unet, config.layers)
+    resolve_capture_layer(getattr(unet, "_orig_mod", unet), config.layers)
     _set_unet(pipe, GuidedUNet(unet, pipe, config))
     return pipe
 

@@ -125,8 +125,10 @@ class GuidedUNet(torch.nn.Module):
         self.unet = unet
         self.sag_config = config
         self._pipe = weakref.ref(pipe)
-        self.capture_name, self._attn, self._map_owner = resolve_capture_layer(unet, config.layers)
-        self._signature = inspect.signature(unet.forward)
+        # A torch.compile'd UNet (OptimizedModule) is called as it is; its layers are found on the original.
+        original = getattr(unet, "_orig_mod", unet)
+        self.capture_name, self._attn, self._map_owner = resolve_capture_layer(original, config.layers)
+        self._signature = inspect.signature(original.forward)
         self._generator = None
         # Batched mode: eps and mask of the previous evaluation, per input shape, and the pipeline
         # call they belong to. Every diffusers pipeline calls `scheduler.set_timesteps` once per call,

@@ -8,13 +8,10 @@ trace them as single ops and let CUDA-graph capture see one opaque call each.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 
-@functools.lru_cache(maxsize=1)
-def _load_error() -> str | None:
+def _load() -> str | None:
     try:
         import sagfast._C  # noqa: F401
     except ImportError as e:
@@ -26,18 +23,23 @@ def _load_error() -> str | None:
     return None
 
 
+def _has_kernel(device_type: str) -> bool:
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("sagfast::degrade", key)
+
+
+def _load_error() -> str | None:
+    return _LOAD_ERROR
+
+
 def available() -> list[str]:
     why = _load_error()
     return [why] if why else []
 
 
-@functools.lru_cache(maxsize=None)
 def has_kernel(device_type: str) -> bool:
     """Whether the loaded library has kernels for this device type ("cpu", "cuda")."""
-    if _load_error():
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("sagfast::degrade", key)
+    return not _load_error() and _KERNELS.get(device_type, False)
 
 
 def device_reasons(*tensors) -> list[str]:
@@ -60,3 +62,9 @@ def _register_fakes() -> None:
     @torch.library.register_fake("sagfast::combine")
     def _combine_fake(o, pos, neg, scales):
         return torch.empty_like(o, memory_format=torch.contiguous_format)
+
+
+# Loaded at import, not on first use: torch.compile traces the dispatch, and a library load or a
+# fake registration inside a traced function is a graph break.
+_LOAD_ERROR = _load()
+_KERNELS = {} if _LOAD_ERROR else {d: _has_kernel(d) for d in ("cpu", "cuda")}

@@ -7,7 +7,6 @@ Kernels are imported on first use, so importing sagfast never needs Triton.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import os
@@ -19,14 +18,19 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=1)
-def _import_error() -> str | None:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as e:  # ImportError, or a broken install
-        return f"triton is not importable ({type(e).__name__}: {e})"
+def _find() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install -c constraints.txt triton)"
     return None
+
+
+# Looked up at import (cheaply: find_spec, not import), not on first use: torch.compile traces the
+# dispatch, and an import inside a traced function is a graph break. The kernels import triton on use.
+_IMPORT_ERROR = _find()
+
+
+def _import_error() -> str | None:
+    return _IMPORT_ERROR
 
 
 def available() -> list[str]:
