@@ -40,8 +40,9 @@ def combine_ref(o: torch.Tensor, guide: torch.Tensor, degraded: torch.Tensor, sc
     n = o.shape[0] // guide.shape[0]
     term = None
     for s, pos, neg in ((scale, guide, degraded), *extra_terms):
-        s = torch.as_tensor(s, dtype=torch.float32, device=o.device)
-        t = s * (pos.float() - neg.float())
+        # A Python scale stays a Python scalar: a tensor made from it would be a host-to-device copy,
+        # which a CUDA graph capture refuses.
+        t = (pos.float() - neg.float()) * (s.float() if torch.is_tensor(s) else float(s))
         term = t if term is None else term + t
     return (o.float() + term.repeat(n, *([1] * (o.dim() - 1)))).to(o.dtype)
 
