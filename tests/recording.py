@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -36,3 +38,14 @@ class UNetRecorder:
     def remove(self):
         for h in self.handles:
             h.remove()
+
+
+@contextlib.contextmanager
+def recording(pipe):
+    """Record the calls of an enabled pipeline's UNet (and its capture layer's inputs) inside the block."""
+    inner = pipe.unet.unet
+    rec = UNetRecorder(inner, inner.mid_block.attentions[0].transformer_blocks[0].attn1, pipe.scheduler)
+    try:
+        yield rec
+    finally:
+        rec.remove()

@@ -6,19 +6,16 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler, HeunDiscreteSchedul
 
 import sagfast
 from components import prompt_embeds, scheduler_config, sd_pipeline
-from recording import UNetRecorder
+from recording import recording
 
 CALL = dict(height=48, width=40, num_inference_steps=3, output_type="latent")
 
 
 def run_recorded(pipe, n=1, guidance_scale=7.5, **extra):
     pe, ne = prompt_embeds(n)
-    rec = UNetRecorder(pipe.unet.unet, pipe.unet.unet.mid_block, pipe.scheduler)
-    try:
+    with recording(pipe) as rec:
         out = pipe(prompt_embeds=pe, negative_prompt_embeds=ne, guidance_scale=guidance_scale,
                    generator=torch.Generator().manual_seed(0), **CALL, **extra).images
-    finally:
-        rec.remove()
     return out, [c["sample"].shape[0] for c in rec.calls]
 
 
@@ -57,13 +54,9 @@ def test_batched_input_equals_exact_input_when_eps_prev_is_the_current_eps(sched
     cond = torch.cat([ne, pe]) if chunks == 2 else pe
     x = torch.randn(2 * chunks, 4, 24, 20, generator=torch.Generator().manual_seed(4))
     t = pipe.scheduler.timesteps[1]
-    rec = UNetRecorder(pipe.unet.unet, pipe.unet.unet.mid_block, pipe.scheduler)
-    try:
-        with torch.no_grad():
-            exact_out = pipe.unet(x, t, encoder_hidden_states=cond).sample
-            batched_out = pipe.unet(x, t, encoder_hidden_states=cond).sample
-    finally:
-        rec.remove()
+    with recording(pipe) as rec, torch.no_grad():
+        exact_out = pipe.unet(x, t, encoder_hidden_states=cond).sample
+        batched_out = pipe.unet(x, t, encoder_hidden_states=cond).sample
     shapes = [c["sample"].shape[0] for c in rec.calls]
     assert shapes == [2 * chunks, 2, 2 * chunks + 2]
     exact_degraded = rec.calls[1]["sample"]

@@ -10,7 +10,7 @@ from diffusers import (
 
 import sagfast
 from components import TOKENS, prompt_embeds, scheduler_config, sd_components, tiny_unet, tiny_vae
-from recording import UNetRecorder
+from recording import recording
 
 POOLED = 32
 
@@ -50,11 +50,8 @@ def test_sdxl_slices_added_cond_kwargs_for_the_degraded_pass():
     call = dict(height=48, width=40, num_inference_steps=2, output_type="latent", **emb)
     plain = pipe(generator=torch.Generator().manual_seed(0), **call).images
     sagfast.enable(pipe)
-    rec = UNetRecorder(pipe.unet.unet, pipe.unet.unet.mid_block, pipe.scheduler)
-    try:
+    with recording(pipe) as rec:
         out = pipe(generator=torch.Generator().manual_seed(0), **call).images
-    finally:
-        rec.remove()
     assert torch.isfinite(out).all() and (out - plain).abs().max() > 1e-3
     main, degraded = rec.calls[0], rec.calls[1]
     assert main["sample"].shape[0] == 4 and degraded["sample"].shape[0] == 2
@@ -95,11 +92,8 @@ def test_inpaint_with_a_nine_channel_unet_runs_with_sag():
                 num_inference_steps=3, output_type="latent")
     plain = pipe(generator=torch.Generator().manual_seed(0), **call).images
     sagfast.enable(pipe)
-    rec = UNetRecorder(pipe.unet.unet, pipe.unet.unet.mid_block, pipe.scheduler)
-    try:
+    with recording(pipe) as rec:
         out = pipe(generator=torch.Generator().manual_seed(0), **call).images
-    finally:
-        rec.remove()
     assert torch.isfinite(out).all() and (out - plain).abs().max() > 1e-3
     main, degraded = rec.calls[0], rec.calls[1]
     # The degraded input re-noises the 4 latent channels and keeps the guide rows' mask + masked image.

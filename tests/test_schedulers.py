@@ -15,7 +15,7 @@ from diffusers.pipelines.deprecated.stable_diffusion_sag.pipeline_stable_diffusi
 
 import sagfast
 from components import prompt_embeds, scheduler_config, sd_components
-from recording import UNetRecorder
+from recording import recording
 
 
 def karras_dpmpp_2m(config):
@@ -74,11 +74,8 @@ def test_sag_beyond_diffusers(name):
 
     sagfast.enable(pipe, scale=0.75)
     inner = pipe.unet.unet
-    rec = UNetRecorder(inner, inner.mid_block.attentions[0].transformer_blocks[0].attn1, pipe.scheduler)
-    try:
+    with recording(pipe) as rec:
         guided_out = run(pipe)
-    finally:
-        rec.remove()
     assert (guided_out - plain).abs().max().item() > 1e-2, "SAG did not change the result"
 
     # Calls alternate main (2B, with CFG) and degraded (B).
@@ -106,11 +103,8 @@ def test_sag_beyond_diffusers(name):
 def test_heun_guides_both_evaluations_of_a_step():
     pipe = make_pipe("heun")
     sagfast.enable(pipe)
-    rec = UNetRecorder(pipe.unet.unet, pipe.unet.unet.mid_block, pipe.scheduler)
-    try:
+    with recording(pipe) as rec:
         run(pipe)
-    finally:
-        rec.remove()
     # 3 steps: Heun evaluates the model 2 * 3 - 1 times; each evaluation is a main + a degraded call.
     assert len(rec.calls) == 2 * (2 * 3 - 1)
     # Heun's second evaluation of a step and the next step's first share a noise level: each
