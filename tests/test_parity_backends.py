@@ -17,9 +17,15 @@ from diffusers.pipelines.deprecated.stable_diffusion_sag.pipeline_stable_diffusi
 import sagfast
 from components import prompt_embeds, sd_components
 from sagfast import ops
-from test_ops_backends import WHY_NOT
+from sagfast.ops import _cpp, _triton
 
 CALL = dict(num_images_per_prompt=2, height=64, width=48, num_inference_steps=3, output_type="latent")
+# The tiny pipelines run on CPU tensors (also on a GPU machine, where Triton then cannot take them).
+_CPU = torch.empty(0)
+WHY_NOT = {
+    "triton": _triton.available() or _triton.device_reasons(_CPU),
+    "cpp": _cpp.available() or _cpp.device_reasons(_CPU),
+}
 BACKENDS = ["torch"] + [
     pytest.param(n, marks=pytest.mark.skipif(bool(w), reason="; ".join(w))) for n, w in WHY_NOT.items()
 ]
