@@ -35,6 +35,7 @@ def parse(argv=None):
                    "sagfast_batched, sagfast_exact_graph, sagfast_batched_graph, pag")
     p.add_argument("--size", type=int, help="image side in pixels (default per model and device)")
     p.add_argument("--steps", type=int, help="denoising steps per pipeline call")
+    p.add_argument("--batch", type=int, default=1, help="step: images per call (B; a CFG call is 2B)")
     p.add_argument("--rounds", type=int, help="timed rounds (after warm-up)")
     p.add_argument("--warmup", type=int, help="untimed warm-up rounds")
     p.add_argument("--tokens", help="memory: comma-separated N (default 1024,4096,16384)")

@@ -1,8 +1,8 @@
 """Scenario "step": time per denoising step, sagfast against diffusers and against the floor.
 
-Variants (all on one shared UNet with random weights, DDIM, guidance 7.5, batch 1):
+Variants (all on one shared UNet with random weights, DDIM, guidance 7.5, batch B = --batch, default 1):
   (a) cfg          CFG only: the plain StableDiffusion(XL)Pipeline, one batch-2 model call per step
-  (b) floor        CFG + one dummy batch-1 model call per step: the practical floor for exact SAG
+  (b) floor        CFG + one dummy batch-B model call per step: the practical floor for exact SAG
                    (exact SAG cannot avoid a second, dependent model call)
   (c) diffusers    diffusers' StableDiffusionSAGPipeline (SD 1.x/2.x only; none for SDXL)
   (d) exact        sagfast.enable(pipe, mode="exact")
@@ -27,6 +27,7 @@ import statistics
 import torch
 
 import sagfast
+from sagfast.denoiser import slice_batch
 from bench import common, models
 from sagfast.config import SAGConfig
 
@@ -40,16 +41,6 @@ LABELS = {
     "sagfast_batched_graph": "(f) sagfast batched + CUDA graph",
     "pag": "(g) diffusers PAG (mid)",
 }
-
-
-def _slice(value, full: int, keep: int):
-    if torch.is_tensor(value):
-        return value[:keep] if value.dim() >= 1 and value.shape[0] == full else value
-    if isinstance(value, dict):
-        return {k: _slice(v, full, keep) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_slice(v, full, keep) for v in value)
-    return value
 
 
 class ExtraCallUNet(torch.nn.Module):
@@ -76,7 +67,7 @@ class ExtraCallUNet(torch.nn.Module):
         full = sample.shape[0]
         b = full // 2 if full % 2 == 0 else full
         call["return_dict"] = False
-        self.unet(sample[:b], **_slice(call, full, b))
+        self.unet(sample[:b], **slice_batch(call, full, b))
         return out
 
 
@@ -106,6 +97,7 @@ class PipelineRunner:
         self.device = device
         self.old_callback = old_callback
         self.first_steps = []
+        self.peak_bytes = []  # CUDA only: torch.cuda.max_memory_allocated over each call
 
     def __call__(self) -> float:
         clock = common.StepClock(self.device)
@@ -121,9 +113,13 @@ class PipelineRunner:
             kw.update(callback_on_step_end=on_step_end)
         kw["generator"] = torch.Generator(device=self.device).manual_seed(0)
         common.sync(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         clock.mark()
         with torch.inference_mode():
             self.pipe(num_inference_steps=self.steps, output_type="latent", **kw)
+        if self.device.type == "cuda":
+            self.peak_bytes.append(torch.cuda.max_memory_allocated(self.device))
         steps = clock.intervals()
         if len(steps) != self.steps:
             raise RuntimeError(f"expected {self.steps} step marks, got {len(steps)}")
@@ -132,13 +128,14 @@ class PipelineRunner:
         return sum(steady) / len(steady)
 
 
-def build_variants(spec, size: int, steps: int, device, dtype, wanted: list | None, log, vae: str = "stub") -> tuple[dict, dict, dict]:
+def build_variants(spec, size: int, steps: int, device, dtype, wanted: list | None, log, vae: str = "stub", batch: int = 1) -> tuple[dict, dict, dict]:
     """(runners, skipped {name: reason}, info). `vae`: "stub" (never decoded) or "sd" (bench.models)."""
     classes = models.sd_pipeline_classes(spec)
     log(f"building {spec.name} UNet ({device}, {dtype}) ...")
     unet = models.build_unet(spec, device, dtype)
     info = {"unet_params_M": round(models.count_params(unet) / 1e6, 1)}
-    call = dict(models.prompt_kwargs(spec, device, dtype), height=size, width=size, guidance_scale=7.5)
+    call = dict(models.prompt_kwargs(spec, device, dtype), height=size, width=size, guidance_scale=7.5,
+                num_images_per_prompt=batch)
     runners, skipped = {}, {}
     want = lambda n: wanted is None or n in wanted  # noqa: E731
 
@@ -225,14 +222,15 @@ def run(opts, record: dict, log=common.log) -> dict:
     warmup = opts.warmup if opts.warmup is not None else (2 if device.type == "cuda" else 1)
     for name, size, steps, rounds in plan(opts, device):
         spec = models.MODELS[name]
-        runners, skipped, info = build_variants(spec, size, steps, device, dtype, opts.variants, log)
+        runners, skipped, info = build_variants(spec, size, steps, device, dtype, opts.variants, log, batch=opts.batch)
         log(f"step: {name} {size}x{size}, {steps} steps, {rounds} rounds + {warmup} warm-up: {list(runners)}")
         samples = common.interleave(runners, rounds, warmup, log)
-        raw[name] = {"samples_s": samples, "first_step_s": {k: r.first_steps for k, r in runners.items()}, **info}
+        raw[name] = {"samples_s": samples, "first_step_s": {k: r.first_steps for k, r in runners.items()},
+                     "peak_bytes": {k: r.peak_bytes for k, r in runners.items()}, **info}
         base = samples.get("cfg") if isinstance(samples.get("cfg"), list) else None
         floor = samples.get("floor") if isinstance(samples.get("floor"), list) else None
         for key in LABELS:
-            row = {"model": name, "image": f"{size}x{size}", "latent": f"{size // 8}x{size // 8}", "steps": steps, "variant": LABELS[key], "key": key}
+            row = {"model": name, "batch": opts.batch, "image": f"{size}x{size}", "latent": f"{size // 8}x{size // 8}", "steps": steps, "variant": LABELS[key], "key": key}
             if key in skipped:
                 rows.append(dict(row, status=f"skipped: {skipped[key]}"))
                 continue
@@ -253,6 +251,8 @@ def run(opts, record: dict, log=common.log) -> dict:
                 first_step_ms=statistics.median(runners[key].first_steps[-len(s):]) * 1e3,
                 status="ok",
             )
+            if runners[key].peak_bytes:
+                row.update(peak_MiB=max(runners[key].peak_bytes) / 2**20)
             if base:
                 r = common.paired_ratio(s, base)
                 row.update(x_cfg=r["median"], x_cfg_min=r["min"], x_cfg_max=r["max"])
@@ -269,7 +269,7 @@ def run(opts, record: dict, log=common.log) -> dict:
         "x CFG: median of per-round ratios to (a) in the same run; over floor: median of per-round differences "
         "to (b), i.e. what sagfast exact adds outside the model calls (Python, capture, mask, degrade, combine); "
         "(b) is the floor of exact SAG only: batched mode makes one larger call per step and can go below it.",
-        f"Random weights, DDIM, guidance 7.5, batch 1, dtype {str(dtype).replace('torch.', '')}.",
+        f"Random weights, DDIM, guidance 7.5, batch {opts.batch}, dtype {str(dtype).replace('torch.', '')}.",
     ]
     if device.type != "cuda":
         notes.append("CPU figures; GPU figures pending (no CUDA device in this run).")

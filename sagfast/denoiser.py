@@ -56,25 +56,25 @@ def resolve_capture_layer(unet: torch.nn.Module, layers: str):
     return name, attn, owner
 
 
-def _slice_batch(value, full: int, keep: int):
+def slice_batch(value, full: int, keep: int):
     """`value` with every tensor whose batch dim is `full` cut to its first `keep` rows."""
     if torch.is_tensor(value):
         return value[:keep] if value.dim() >= 1 and value.shape[0] == full else value
     if isinstance(value, dict):
-        return {k: _slice_batch(v, full, keep) for k, v in value.items()}
+        return {k: slice_batch(v, full, keep) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_slice_batch(v, full, keep) for v in value)
+        return type(value)(slice_batch(v, full, keep) for v in value)
     return value
 
 
-def _extend_batch(value, full: int, keep: int):
+def extend_batch(value, full: int, keep: int):
     """`value` with every tensor whose batch dim is `full` followed by its own first `keep` rows."""
     if torch.is_tensor(value):
         return torch.cat([value, value[:keep]]) if value.dim() >= 1 and value.shape[0] == full else value
     if isinstance(value, dict):
-        return {k: _extend_batch(v, full, keep) for k, v in value.items()}
+        return {k: extend_batch(v, full, keep) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_extend_batch(v, full, keep) for v in value)
+        return type(value)(extend_batch(v, full, keep) for v in value)
     return value
 
 
@@ -225,7 +225,7 @@ class GuidedUNet(torch.nn.Module):
         x0, eps = x0_eps(step.latent(o), o[:b], step.abar, step.prediction_type)
         mask = self._mask(mass, hw, b, cfg, step.sample.device)
         xd = step.model_input(ops.degrade(x0, mask, eps, step.abar, cfg.blur_kernel_size, cfg.blur_sigma, backend=cfg.backend))
-        o_deg = self.unet(xd, **_slice_batch(step.call, step.full, b), return_dict=False)[0]
+        o_deg = self.unet(xd, **slice_batch(step.call, step.full, b), return_dict=False)[0]
         self._remember(step, cfg, eps, mask)
         return ops.combine(o, o[:b], o_deg, cfg.scale, backend=cfg.backend)
 
@@ -247,7 +247,7 @@ class GuidedUNet(torch.nn.Module):
             ops.degrade(x0_prev, previous.mask, previous.eps, step.abar, cfg.blur_kernel_size, cfg.blur_sigma, backend=cfg.backend)
         )
         batch = torch.cat([step.sample, xd])
-        o_all, hw, mass = self._main_pass(batch, _extend_batch(step.call, full, b), b, capture=cfg.mask == "attention")
+        o_all, hw, mass = self._main_pass(batch, extend_batch(step.call, full, b), b, capture=cfg.mask == "attention")
         o, o_deg = o_all[:full], o_all[full:]
         _, eps = x0_eps(x, o[:b], step.abar, step.prediction_type)
         self._remember(step, cfg, eps, self._mask(mass, hw, b, cfg, step.sample.device))
