@@ -170,7 +170,13 @@ class GuidedUNet(torch.nn.Module):
         scheduler = pipe.scheduler
         check_scheduler(scheduler)
         sample = call.pop("sample")
-        chunks = 2 if pipe.do_classifier_free_guidance else 1
+        try:
+            chunks = 2 if pipe.do_classifier_free_guidance else 1
+        except AttributeError as e:
+            raise RuntimeError(
+                f"the guided UNet was called outside a {type(pipe).__name__} call ({e}): it reads whether CFG "
+                "is on from the pipeline, which sets its guidance scale when it is called"
+            ) from e
         full = sample.shape[0]
         if full % chunks:
             raise ValueError(f"CFG is on but the model input batch {full} is not [uncond, cond] (odd size)")

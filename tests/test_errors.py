@@ -91,3 +91,10 @@ def test_pipeline_without_unet():
 
     with pytest.raises(ValueError, match="has no `unet`"):
         sagfast.enable(NoUNet())
+
+
+def test_guided_unet_called_outside_a_pipeline_call():
+    pipe = sagfast.enable(sd_pipeline())
+    pe, ne = prompt_embeds(1)
+    with pytest.raises(RuntimeError, match="called outside a StableDiffusionPipeline call"):
+        pipe.unet(torch.randn(2, 4, 8, 8), torch.tensor(10), encoder_hidden_states=torch.cat([ne, pe]))
