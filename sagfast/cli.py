@@ -196,6 +196,28 @@ def demo_sd(model: str, prompts: list[str], out: str, steps: int = 25, guidance:
     return {"path": out, "size": grid.size, "columns": times}
 
 
+def _demo(p, args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    elif (os.cpu_count() or 1) <= 2:
+        # On a small shared machine two OpenMP threads spin-wait on each other while other processes
+        # hold the cores: one thread is many times faster there.
+        torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    if args.model:
+        if not args.prompt:
+            p.error("--model needs at least one --prompt")
+        demo_sd(args.model, args.prompt, args.out, steps=args.steps or 25, guidance=args.guidance or 7.5,
+                sag_scale=args.sag_scale, seed=args.seed, height=args.height, width=args.width,
+                negative_prompt=args.negative_prompt, scheduler=args.scheduler)
+    else:
+        if args.prompt:
+            p.error("--prompt needs --model DIR (the digit model takes no prompt)")
+        demo_digits(args.out, steps=args.steps or 20, samples=args.samples, guidance=args.guidance or 3.0,
+                    sag_scale=args.sag_scale, seed=args.seed, scheduler=args.scheduler or "ddim")
+    print(f"total {time.perf_counter() - t0:.1f} s")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="sagfast", description="Self-Attention Guidance for diffusers, fast.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -216,25 +238,11 @@ def main(argv=None) -> int:
     d.add_argument("--width", type=int)
     args = p.parse_args(argv)
     if args.command == "demo":
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        elif (os.cpu_count() or 1) <= 2:
-            # On a small shared machine two OpenMP threads spin-wait on each other while other processes
-            # hold the cores: one thread is many times faster there.
-            torch.set_num_threads(1)
-        t0 = time.perf_counter()
-        if args.model:
-            if not args.prompt:
-                p.error("--model needs at least one --prompt")
-            demo_sd(args.model, args.prompt, args.out, steps=args.steps or 25, guidance=args.guidance or 7.5,
-                    sag_scale=args.sag_scale, seed=args.seed, height=args.height, width=args.width,
-                    negative_prompt=args.negative_prompt, scheduler=args.scheduler)
-        else:
-            if args.prompt:
-                p.error("--prompt needs --model DIR (the digit model takes no prompt)")
-            demo_digits(args.out, steps=args.steps or 20, samples=args.samples, guidance=args.guidance or 3.0,
-                        sag_scale=args.sag_scale, seed=args.seed, scheduler=args.scheduler or "ddim")
-        print(f"total {time.perf_counter() - t0:.1f} s")
+        threads_before = torch.get_num_threads()
+        try:
+            _demo(p, args)
+        finally:
+            torch.set_num_threads(threads_before)  # main() may run inside another program (tests)
     return 0
 
 
