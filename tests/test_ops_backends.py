@@ -24,6 +24,9 @@ comb_mod = sys.modules["sagfast.ops.combine"]
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
+# With a GPU every test here runs on CUDA tensors (Triton and the CUDA C++ kernels), so the whole
+# module belongs to the GPU checks (`pytest -m gpu`, bench/gpu_checks.sh); on CPU it is a normal module.
+pytestmark = [pytest.mark.gpu] if CUDA else []
 
 # (atol, rtol) per dtype of the compared output. attention_mass always returns fp32 (computed in fp32
 # from 16-bit inputs too); degrade and combine round once into the input dtype, so a 16-bit output may

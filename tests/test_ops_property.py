@@ -15,7 +15,9 @@ from sagfast import ops
 from test_ops_backends import DEVICE, TOL, WHY_NOT
 
 HERE = [name for name, why in WHY_NOT.items() if not why]
-pytestmark = pytest.mark.skipif(not HERE, reason="no backend besides the reference runs here")
+pytestmark = [pytest.mark.skipif(not HERE, reason="no backend besides the reference runs here")]
+if DEVICE.type == "cuda":
+    pytestmark.append(pytest.mark.gpu)  # on CUDA tensors: part of the GPU checks (pytest -m gpu)
 SETTINGS = settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 DTYPES = st.sampled_from([torch.float32, torch.float16])
 
