@@ -67,17 +67,20 @@ def xformers_with_lse(q, k, v, scale: float):
 class SAGCaptureProcessor:
     """Self-attention processor that also records the attention mass of the first `guide_batch` rows.
 
-    After a call, `self.mass` is [guide_batch, N] fp32. Accepts what `AttnProcessor2_0` accepts on a
+    After a call, `self.mass` is [guide_batch, N] fp32 and `self.mask` is `mass > threshold` (bool, from
+    the same kernel). Accepts what `AttnProcessor2_0` accepts on a
     self-attention layer, except an attention mask (SD's self-attention layers never get one).
     """
 
-    def __init__(self, guide_batch: int, backend: str = "auto", xformers: bool = False):
+    def __init__(self, guide_batch: int, backend: str = "auto", xformers: bool = False, threshold: float = 1.0):
         self.guide_batch = guide_batch
+        self.threshold = threshold
         self.backend = backend
         self.xformers = xformers
         """Take output and lse from xformers (the layer's own processor was xformers') where it can run
         on these inputs; otherwise SDPA."""
         self.mass = None
+        self.mask = None
 
     def __call__(
         self,
@@ -121,7 +124,9 @@ class SAGCaptureProcessor:
         else:
             out, lse = sdpa_with_lse(query, key, value, attn.scale)
         g = self.guide_batch
-        self.mass = attention_mass(query[:g], key[:g], lse[:g], attn.scale, backend=self.backend)
+        self.mass, self.mask = attention_mass(
+            query[:g], key[:g], lse[:g], attn.scale, backend=self.backend, threshold=self.threshold
+        )
 
         hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)

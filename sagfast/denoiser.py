@@ -30,6 +30,7 @@ from sagfast.capture import SAGCaptureProcessor
 from sagfast.config import SAGConfig
 from sagfast.cuda_graph import StepGraphs
 from sagfast.ops.degrade import check_blur_size
+from sagfast.ops.mask import to_map
 from sagfast.schedule import alpha_bar, check_scheduler, x0_eps
 
 MID_LAYER = "mid_block.attentions.0.transformer_blocks.0.attn1"
@@ -227,9 +228,9 @@ class GuidedUNet(torch.nn.Module):
     def _exact_step(self, step: "_Step", cfg: SAGConfig) -> torch.Tensor:
         """Main pass, then the degraded pass built from this step's own eps and mask."""
         b = step.b
-        o, hw, mass = self._main_pass(step.sample, step.call, b, capture=cfg.mask == "attention")
+        o, hw, captured = self._main_pass(step.sample, step.call, b, capture=cfg.mask == "attention")
         x0, eps = x0_eps(step.latent(o), o[:b], step.abar, step.prediction_type)
-        mask = self._mask(mass, hw, b, cfg, step.sample.device)
+        mask = self._mask(captured, hw, b, cfg, step.sample.device)
         xd = step.model_input(ops.degrade(x0, mask, eps, step.abar, cfg.blur_kernel_size, cfg.blur_sigma, backend=cfg.backend))
         o_deg = self.unet(xd, **slice_batch(step.call, step.full, b), return_dict=False)[0]
         self._remember(step, cfg, eps, mask)
@@ -253,10 +254,10 @@ class GuidedUNet(torch.nn.Module):
             ops.degrade(x0_prev, previous.mask, previous.eps, step.abar, cfg.blur_kernel_size, cfg.blur_sigma, backend=cfg.backend)
         )
         batch = torch.cat([step.sample, xd])
-        o_all, hw, mass = self._main_pass(batch, extend_batch(step.call, full, b), b, capture=cfg.mask == "attention")
+        o_all, hw, captured = self._main_pass(batch, extend_batch(step.call, full, b), b, capture=cfg.mask == "attention")
         o, o_deg = o_all[:full], o_all[full:]
         _, eps = x0_eps(x, o[:b], step.abar, step.prediction_type)
-        self._remember(step, cfg, eps, self._mask(mass, hw, b, cfg, step.sample.device))
+        self._remember(step, cfg, eps, self._mask(captured, hw, b, cfg, step.sample.device))
         return ops.combine(o, o[:b], o_deg, cfg.scale, backend=cfg.backend)
 
     def _remember(self, step: "_Step", cfg: SAGConfig, eps, mask) -> None:
@@ -282,7 +283,8 @@ class GuidedUNet(torch.nn.Module):
         attn = self._attn
         original = attn.processor
         uses_xformers = "XFormers" in type(original).__name__
-        processor = SAGCaptureProcessor(guide_batch, self.sag_config.backend, uses_xformers) if capture else None
+        cfg = self.sag_config
+        processor = SAGCaptureProcessor(guide_batch, cfg.backend, uses_xformers, cfg.threshold) if capture else None
         handle = self._map_owner.register_forward_pre_hook(record_hw, with_kwargs=True)
         try:
             if processor is not None:
@@ -294,11 +296,12 @@ class GuidedUNet(torch.nn.Module):
                 attn.set_processor(original)
         if "hw" not in hw:
             raise RuntimeError(f"the capture layer {self.capture_name} did not run in the UNet's forward")
-        return o, hw["hw"], (processor.mass if processor is not None else None)
+        return o, hw["hw"], (processor.mask if processor is not None else None)
 
-    def _mask(self, mass, hw, b: int, cfg: SAGConfig, device) -> torch.Tensor:
+    def _mask(self, attention_mask, hw, b: int, cfg: SAGConfig, device) -> torch.Tensor:
+        """[B, h, w] bool: the captured `mass > threshold` laid out on the map, or the ablation's mask."""
         if cfg.mask == "attention":
-            return ops.sag_mask_ref(mass, cfg.threshold, hw)
+            return to_map(attention_mask, hw)
         if cfg.mask == "global":
             return torch.ones(b, *hw, dtype=torch.bool, device=device)
         if self._generator is None or self._generator.device != torch.device(device):

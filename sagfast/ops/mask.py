@@ -11,10 +11,15 @@ def sag_mask_ref(mass: torch.Tensor, threshold: float, hw: tuple) -> torch.Tenso
     `hw` is the layer's true spatial map (from the block's input), never guessed from N: a non-square
     latent has h != w, and N = h * w has several factorizations.
     """
+    return to_map(mass, hw, "mass") > threshold
+
+
+def to_map(per_key: torch.Tensor, hw: tuple, name: str = "mask") -> torch.Tensor:
+    """[B, N] per-key values -> [B, h, w] on the layer's map (keys are in row-major pixel order)."""
     h, w = int(hw[0]), int(hw[1])
-    if mass.dim() != 2 or mass.shape[1] != h * w:
-        raise ValueError(f"mass must be [B, h*w] = [B, {h * w}] for map {h}x{w}; got {tuple(mass.shape)}")
-    return (mass > threshold).reshape(mass.shape[0], h, w)
+    if per_key.dim() != 2 or per_key.shape[1] != h * w:
+        raise ValueError(f"{name} must be [B, h*w] = [B, {h * w}] for map {h}x{w}; got {tuple(per_key.shape)}")
+    return per_key.reshape(per_key.shape[0], h, w)
 
 
 def upsample_index(size_in: int, size_out: int, device=None) -> torch.Tensor:
