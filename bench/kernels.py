@@ -180,21 +180,15 @@ def time_rows(quick: bool, device: torch.device, dtype: torch.dtype) -> list:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _cpu_peak(fn) -> int:
     """Peak resident bytes that fn() adds (see the module docstring)."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
-    base = _status_kib("VmRSS")
+    base = common.status_kib("VmRSS")
     result = fn()
-    peak = _status_kib("VmHWM")
+    peak = common.status_kib("VmHWM")
     del result
     return (peak - base) * 1024
 

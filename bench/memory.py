@@ -50,19 +50,13 @@ def _pin_malloc():
         return False
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def cpu_peak_supported() -> str | None:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        _status_kib("VmHWM")
+        common.status_kib("VmHWM")
         return None
     except Exception as exc:
         return f"no resettable RSS high-water mark here ({type(exc).__name__}: {exc})"
@@ -81,11 +75,11 @@ def measure_peak(fn, device) -> int:
         peak = torch.cuda.max_memory_allocated(device) - base
         del out
         return peak
-    base = _status_kib("VmRSS")
+    base = common.status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     out = fn()
-    peak = (_status_kib("VmHWM") - base) * 1024
+    peak = (common.status_kib("VmHWM") - base) * 1024
     del out
     return max(peak, 0)
 

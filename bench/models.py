@@ -191,3 +191,14 @@ def sd_pipeline_classes(spec: ModelSpec) -> dict:
 
 def count_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def default_names(opts, cuda: bool) -> list:
+    """The models a scenario runs: --models, else tiny (--quick), else tiny + sd15 (+ sdxl on CUDA or --full)."""
+    if opts.models:
+        return opts.models
+    if opts.quick:
+        return ["tiny"]
+    if cuda or opts.full:
+        return ["tiny", "sd15", "sdxl"]
+    return ["tiny", "sd15"]

@@ -78,14 +78,7 @@ def _probe(fn):
 
 def plan(opts, device):
     cuda = device.type == "cuda"
-    if opts.models:
-        names = opts.models
-    elif opts.quick:
-        names = ["tiny"]
-    elif cuda or opts.full:
-        names = ["tiny", "sd15", "sdxl"]
-    else:
-        names = ["tiny", "sd15"]
+    names = models.default_names(opts, cuda)
     out = []
     for n in names:
         spec = models.MODELS[n]

@@ -190,14 +190,7 @@ def _median_diff(a, b):
 def plan(opts, device) -> list:
     """[(model name, image size, steps, rounds)] for this run."""
     cuda = device.type == "cuda"
-    if opts.models:
-        names = opts.models
-    elif opts.quick:
-        names = ["tiny"]
-    elif cuda or opts.full:
-        names = ["tiny", "sd15", "sdxl"]
-    else:
-        names = ["tiny", "sd15"]
+    names = models.default_names(opts, cuda)
     out = []
     for name in names:
         spec = models.MODELS[name]
