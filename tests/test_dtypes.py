@@ -21,8 +21,9 @@ def test_capture_mass_is_fp32_for_half_inputs(dtype):
         k = attn.to_k(x).view(2, 48, 4, 16).transpose(1, 2).float()
     assert out.dtype == dtype and proc.mass.dtype == torch.float32
     dense = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1).sum(2).mean(1)
-    # The mass of the half-precision q, k computed in fp32: only the lse of the half SDPA call is rounded.
-    torch.testing.assert_close(proc.mass, dense, rtol=2e-2, atol=2e-2)
+    # The mass of the half-precision q, k is computed in fp32 (the lse SDPA returns is fp32 too): it
+    # matches an fp32 dense computation far closer than a half-precision mass could (~1e-3 rounding).
+    torch.testing.assert_close(proc.mass, dense, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
