@@ -430,3 +430,16 @@ def status_kib(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def variant_status(row: dict, key: str, samples: dict, skipped: dict):
+    """(row, summary) for one variant of an interleaved run: a skipped or failed variant gets its
+    status and no summary; one that ran gets the summary of its samples; (None, None) if it never ran."""
+    if key in skipped:
+        return dict(row, status=f"skipped: {skipped[key]}"), None
+    s = samples.get(key)
+    if s is None:
+        return None, None
+    if isinstance(s, dict):
+        return dict(row, status=f"error: {s['error']}"), None
+    return row, summarize(s)

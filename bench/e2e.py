@@ -74,17 +74,11 @@ def _rows_from(samples: dict, skipped: dict, base: dict, labels: dict) -> list:
     rows = []
     cfg = samples.get("cfg") if isinstance(samples.get("cfg"), list) else None
     for key, label in labels.items():
-        row = dict(base, mode=label, key=key)
-        if key in skipped:
-            rows.append(dict(row, status=f"skipped: {skipped[key]}"))
+        row, summ = common.variant_status(dict(base, mode=label, key=key), key, samples, skipped)
+        if summ is None:
+            rows.extend([row] if row is not None else [])
             continue
-        s = samples.get(key)
-        if s is None:
-            continue
-        if isinstance(s, dict):
-            rows.append(dict(row, status=f"error: {s['error']}"))
-            continue
-        summ = common.summarize(s)
+        s = samples[key]
         row.update(wall_ms=summ["median"], p25_ms=summ["p25"], p75_ms=summ["p75"], min_ms=summ["min"], rounds=summ["n"], status="ok")
         if cfg:
             row["x_cfg"] = common.paired_ratio(s, cfg)["median"]

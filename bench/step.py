@@ -224,16 +224,11 @@ def run(opts, record: dict, log=common.log) -> dict:
         floor = samples.get("floor") if isinstance(samples.get("floor"), list) else None
         for key in LABELS:
             row = {"model": name, "batch": opts.batch, "image": f"{size}x{size}", "latent": f"{size // 8}x{size // 8}", "steps": steps, "variant": LABELS[key], "key": key}
-            if key in skipped:
-                rows.append(dict(row, status=f"skipped: {skipped[key]}"))
+            row, summ = common.variant_status(row, key, samples, skipped)
+            if summ is None:
+                rows.extend([row] if row is not None else [])
                 continue
-            s = samples.get(key)
-            if s is None:
-                continue
-            if isinstance(s, dict):
-                rows.append(dict(row, status=f"error: {s['error']}"))
-                continue
-            summ = common.summarize(s)
+            s = samples[key]
             row.update(
                 ms_per_step=summ["median"],
                 p25_ms=summ["p25"],
