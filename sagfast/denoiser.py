@@ -57,26 +57,26 @@ def resolve_capture_layer(unet: torch.nn.Module, layers: str):
     return name, attn, owner
 
 
+def _map_batched(value, full: int, fn):
+    """`value` (tensors in nested dicts, lists, tuples) with `fn` applied to every tensor whose batch
+    dim is `full`; everything else (scalars, unbatched tensors) as it is."""
+    if torch.is_tensor(value):
+        return fn(value) if value.dim() >= 1 and value.shape[0] == full else value
+    if isinstance(value, dict):
+        return {k: _map_batched(v, full, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_batched(v, full, fn) for v in value)
+    return value
+
+
 def slice_batch(value, full: int, keep: int):
     """`value` with every tensor whose batch dim is `full` cut to its first `keep` rows."""
-    if torch.is_tensor(value):
-        return value[:keep] if value.dim() >= 1 and value.shape[0] == full else value
-    if isinstance(value, dict):
-        return {k: slice_batch(v, full, keep) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(slice_batch(v, full, keep) for v in value)
-    return value
+    return _map_batched(value, full, lambda t: t[:keep])
 
 
 def extend_batch(value, full: int, keep: int):
     """`value` with every tensor whose batch dim is `full` followed by its own first `keep` rows."""
-    if torch.is_tensor(value):
-        return torch.cat([value, value[:keep]]) if value.dim() >= 1 and value.shape[0] == full else value
-    if isinstance(value, dict):
-        return {k: extend_batch(v, full, keep) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(extend_batch(v, full, keep) for v in value)
-    return value
+    return _map_batched(value, full, lambda t: torch.cat([t, t[:keep]]))
 
 
 class _Identity:
@@ -228,7 +228,7 @@ class GuidedUNet(torch.nn.Module):
     def _exact_step(self, step: "_Step", cfg: SAGConfig) -> torch.Tensor:
         """Main pass, then the degraded pass built from this step's own eps and mask."""
         b = step.b
-        o, hw, captured = self._main_pass(step.sample, step.call, b, capture=cfg.mask == "attention")
+        o, hw, captured = self._main_pass(step.sample, step.call, b)
         x0, eps = x0_eps(step.latent(o), o[:b], step.abar, step.prediction_type)
         mask = self._mask(captured, hw, b, cfg, step.sample.device)
         xd = step.model_input(ops.degrade(x0, mask, eps, step.abar, cfg.blur_kernel_size, cfg.blur_sigma, backend=cfg.backend))
@@ -248,13 +248,12 @@ class GuidedUNet(torch.nn.Module):
         """
         b, full = step.b, step.full
         x = step.sample[:b, : previous.eps.shape[1]]
-        a = step.abar.view(-1, 1, 1, 1)
-        x0_prev = (x.float() - (1 - a).sqrt() * previous.eps) / a.sqrt()
+        x0_prev, _ = x0_eps(x, previous.eps, step.abar, "epsilon")  # eps is eps whatever the model predicts
         xd = step.model_input(
             ops.degrade(x0_prev, previous.mask, previous.eps, step.abar, cfg.blur_kernel_size, cfg.blur_sigma, backend=cfg.backend)
         )
         batch = torch.cat([step.sample, xd])
-        o_all, hw, captured = self._main_pass(batch, extend_batch(step.call, full, b), b, capture=cfg.mask == "attention")
+        o_all, hw, captured = self._main_pass(batch, extend_batch(step.call, full, b), b)
         o, o_deg = o_all[:full], o_all[full:]
         _, eps = x0_eps(x, o[:b], step.abar, step.prediction_type)
         self._remember(step, cfg, eps, self._mask(captured, hw, b, cfg, step.sample.device))
@@ -272,7 +271,7 @@ class GuidedUNet(torch.nn.Module):
             state.eps.copy_(eps)
             state.mask.copy_(mask)
 
-    def _main_pass(self, sample, call, guide_batch: int, capture: bool):
+    def _main_pass(self, sample, call, guide_batch: int):
         hw = {}
 
         def record_hw(module, args, kwargs):
@@ -284,6 +283,7 @@ class GuidedUNet(torch.nn.Module):
         original = attn.processor
         uses_xformers = "XFormers" in type(original).__name__
         cfg = self.sag_config
+        capture = cfg.mask == "attention"  # the ablation's global and random masks read no map
         processor = SAGCaptureProcessor(guide_batch, cfg.backend, uses_xformers, cfg.threshold) if capture else None
         handle = self._map_owner.register_forward_pre_hook(record_hw, with_kwargs=True)
         try:
