@@ -58,10 +58,16 @@ class StepGraphs:
         self._graphs: dict = {}
         self._refused: dict = {}
 
+    @staticmethod
+    def key(variant: str, inputs):
+        """The graph `inputs` replay on: variant, structure, and every tensor's shape, dtype, device and
+        strides (never values); raises TypeError for an unhashable non-tensor input."""
+        leaves, spec = pytree.tree_flatten(inputs)
+        return (variant, spec, tuple(_leaf_key(leaf) for leaf in leaves))
+
     def run(self, variant: str, fn, inputs, state=()):
         try:
-            leaves, spec = pytree.tree_flatten(inputs)
-            key = (variant, spec, tuple(_leaf_key(leaf) for leaf in leaves))
+            key = self.key(variant, inputs)
         except TypeError as e:
             self._refuse(None, f"an input is neither a tensor nor hashable ({e})")
             return None
@@ -73,7 +79,8 @@ class StepGraphs:
                 graph = _Graph(fn, inputs, list(state))
             except Exception as e:  # capture fails on host syncs, unsupported ops, CPU tensors...
                 self._refuse(key, f"capture of the {variant} step failed: {type(e).__name__}: {e}")
-                torch.cuda.synchronize()
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
                 return None
             self._graphs[key] = graph
         return graph(inputs)

@@ -213,17 +213,22 @@ class GuidedUNet(torch.nn.Module):
                 warnings.warn("sagfast: cuda_graph=True, running without CUDA graphs: " + "; ".join(why), RuntimeWarning, stacklevel=5)
                 self._graph_refusal_warned = True
             return None
-        # The timestep enters the graph as a device tensor, so one graph serves every step.
-        call = dict(step.call, timestep=torch.as_tensor(step.call["timestep"], device=step.sample.device))
-        inputs = {"sample": step.sample, "call": call, "abar": step.abar}
-        previous = self._state.get(step.shape_key)
-        state = (previous.eps, previous.mask) if previous is not None else ()
+        inputs, state = self._graph_inputs(step)
 
         def fn(inp):
             s = dataclasses.replace(step, sample=inp["sample"], call=inp["call"], abar=inp["abar"])
             return self._run_step(variant, s, cfg)
 
         return self._graphs.run(variant, fn, inputs, state)
+
+    def _graph_inputs(self, step: "_Step"):
+        """(inputs, state) of the graphed step: what is copied into static buffers before each replay,
+        and the persistent batched-mode buffers the step reads and writes in place."""
+        # The timestep enters the graph as a device tensor, so one graph serves every step.
+        call = dict(step.call, timestep=torch.as_tensor(step.call["timestep"], device=step.sample.device))
+        inputs = {"sample": step.sample, "call": call, "abar": step.abar}
+        previous = self._state.get(step.shape_key)
+        return inputs, ((previous.eps, previous.mask) if previous is not None else ())
 
     def _exact_step(self, step: "_Step", cfg: SAGConfig) -> torch.Tensor:
         """Main pass, then the degraded pass built from this step's own eps and mask."""

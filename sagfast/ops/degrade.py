@@ -18,12 +18,16 @@ from sagfast.ops.mask import upsample_mask_ref
 
 
 @functools.lru_cache(maxsize=32)
-def gaussian_weights(kernel_size: int, sigma: float) -> torch.Tensor:
-    """1-D Gaussian window, fp32, sums to 1 (the same samples as diffusers' gaussian_blur_2d)."""
+def gaussian_weights(kernel_size: int, sigma: float, device: torch.device | None = None) -> torch.Tensor:
+    """1-D Gaussian window, fp32, sums to 1 (the same samples as diffusers' gaussian_blur_2d).
+
+    Cached per device: a blur inside a captured CUDA graph then reads a tensor already on the GPU
+    instead of copying one from the host every step (a synchronizing copy, which capture refuses).
+    """
     half = (kernel_size - 1) * 0.5
     x = torch.linspace(-half, half, steps=kernel_size, dtype=torch.float32)
     pdf = torch.exp(-0.5 * (x / sigma).pow(2))
-    return pdf / pdf.sum()
+    return (pdf / pdf.sum()).to(device)
 
 
 def check_degrade_inputs(x0, mask, eps, abar, kernel_size) -> None:
@@ -53,7 +57,7 @@ def check_blur_size(height: int, width: int, kernel_size: int) -> None:
 def blur_ref(x: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur with reflect padding, computed in fp32."""
     c = x.shape[1]
-    wts = gaussian_weights(kernel_size, float(sigma)).to(x.device)
+    wts = gaussian_weights(kernel_size, float(sigma), x.device)
     pad = kernel_size // 2
     xf = F.pad(x.float(), (pad, pad, pad, pad), mode="reflect")
     xf = F.conv2d(xf, wts.view(1, 1, 1, -1).expand(c, 1, 1, kernel_size), groups=c)

@@ -1,0 +1,139 @@
+"""What CUDA-graph capture needs from the guided step, checked without a GPU.
+
+Capture records device work only: a step that reads a value back on the host (`.item()`, `float(t)`,
+`if t:`), or brings in a tensor made on the host (a Python scalar turned into a tensor, weights built
+on the CPU and copied over), breaks capture or bakes one step's value into every replay. Running the
+step on the meta device makes both visible on a CPU-only machine: meta tensors have no values, so a
+read-back raises, and any tensor that is not on meta came from the host. The backends run there are
+the PyTorch references (the Triton and C++ ops need real memory); their wrappers are plain launches.
+
+The graph key is checked on a real CPU run: one graph must serve every step of a call (the timestep
+and abar enter as device tensors, never as Python numbers), and a re-run replays the same graphs.
+tests/test_gpu.py captures and replays the graphs for real on a GPU.
+"""
+
+import pytest
+import torch
+from diffusers import EulerDiscreteScheduler
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import sagfast
+from components import CROSS_DIM, TOKENS, prompt_embeds, sd_pipeline
+from sagfast.cuda_graph import StepGraphs
+from sagfast.denoiser import _Step
+
+# Ops that hand a value (or a data-dependent size) back to the host: each synchronizes on CUDA.
+HOST_READS = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.equal", "aten.is_nonzero"}
+
+
+class HostWatch(TorchDispatchMode):
+    """Records every op that reads a value back to the host or touches a tensor off the meta device."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func.overloadpacket)
+        if name in HOST_READS:
+            self.found.append(f"{name} (a read-back to the host)")
+            raise RuntimeError(f"host read-back {name} inside the step")
+        out = func(*args, **kwargs)
+        for t in pytree.tree_leaves((args, kwargs, out)):
+            if torch.is_tensor(t) and t.device.type != "meta":
+                self.found.append(f"{name} on a {t.device.type} tensor of shape {tuple(t.shape)}")
+        return out
+
+
+def meta_step(pipe, cfg_on: bool, b: int = 2):
+    """A step as `_guided` builds it, on the meta device; `pipe`'s UNet is moved there."""
+    guided = pipe.unet
+    guided.unet.to("meta")
+    full = 2 * b if cfg_on else b
+    sample = torch.randn(full, 4, 12, 10, device="meta")
+    call = dict(
+        timestep=torch.tensor(501, device="meta"),
+        encoder_hidden_states=torch.randn(full, TOKENS, CROSS_DIM, device="meta"),
+    )
+    abar = torch.rand(b, device="meta")
+    shape_key = (tuple(sample.shape), sample.dtype, sample.device, 2 if cfg_on else 1)
+    return _Step(sample, call, b, abar, pipe.scheduler.config.prediction_type, shape_key)
+
+
+def watched(guided, variant, step):
+    """The step's ops after a warm-up run (CUDA-graph capture also follows a warm-up: what a first run
+    caches, such as the dispatch choice and the blur weights on the device, is allowed)."""
+    guided._run_step(variant, step, guided.sag_config)
+    with HostWatch() as watch:
+        try:
+            out = guided._run_step(variant, step, guided.sag_config)
+        except RuntimeError:
+            out = None
+    return out, watch.found
+
+
+@pytest.mark.parametrize("mode", ["exact", "batched"])
+@pytest.mark.parametrize("cfg_on", [True, False], ids=["cfg", "nocfg"])
+@pytest.mark.parametrize("prediction_type, mask", [("epsilon", "attention"), ("v_prediction", "attention"), ("epsilon", "global")])
+def test_guided_step_stays_on_the_device(mode, cfg_on, prediction_type, mask):
+    pipe = sagfast.enable(sd_pipeline(prediction_type=prediction_type), mode=mode, mask=mask, backend="torch")
+    guided = pipe.unet
+    step = meta_step(pipe, cfg_on)
+    if mode == "batched":
+        guided._run_step("exact", step, guided.sag_config)  # the first step of a call leaves eps and mask
+        assert step.shape_key in guided._state
+    out, found = watched(guided, mode, step)
+    assert found == []
+    assert out.shape == step.sample.shape and out.device.type == "meta"
+
+
+@pytest.mark.parametrize("bad, expected", [
+    (lambda m, a, o: o.sum().item() and None, "aten._local_scalar_dense (a read-back to the host)"),
+    (lambda m, a, o: o * torch.tensor(0.5), "aten.mul on a cpu tensor of shape ()"),
+], ids=["item", "host-scalar"])
+def test_the_watch_catches_a_host_read_and_a_host_tensor(bad, expected):
+    pipe = sagfast.enable(sd_pipeline(), backend="torch")
+    guided = pipe.unet
+    step = meta_step(pipe, cfg_on=True)
+    guided.unet.mid_block.register_forward_hook(bad)
+    with HostWatch() as watch:
+        try:
+            guided._run_step("exact", step, guided.sag_config)
+        except RuntimeError:
+            pass
+    assert expected in watch.found
+
+
+def graph_keys(pipe, n=1, steps=3):
+    """The CUDA-graph key of every guided step of one pipeline call (computed as `_graphed` does)."""
+    guided = pipe.unet
+    keys = []
+    run_step = guided._run_step
+
+    def recording(variant, step, cfg):
+        keys.append(StepGraphs.key(variant, guided._graph_inputs(step)[0]))
+        return run_step(variant, step, cfg)
+
+    guided._run_step = recording
+    try:
+        pe, ne = prompt_embeds(n)
+        pipe(prompt_embeds=pe, negative_prompt_embeds=ne, height=48, width=40, num_inference_steps=steps,
+             output_type="latent", generator=torch.Generator().manual_seed(0))
+    finally:
+        del guided._run_step
+    return keys
+
+
+@pytest.mark.parametrize("scheduler_cls", [None, EulerDiscreteScheduler], ids=["ddim", "euler"])
+@pytest.mark.parametrize("mode, graphs", [("exact", 1), ("batched", 2)])
+def test_one_graph_serves_every_step_and_every_rerun(scheduler_cls, mode, graphs):
+    pipe = sd_pipeline(**({} if scheduler_cls is None else {"scheduler_cls": scheduler_cls}))
+    sagfast.enable(pipe, mode=mode)
+    keys = graph_keys(pipe)
+    assert len(keys) == 3 and len(set(keys)) == graphs
+    if mode == "batched":
+        assert keys[0][0] == "exact" and {k[0] for k in keys[1:]} == {"batched"}
+    assert graph_keys(pipe) == keys  # a re-run replays the same graphs
+    assert not set(graph_keys(pipe, n=2)) & set(keys)  # another batch size captures its own
