@@ -45,3 +45,18 @@ def test_cli_step_quick_writes_valid_json(tmp_path):
     assert "(no CUDA here)" in rows["sagfast_exact_graph"]["status"]
     assert (out / "step.csv").read_text().startswith("model,")
     assert "| (d) sagfast exact |" in (out / "step.md").read_text()
+
+
+def test_half_precision_bench_runs_and_fp32_matches_diffusers():
+    from bench.half_precision import run, table
+
+    import torch
+
+    result = run(torch.device("cpu"), steps=2, batch=1)
+    assert len(result["rows"]) == 8  # 2 schedulers x 2 predictions x (fp16, bf16)
+    for r in result["rows"]:
+        # In fp32 both SAG implementations agree (the parity tests' tolerance), so the half-precision
+        # columns measure rounding, not a different algorithm.
+        assert r["fp32_sagfast_vs_diffusers"] <= 1e-3
+        assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("effect", "plain", "diffusers", "sagfast"))
+    assert "| DDIM | epsilon | fp16 |" in table(result)
