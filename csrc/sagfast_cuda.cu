@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdint>
 
 #include "sagfast_common.h"
 
@@ -139,8 +140,12 @@ __global__ void combine_kernel(const scalar_t* __restrict__ o, scalar_t* __restr
   }
 }
 
+// One thread per element and no grid-stride loop: the grid must cover every element (gridDim.x may
+// reach 2^31 - 1), never be capped.
 inline unsigned blocks_for(int64_t n, int threads) {
-  return static_cast<unsigned>(std::min<int64_t>((n + threads - 1) / threads, 65535LL * 32));
+  const int64_t blocks = (n + threads - 1) / threads;
+  TORCH_CHECK(blocks <= INT32_MAX, "sagfast (cuda): ", n, " elements are more than one launch covers");
+  return static_cast<unsigned>(blocks);
 }
 
 }  // namespace
@@ -157,6 +162,7 @@ std::tuple<at::Tensor, at::Tensor> attention_mass_cuda(const at::Tensor& q, cons
   auto mask = at::empty({B, N}, q.options().dtype(at::kBool));
   if (B * N == 0) return {mass, mask};
   auto stream = c10::cuda::getCurrentCUDAStream();
+  TORCH_CHECK(B * H <= 65535, "attention_mass (cuda): batch * heads must be <= 65535 (the grid's y size), got ", B * H);
   const dim3 grid((N + kKeysPerBlock - 1) / kKeysPerBlock, B * H);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "sagfast_attention_mass_cuda", [&] {
     attention_mass_partial_kernel<scalar_t><<<grid, kKeysPerBlock, 0, stream>>>(

@@ -7,6 +7,8 @@ only, the per-key attention mass from q, k and that log-sum-exp (`sagfast.ops.at
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
@@ -25,6 +27,12 @@ def _lse_chunked(q, k, scale):
     return torch.cat(parts, dim=2)
 
 
+@functools.cache
+def _flash_runs_on(device: torch.device) -> bool:
+    """Whether torch's flash-attention kernel exists in this build and runs on this GPU (sm80+)."""
+    return torch.backends.cuda.is_flash_attention_available() and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def sdpa_with_lse(q, k, v, scale: float):
     """(out, lse) of softmax attention; q, k, v [B, H, N, D]; lse [B, H, N] fp32 (natural log)."""
     if q.device.type == "cpu":
@@ -32,7 +40,7 @@ def sdpa_with_lse(q, k, v, scale: float):
         return out, lse
     if q.device.type == "cuda":
         d = q.shape[-1]
-        if q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256:
+        if q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256 and _flash_runs_on(q.device):
             res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
             return res[0], res[1]
         res = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False, scale=scale)

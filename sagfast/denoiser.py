@@ -28,7 +28,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from sagfast import ops
 from sagfast.capture import SAGCaptureProcessor
 from sagfast.config import SAGConfig
-from sagfast.cuda_graph import StepGraphs
+from sagfast.cuda_graph import ModelWatch, StepGraphs
 from sagfast.ops.degrade import check_blur_size
 from sagfast.ops.mask import to_map
 from sagfast.schedule import alpha_bar, check_scheduler, x0_eps
@@ -138,6 +138,7 @@ class GuidedUNet(torch.nn.Module):
         self._state: dict = {}
         self._state_call = None
         self._graphs = StepGraphs()
+        self._watch = None  # ModelWatch of the UNet, made at the first graphed step
         self._graph_refusal_warned = False
 
     def __getattr__(self, name):
@@ -219,7 +220,9 @@ class GuidedUNet(torch.nn.Module):
             s = dataclasses.replace(step, sample=inp["sample"], call=inp["call"], abar=inp["abar"])
             return self._run_step(variant, s, cfg)
 
-        return self._graphs.run(variant, fn, inputs, state)
+        if self._watch is None:
+            self._watch = ModelWatch(getattr(self.unet, "_orig_mod", self.unet))
+        return self._graphs.run(variant, fn, inputs, state, self._watch)
 
     def _graph_inputs(self, step: "_Step"):
         """(inputs, state) of the graphed step: what is copied into static buffers before each replay,

@@ -52,15 +52,34 @@ def _current_sigma(scheduler, timestep):
     return sigmas[index]
 
 
+_DEVICE_TABLE: list = [None]  # (alphas_cumprod, device, its copy on that device): one scheduler at a time
+
+
+def _table_on(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    cached = _DEVICE_TABLE[0]
+    if cached is None or cached[0] is not table or cached[1] != device:
+        cached = _DEVICE_TABLE[0] = (table, device, table.to(device))
+    return cached[2]
+
+
 def alpha_bar(scheduler, timestep, batch: int, device) -> torch.Tensor:
-    """abar of this step as a [batch] fp32 tensor on `device`."""
+    """abar of this step as a [batch] fp32 tensor on `device`.
+
+    Nothing here waits for the GPU: sigmas are read on the host (diffusers keeps them there) and the
+    value is written with a fill, not copied from host memory (a synchronizing copy); a timestep on
+    the GPU indexes a copy of `alphas_cumprod` on the GPU instead of being read back.
+    """
+    device = torch.device(device)
     sigma = _current_sigma(scheduler, timestep)
     if sigma is not None:
         abar = 1.0 / (1.0 + sigma.double() ** 2)
     else:
         t = timestep if torch.is_tensor(timestep) else torch.tensor(timestep)
-        t = t.reshape(-1)[0].long().cpu()
-        abar = scheduler.alphas_cumprod[t]
+        table = scheduler.alphas_cumprod
+        # index_select, not table[t]: indexing with a 0-d tensor reads it back as a Python int.
+        abar = _table_on(table, t.device).index_select(0, t.reshape(-1)[:1].long())
+    if abar.device.type == "cpu" and device.type != "cpu":
+        return torch.full((batch,), abar.item(), dtype=torch.float32, device=device)
     return abar.to(device=device, dtype=torch.float32).reshape(1).expand(batch).contiguous()
 
 

@@ -4,31 +4,39 @@ Capture records device work only: a step that reads a value back on the host (`.
 `if t:`), or brings in a tensor made on the host (a Python scalar turned into a tensor, weights built
 on the CPU and copied over), breaks capture or bakes one step's value into every replay. Running the
 step on the meta device makes both visible on a CPU-only machine: meta tensors have no values, so a
-read-back raises, and any tensor that is not on meta came from the host. The backends run there are
-the PyTorch references (the Triton and C++ ops need real memory); their wrappers are plain launches.
+read-back raises, and every crossing between host (CPU) and device (meta) tensors shows. The backends
+run there are the PyTorch references (the Triton and C++ ops need real memory); their wrappers are
+plain launches. The same watch checks abar, computed outside the graph once per step.
 
 The graph key is checked on a real CPU run: one graph must serve every step of a call (the timestep
 and abar enter as device tensors, never as Python numbers), and a re-run replays the same graphs.
-tests/test_gpu.py captures and replays the graphs for real on a GPU.
+`ModelWatch` is checked to see what else a graph bakes in (weight addresses, processors, offload
+hooks). tests/test_gpu.py captures and replays the graphs for real on a GPU.
 """
+
+import warnings
 
 import pytest
 import torch
-from diffusers import EulerDiscreteScheduler
+from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers.models.attention_processor import AttnProcessor
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sagfast
-from components import CROSS_DIM, TOKENS, prompt_embeds, sd_pipeline
-from sagfast.cuda_graph import StepGraphs
+from components import CROSS_DIM, TOKENS, prompt_embeds, sd_pipeline, tiny_unet
+from sagfast.cuda_graph import ModelWatch, StepGraphs
 from sagfast.denoiser import _Step
+from sagfast.schedule import alpha_bar
 
-# Ops that hand a value (or a data-dependent size) back to the host: each synchronizes on CUDA.
+# Ops that hand a device tensor's value (or a data-dependent size) back to the host.
 HOST_READS = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.equal", "aten.is_nonzero"}
 
 
 class HostWatch(TorchDispatchMode):
-    """Records every op that reads a value back to the host or touches a tensor off the meta device."""
+    """Records every op that crosses between the host and the device (meta): a read-back of a device
+    tensor, a device op fed a host tensor, or a host tensor turned into a device one. Work that stays
+    on the host (reading the scheduler's sigmas) is not a crossing."""
 
     def __init__(self):
         super().__init__()
@@ -37,13 +45,18 @@ class HostWatch(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = str(func.overloadpacket)
-        if name in HOST_READS:
+        devices = {t.device.type for t in pytree.tree_leaves((args, kwargs)) if torch.is_tensor(t)}
+        if name in HOST_READS and "meta" in devices:
             self.found.append(f"{name} (a read-back to the host)")
             raise RuntimeError(f"host read-back {name} inside the step")
         out = func(*args, **kwargs)
-        for t in pytree.tree_leaves((args, kwargs, out)):
-            if torch.is_tensor(t) and t.device.type != "meta":
-                self.found.append(f"{name} on a {t.device.type} tensor of shape {tuple(t.shape)}")
+        out_devices = {t.device.type for t in pytree.tree_leaves(out) if torch.is_tensor(t)}
+        if "meta" in devices and devices != {"meta"}:
+            self.found.append(f"{name} mixes host and device tensors")
+        elif devices == {"meta"} and "cpu" in out_devices:
+            self.found.append(f"{name} copies a device tensor to the host")
+        elif devices == {"cpu"} and "meta" in out_devices:
+            self.found.append(f"{name} brings a host tensor to the device")
         return out
 
 
@@ -89,10 +102,33 @@ def test_guided_step_stays_on_the_device(mode, cfg_on, prediction_type, mask):
     assert out.shape == step.sample.shape and out.device.type == "meta"
 
 
+@pytest.mark.parametrize("scheduler_cls", [None, EulerDiscreteScheduler, DPMSolverMultistepScheduler], ids=["ddim", "euler", "dpm"])
+def test_alpha_bar_of_a_device_timestep_waits_for_nothing(scheduler_cls):
+    # Outside the graph, but once per step: a read-back or a copy from host memory here would make the
+    # host wait for the GPU every step, so it could never queue the next replay ahead.
+    pipe = sd_pipeline(**({} if scheduler_cls is None else {"scheduler_cls": scheduler_cls}))
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(5)
+    t = scheduler.timesteps[2].to("meta")
+    if hasattr(scheduler, "sigmas"):
+        scheduler._step_index = 2  # as the pipeline's scale_model_input leaves it
+    alpha_bar(scheduler, t, 3, "meta")  # the first call may copy the schedule to the device, once
+    with HostWatch() as watch:
+        abar = alpha_bar(scheduler, t, 3, "meta")
+    assert watch.found == []
+    assert abar.shape == (3,) and abar.dtype == torch.float32 and abar.device.type == "meta"
+    # The same numbers as the host computation.
+    host = alpha_bar(scheduler, scheduler.timesteps[2], 3, "cpu")
+    sigma = getattr(scheduler, "sigmas", None)
+    expected = 1 / (1 + sigma[2].double() ** 2) if sigma is not None else scheduler.alphas_cumprod[scheduler.timesteps[2]]
+    torch.testing.assert_close(host, expected.float().expand(3), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("bad, expected", [
     (lambda m, a, o: o.sum().item() and None, "aten._local_scalar_dense (a read-back to the host)"),
-    (lambda m, a, o: o * torch.tensor(0.5), "aten.mul on a cpu tensor of shape ()"),
-], ids=["item", "host-scalar"])
+    (lambda m, a, o: o * torch.tensor(0.5), "aten.mul mixes host and device tensors"),
+    (lambda m, a, o: o * torch.tensor([0.5]).to(o.device), "aten._to_copy brings a host tensor to the device"),
+], ids=["item", "host-scalar", "host-copy"])
 def test_the_watch_catches_a_host_read_and_a_host_tensor(bad, expected):
     pipe = sagfast.enable(sd_pipeline(), backend="torch")
     guided = pipe.unet
@@ -137,3 +173,31 @@ def test_one_graph_serves_every_step_and_every_rerun(scheduler_cls, mode, graphs
         assert keys[0][0] == "exact" and {k[0] for k in keys[1:]} == {"batched"}
     assert graph_keys(pipe) == keys  # a re-run replays the same graphs
     assert not set(graph_keys(pipe, n=2)) & set(keys)  # another batch size captures its own
+
+
+def test_model_watch_sees_what_a_graph_bakes_in():
+    unet = tiny_unet()
+    watch = ModelWatch(unet)
+    before = watch.fingerprint()
+    with torch.no_grad():
+        unet(torch.randn(1, 4, 8, 8), 10, encoder_hidden_states=torch.randn(1, TOKENS, CROSS_DIM))
+    assert watch.fingerprint() == before  # a forward changes nothing a graph reads
+    unet.to(torch.float64)  # the weights move: every graph would read freed memory
+    moved = watch.fingerprint()
+    assert moved != before
+    unet.set_attn_processor(AttnProcessor())  # other processors: the graphs would run the old ones
+    assert watch.fingerprint() != moved
+    assert watch.refusals() == []
+
+
+def test_graphs_refuse_an_offloaded_model_once_with_the_reason():
+    unet = tiny_unet()
+    unet.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                              offload_type="block_level", num_blocks_per_group=1)
+    graphs, watch = StepGraphs(), ModelWatch(unet)
+    never = lambda inputs: pytest.fail("a refused step must not be captured")  # noqa: E731
+    with pytest.warns(RuntimeWarning, match="without a CUDA graph: the model has accelerate/diffusers hooks"):
+        assert graphs.run("exact", never, {"sample": torch.zeros(1)}, watch=watch) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once, not every step
+        assert graphs.run("exact", never, {"sample": torch.zeros(1)}, watch=watch) is None

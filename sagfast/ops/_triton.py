@@ -7,6 +7,7 @@ Kernels are imported on first use, so importing sagfast never needs Triton.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -36,6 +37,14 @@ def _import_error() -> str | None:
 def available() -> list[str]:
     why = _import_error()
     return [why] if why else []
+
+
+def on_device(tensor):
+    """Context for a kernel launch: Triton launches on the current CUDA device (torch.library adds no
+    device guard), so a tensor on another GPU needs its device made current."""
+    import torch
+
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def device_reasons(*tensors) -> list[str]:

@@ -97,18 +97,19 @@ def attention_mass_triton(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, s
     part = torch.empty(b, h, n, dtype=torch.float32, device=q.device)
     block_m, block_n, block_d = _triton_blocks(n, d, q.device)
     lowp = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-    kern.attention_mass_partial_kernel[(triton.cdiv(n, block_n), b * h)](
-        q, k, lse, part,
-        *q.stride(), *k.stride(), *lse.stride(), *part.stride(),
-        h, n, d, float(scale) * LOG2E,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, LOWP_DOT=lowp,
-    )
-    mass = torch.empty(b, n, dtype=torch.float32, device=q.device)
-    mask = torch.empty(b, n, dtype=torch.bool, device=q.device)
-    block = min(1024, max(16, _triton.next_pow2(n)))
-    kern.attention_mass_reduce_kernel[(triton.cdiv(n, block), b)](
-        part, mass, mask, *part.stride(), h, n, float(threshold), BLOCK=block
-    )
+    with _triton.on_device(q):
+        kern.attention_mass_partial_kernel[(triton.cdiv(n, block_n), b * h)](
+            q, k, lse, part,
+            *q.stride(), *k.stride(), *lse.stride(), *part.stride(),
+            h, n, d, float(scale) * LOG2E,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, LOWP_DOT=lowp,
+        )
+        mass = torch.empty(b, n, dtype=torch.float32, device=q.device)
+        mask = torch.empty(b, n, dtype=torch.bool, device=q.device)
+        block = min(1024, max(16, _triton.next_pow2(n)))
+        kern.attention_mass_reduce_kernel[(triton.cdiv(n, block), b)](
+            part, mass, mask, *part.stride(), h, n, float(threshold), BLOCK=block
+        )
     return mass, mask
 
 

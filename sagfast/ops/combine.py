@@ -94,11 +94,12 @@ def combine_triton(o: torch.Tensor, pos: list[torch.Tensor], neg: list[torch.Ten
     m = pos[0].numel()
     two = len(pos) > 1
     block = 8192 if o.device.type == "cpu" else 1024
-    kern.combine_kernel[(triton.cdiv(m, block),)](
-        oc, pos[0], neg[0], pos[1] if two else pos[0], neg[1] if two else neg[0], out,
-        m, oc.numel() // max(1, m), float(scales[0]), float(scales[1]) if two else 0.0,
-        NUM_TERMS=len(pos), BLOCK=block,
-    )
+    with _triton.on_device(oc):
+        kern.combine_kernel[(triton.cdiv(m, block),)](
+            oc, pos[0], neg[0], pos[1] if two else pos[0], neg[1] if two else neg[0], out,
+            m, oc.numel() // max(1, m), float(scales[0]), float(scales[1]) if two else 0.0,
+            NUM_TERMS=len(pos), BLOCK=block,
+        )
     return out
 
 

@@ -17,12 +17,13 @@ from sagfast.ops._dispatch import Backend, dispatch
 from sagfast.ops.mask import upsample_mask_ref
 
 
-@functools.lru_cache(maxsize=32)
+@functools.cache
 def gaussian_weights(kernel_size: int, sigma: float, device: torch.device | None = None) -> torch.Tensor:
     """1-D Gaussian window, fp32, sums to 1 (the same samples as diffusers' gaussian_blur_2d).
 
-    Cached per device: a blur inside a captured CUDA graph then reads a tensor already on the GPU
-    instead of copying one from the host every step (a synchronizing copy, which capture refuses).
+    Cached per device and never evicted: a blur inside a captured CUDA graph reads this tensor by
+    address (and copying it from the host every step would be a synchronizing copy, which capture
+    refuses).
     """
     half = (kernel_size - 1) * 0.5
     x = torch.linspace(-half, half, steps=kernel_size, dtype=torch.float32)
@@ -129,12 +130,13 @@ def degrade_triton(
     rows = b * c * hgt
     block_r, block_w = _triton_blocks(rows, wid, x0.device)
     grid = (triton.cdiv(rows, block_r), triton.cdiv(wid, block_w))
-    kern.degrade_kernel[grid](
-        x0, m, eps, abar.contiguous(), out,
-        *x0.stride(), *m.stride(), *eps.stride(), *out.stride(),
-        c, hgt, wid, rows, m.shape[1], m.shape[2], float(sigma),
-        KSIZE=int(kernel_size), KPAD=max(2, _triton.next_pow2(kernel_size)), BLOCK_R=block_r, BLOCK_W=block_w,
-    )
+    with _triton.on_device(x0):
+        kern.degrade_kernel[grid](
+            x0, m, eps, abar.contiguous(), out,
+            *x0.stride(), *m.stride(), *eps.stride(), *out.stride(),
+            c, hgt, wid, rows, m.shape[1], m.shape[2], float(sigma),
+            KSIZE=int(kernel_size), KPAD=max(2, _triton.next_pow2(kernel_size)), BLOCK_R=block_r, BLOCK_W=block_w,
+        )
     return out
 
 
