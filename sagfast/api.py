@@ -39,6 +39,12 @@ def enable(pipe, config: SAGConfig | None = None, **overrides):
     replaces its config. Everything is checked before the pipeline is touched.
     """
     config = _make_config(config, overrides)
+    _set_unet(pipe, GuidedUNet(_checked_unet(pipe, config), pipe, config))
+    return pipe
+
+
+def _checked_unet(pipe, config: SAGConfig):
+    """The pipeline's plain UNet, once the pipeline is checked for SAG with `config`."""
     unet = _base_unet(pipe)
     scheduler = getattr(pipe, "scheduler", None)
     if scheduler is None:
@@ -50,8 +56,7 @@ def enable(pipe, config: SAGConfig | None = None, **overrides):
             "an [uncond, cond] batch from a batch of conditional samples"
         )
     resolve_capture_layer(getattr(unet, "_orig_mod", unet), config.layers)
-    _set_unet(pipe, GuidedUNet(unet, pipe, config))
-    return pipe
+    return unet
 
 
 def disable(pipe):

@@ -12,8 +12,9 @@ from typing import Any, Callable
 import torch
 from diffusers import StableDiffusionPipeline
 
-from sagfast.api import _base_unet, guided
+from sagfast.api import _base_unet, _checked_unet, _make_config, _set_unet
 from sagfast.config import SAGConfig
+from sagfast.denoiser import GuidedUNet
 
 
 class StableDiffusionSAGPipeline(StableDiffusionPipeline):
@@ -53,7 +54,9 @@ class StableDiffusionSAGPipeline(StableDiffusionPipeline):
         """diffusers' `StableDiffusionSAGPipeline.__call__`; `sag_config` sets the other SAG fields
         (its `scale` is replaced by `sag_scale`)."""
         legacy = {"callback": callback, "callback_steps": callback_steps} if callback is not None else {}
-        with guided(self, sag_config, scale=sag_scale):
+        before = self.unet
+        self._install_denoiser(_make_config(sag_config, {"scale": sag_scale}))
+        try:
             return super().__call__(
                 prompt=prompt,
                 height=height,
@@ -75,3 +78,15 @@ class StableDiffusionSAGPipeline(StableDiffusionPipeline):
                 clip_skip=clip_skip,
                 **legacy,
             )
+        finally:
+            _set_unet(self, before)
+
+    def _install_denoiser(self, config: SAGConfig) -> None:
+        """Put the guided UNet for `config` in place of `self.unet` for one call. It is kept between calls
+        (CUDA graphs captured by one call replay in the next) and made anew when the config or the
+        UNet changes; the pipeline is checked either way (a scheduler may have been swapped in)."""
+        unet = _checked_unet(self, config)
+        kept = self.__dict__.get("_sagfast_denoiser")
+        if kept is None or kept.sag_config != config or kept.unet is not unet:
+            kept = self.__dict__["_sagfast_denoiser"] = GuidedUNet(unet, self, config)
+        _set_unet(self, kept)

@@ -63,6 +63,36 @@ def test_cuda_graph_capture_failure_falls_back_with_a_warning():
     finally:
         handle.remove()
     assert (out - eager).abs().max().item() <= 1e-4 * max(1.0, eager.abs().max().item())
+    # The failed capture handed the stream back: the rest of the pipeline ran on the caller's stream.
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+
+
+def test_dropin_pipeline_replays_its_graphs_in_the_next_call():
+    from components import sd_components
+
+    comps = sd_components()
+    pipe = sagfast.StableDiffusionSAGPipeline(**comps).to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    config = sagfast.SAGConfig(cuda_graph=True)
+    pe, ne = prompt_embeds(1)
+    go = lambda: pipe(prompt_embeds=pe.cuda(), negative_prompt_embeds=ne.cuda(), sag_config=config,  # noqa: E731
+                      generator=torch.Generator("cuda").manual_seed(0), **CALL).images
+    first = go()
+    graphs = dict(pipe.__dict__["_sagfast_denoiser"]._graphs._graphs)
+    assert len(graphs) == 1
+    assert torch.equal(go(), first)
+    assert pipe.__dict__["_sagfast_denoiser"]._graphs._graphs == graphs  # replayed, not captured again
+
+
+def test_graphs_are_dropped_when_the_weights_move():
+    pipe = sagfast.enable(cuda_pipe(), cuda_graph=True)
+    run(pipe)
+    assert len(pipe.unet._graphs._graphs) == 1
+    pipe.to(torch.float16)  # new weight tensors: the old graphs would read freed memory
+    out = run(pipe, torch.float16)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    (key,) = pipe.unet._graphs._graphs  # one graph, captured anew for the fp16 sample (the first input)
+    assert key[2][0][:3] == ("tensor", (2, 4, 8, 6), torch.float16)
 
 
 def test_xformers_capture_matches_sdpa():

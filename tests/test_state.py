@@ -108,3 +108,20 @@ def test_input_tensors_are_not_mutated():
     copies = [t.clone() for t in (pe, ne, latents)]
     pipe(prompt_embeds=pe, negative_prompt_embeds=ne, latents=latents, **CALL)
     assert all(torch.equal(a, b) for a, b in zip((pe, ne, latents), copies))
+
+
+def test_dropin_keeps_its_denoiser_between_calls_and_restores_the_pipeline():
+    from components import sd_components
+
+    pipe = sagfast.StableDiffusionSAGPipeline(**sd_components())
+    pipe.set_progress_bar_config(disable=True)
+    unet, config = pipe.unet, dict(pipe.config)
+    first = run(pipe)
+    kept = pipe.__dict__["_sagfast_denoiser"]
+    assert pipe.unet is unet and dict(pipe.config) == config and not sagfast.is_enabled(pipe)
+    # The same guided UNet serves the next call (its CUDA graphs replay there) and gives the same result.
+    assert torch.equal(run(pipe), first)
+    assert pipe.__dict__["_sagfast_denoiser"] is kept
+    run(pipe, sag_scale=0.5)  # another config: another guided UNet
+    assert pipe.__dict__["_sagfast_denoiser"] is not kept
+    assert pipe.unet is unet
