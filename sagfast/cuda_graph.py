@@ -32,8 +32,8 @@ def _leaf_key(leaf):
 class ModelWatch:
     """What a captured graph of `model` bakes in besides its inputs: the addresses of its weights, the
     processors of its attention layers, whether a LoRA is loaded. The tensors and layers are listed
-    once; reading their addresses each step costs ~60 us on SD 1.5's 686 tensors (a fresh walk of the
-    module tree costs ~1.6 ms, measured on the 2-core CPU)."""
+    once: reading their addresses each step costs 46 us on SD 1.5's 686 tensors, where walking the
+    module tree afresh costs 1.6 ms (both measured on the 2-core AMD EPYC dev machine)."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
