@@ -12,7 +12,6 @@ the requested digit for each variant.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from diffusers import (
 )
 
 import sagfast
+from bench.common import save_report
 
 SCHEDULERS = {
     "DDIM": lambda c: DDIMScheduler.from_config(c),
@@ -95,11 +95,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path("out/batched_cost"))
     args = parser.parse_args(argv)
     result = run(args.n, args.steps)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "batched_cost.json").write_text(json.dumps(result, indent=1))
-    text = table(result)
-    (args.out / "batched_cost.md").write_text(text + "\n")
-    print(text)
+    save_report(args.out, "batched_cost", result, table(result))
 
 
 if __name__ == "__main__":

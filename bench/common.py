@@ -403,6 +403,14 @@ def write_results(out_dir: Path, scenario: str, result: dict, columns: list, tit
     return json_path
 
 
+def save_report(out_dir: Path, name: str, result: dict, text: str) -> None:
+    """`name`.json (the result) and `name`.md (its table) under `out_dir`; the table is printed too."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(result, indent=1))
+    (out_dir / f"{name}.md").write_text(text + "\n")
+    print(text)
+
+
 def plot(out_path: Path, draw: Callable) -> str | None:
     """Calls draw(plt) with the Agg backend and saves; returns the path or None without matplotlib."""
     try:

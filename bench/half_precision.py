@@ -17,7 +17,6 @@ d is the RMS over latent elements, averaged over images; the max abs difference 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ from diffusers.pipelines.deprecated.stable_diffusion_sag.pipeline_stable_diffusi
 )
 
 import sagfast
+from bench.common import save_report
 from bench.models import TINY, components, prompt_kwargs
 
 SCHEDULERS = {"DDIM": DDIMScheduler, "DPM++ 2M": DPMSolverMultistepScheduler}
@@ -94,11 +94,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path("out/half_precision"))
     args = parser.parse_args(argv)
     result = run(torch.device(args.device), args.steps)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "half_precision.json").write_text(json.dumps(result, indent=1))
-    text = table(result)
-    (args.out / "half_precision.md").write_text(text + "\n")
-    print(text)
+    save_report(args.out, "half_precision", result, table(result))
 
 
 if __name__ == "__main__":
