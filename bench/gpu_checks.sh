@@ -2,7 +2,8 @@
 # On a machine with a CUDA GPU: the GPU-only tests (half precision, CUDA graphs, xformers, Triton and
 # CUDA kernels against the references), then the step benchmark of issue 4 (SD1.5-shaped UNet, random
 # weights, 512x512 fp16, batch 1 and 4: CFG only, exact and batched SAG, each with and without CUDA
-# graphs, peak memory in the JSON), fp16/bf16 against fp32 beside diffusers, and the kernel benchmark. Results land in ${OUT:-gpu-results}.
+# graphs, peak memory in the JSON), fp16/bf16 against fp32 beside diffusers, and the kernel
+# benchmark. Results land in ${OUT:-gpu-results}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu-results}"
