@@ -67,6 +67,16 @@ def disable(pipe):
     return pipe
 
 
+def drop_graphs(pipe) -> None:
+    """Forget the CUDA graphs of `pipe`'s guided UNet (the enabled one, and the one the drop-in
+    pipeline keeps between calls), freeing their memory; the next step captures afresh. Needed after a
+    change to the UNet that the graphs cannot see (adapter weights set with `set_adapters`, an
+    attribute a layer reads); moved or cast weights, a LoRA loaded and swapped processors are seen."""
+    for unet in (getattr(pipe, "unet", None), pipe.__dict__.get("_sagfast_denoiser")):
+        if isinstance(unet, GuidedUNet):
+            unet._graphs.clear()
+
+
 def is_enabled(pipe) -> bool:
     return isinstance(getattr(pipe, "unet", None), GuidedUNet)
 

@@ -9,8 +9,8 @@ the captured region synchronizes with the host.
 A graph also bakes in what is not among its inputs: the addresses of the weights and which attention
 processors run. `StepGraphs.run` reads a fingerprint of those (`ModelWatch`) and drops every graph
 when it changes (weights moved or cast, a LoRA loaded, processors swapped). What the fingerprint does
-not see (a LoRA's scale changed in place, a Python attribute a layer reads) needs `sagfast.enable`
-again, which starts with no graphs.
+not see (adapter weights set with `set_adapters`, a Python attribute a layer reads) needs
+`sagfast.drop_graphs(pipe)`.
 """
 
 from __future__ import annotations
@@ -29,9 +29,16 @@ def _leaf_key(leaf):
     return leaf
 
 
+def _address(t: torch.Tensor) -> int:
+    try:
+        return t.data_ptr()
+    except RuntimeError:  # a tensor subclass with no storage of its own (quantized weights, ...)
+        return 0
+
+
 class ModelWatch:
     """What a captured graph of `model` bakes in besides its inputs: the addresses of its weights, the
-    processors of its attention layers, whether a LoRA is loaded. The tensors and layers are listed
+    processors of its attention layers, the LoRA adapters loaded. The tensors and layers are listed
     once: reading their addresses each step costs 46 us on SD 1.5's 686 tensors, where walking the
     module tree afresh costs 1.6 ms (both measured on the 2-core AMD EPYC dev machine)."""
 
@@ -40,20 +47,26 @@ class ModelWatch:
         self.tensors = list(model.parameters()) + list(model.buffers())
         self.attention = [m for m in model.modules() if isinstance(m, Attention)]
 
-    def fingerprint(self) -> int:
-        return hash((
-            tuple(t.data_ptr() for t in self.tensors),  # .to(), .half(), offload: new addresses
-            tuple(id(m.processor) for m in self.attention),
-            getattr(self.model, "_hf_peft_config_loaded", False),
-        ))
+    def fingerprint(self) -> tuple:
+        """Compared with ==. It holds the processors themselves, so a freed processor's id cannot
+        come back as a new processor's."""
+        return (
+            hash(tuple(_address(t) for t in self.tensors)),  # .to(), .half(), offload: new addresses
+            tuple(m.processor for m in self.attention),
+            tuple(getattr(self.model, "peft_config", None) or ()),  # adapter names: LoRA loaded or unloaded
+        )
 
     def refusals(self) -> list[str]:
         """Why steps of the model must not be graphed in its present setting (empty when they may)."""
+        why = []
         hooked = [n for n, m in self.model.named_modules() if hasattr(m, "_hf_hook") or hasattr(m, "_diffusers_hook")]
         if hooked:
             # Offloading moves weights between calls; a replay runs no hooks and reads stale addresses.
-            return [f"the model has accelerate/diffusers hooks (CPU or group offload) on {hooked[:3]}"]
-        return []
+            why.append(f"the model has accelerate/diffusers hooks (CPU or group offload) on {hooked[:3]}")
+        if any(t.numel() and _address(t) == 0 for t in self.tensors):
+            why.append("some weights are tensor subclasses without storage of their own (quantized weights?), "
+                       "whose moves a graph cannot follow")
+        return why
 
 
 class _Graph:
@@ -129,8 +142,9 @@ class StepGraphs:
                 self._refuse(None, reason)
             if self._model_refusals:
                 return None
-        if torch.is_autocast_enabled("cuda") and torch.is_autocast_cache_enabled():
-            # The graph would read the autocast cache's casts of the weights, freed when the context exits.
+        if torch.is_autocast_enabled("cuda"):
+            # A graph replays the precision it was captured with, and with the autocast cache on it would
+            # read casts of the weights that are freed when the context exits.
             self._refuse(None, "the pipeline runs under torch.autocast (cast the pipeline to the dtype instead)")
             return None
         try:
@@ -151,9 +165,20 @@ class StepGraphs:
                 except Exception as e:  # capture fails on host syncs, unsupported ops...
                     self._refuse(key, f"capture of the {variant} step failed: {type(e).__name__}: {e}")
                     torch.cuda.synchronize(device)
+                    self._abandon_pool(device)
                     return None
                 self._graphs[key] = graph
             return graph(inputs)
+
+    def _abandon_pool(self, device: torch.device) -> None:
+        """After a failed capture the allocator may still route allocations to the shared pool (torch
+        stops that only when capture_end succeeds): stop it, and give later captures a fresh pool. The
+        graphs already captured keep the old one alive."""
+        try:
+            torch._C._cuda_endAllocateToPool(device.index, self._pool)
+        except RuntimeError:  # routing had already ended
+            pass
+        self._pool = None
 
     def _refuse(self, key, reason: str) -> None:
         if key is not None:
@@ -164,9 +189,10 @@ class StepGraphs:
         warnings.warn(f"sagfast: running this step without a CUDA graph: {reason}", RuntimeWarning, stacklevel=4)
 
     def clear(self) -> None:
+        """Drop every graph (and with them the memory of their pool); reasons already warned about stay
+        quiet."""
         self._graphs.clear()
         self._refused.clear()
         self._fingerprint = None
         self._model_refusals = []
-        self._warned.clear()
         self._pool = self._stream = None

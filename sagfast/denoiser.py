@@ -210,6 +210,7 @@ class GuidedUNet(torch.nn.Module):
         if cfg.mask == "random":
             why.append('mask="random" draws from a generator the graph does not own')
         if why:
+            self._graphs.clear()  # e.g. the pipeline moved to the CPU: free the GPU memory of its graphs
             if not self._graph_refusal_warned:
                 warnings.warn("sagfast: cuda_graph=True, running without CUDA graphs: " + "; ".join(why), RuntimeWarning, stacklevel=5)
                 self._graph_refusal_warned = True

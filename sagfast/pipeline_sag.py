@@ -81,12 +81,18 @@ class StableDiffusionSAGPipeline(StableDiffusionPipeline):
         finally:
             _set_unet(self, before)
 
+    def __getstate__(self):
+        # The kept guided UNet points back at this pipeline (weakly): a copy or a pickle makes its own.
+        state = self.__dict__.copy()
+        state.pop("_sagfast_denoiser", None)
+        return state
+
     def _install_denoiser(self, config: SAGConfig) -> None:
         """Put the guided UNet for `config` in place of `self.unet` for one call. It is kept between calls
         (CUDA graphs captured by one call replay in the next) and made anew when the config or the
         UNet changes; the pipeline is checked either way (a scheduler may have been swapped in)."""
         unet = _checked_unet(self, config)
         kept = self.__dict__.get("_sagfast_denoiser")
-        if kept is None or kept.sag_config != config or kept.unet is not unet:
+        if kept is None or kept.sag_config != config or kept.unet is not unet or kept._pipe() is not self:
             kept = self.__dict__["_sagfast_denoiser"] = GuidedUNet(unet, self, config)
         _set_unet(self, kept)

@@ -14,6 +14,7 @@ and abar enter as device tensors, never as Python numbers), and a re-run replays
 hooks). tests/test_gpu.py captures and replays the graphs for real on a GPU.
 """
 
+import contextlib
 import warnings
 
 import pytest
@@ -21,6 +22,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from diffusers.models.attention_processor import AttnProcessor
 from torch.utils import _pytree as pytree
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sagfast
@@ -60,6 +62,31 @@ class HostWatch(TorchDispatchMode):
         return out
 
 
+class HostDataWatch(TorchFunctionMode):
+    """`torch.tensor(x, device=...)` and its kin put host data on the device without any op the
+    dispatch watch sees."""
+
+    FACTORIES = (torch.tensor, torch.as_tensor, torch.asarray)
+
+    def __init__(self, found: list):
+        super().__init__()
+        self.found = found
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(func is f for f in self.FACTORIES) and torch.is_tensor(out) and out.device.type == "meta":
+            if not (args and torch.is_tensor(args[0]) and args[0].device.type == "meta"):
+                self.found.append(f"torch.{func.__name__} puts host data on the device")
+        return out
+
+
+@contextlib.contextmanager
+def host_watch():
+    watch = HostWatch()
+    with HostDataWatch(watch.found), watch:
+        yield watch
+
+
 def meta_step(pipe, cfg_on: bool, b: int = 2):
     """A step as `_guided` builds it, on the meta device; `pipe`'s UNet is moved there."""
     guided = pipe.unet
@@ -79,7 +106,7 @@ def watched(guided, variant, step):
     """The step's ops after a warm-up run (CUDA-graph capture also follows a warm-up: what a first run
     caches, such as the dispatch choice and the blur weights on the device, is allowed)."""
     guided._run_step(variant, step, guided.sag_config)
-    with HostWatch() as watch:
+    with host_watch() as watch:
         try:
             out = guided._run_step(variant, step, guided.sag_config)
         except RuntimeError:
@@ -113,7 +140,7 @@ def test_alpha_bar_of_a_device_timestep_waits_for_nothing(scheduler_cls):
     if hasattr(scheduler, "sigmas"):
         scheduler._step_index = 2  # as the pipeline's scale_model_input leaves it
     alpha_bar(scheduler, t, 3, "meta")  # the first call may copy the schedule to the device, once
-    with HostWatch() as watch:
+    with host_watch() as watch:
         abar = alpha_bar(scheduler, t, 3, "meta")
     assert watch.found == []
     assert abar.shape == (3,) and abar.dtype == torch.float32 and abar.device.type == "meta"
@@ -128,13 +155,14 @@ def test_alpha_bar_of_a_device_timestep_waits_for_nothing(scheduler_cls):
     (lambda m, a, o: o.sum().item() and None, "aten._local_scalar_dense (a read-back to the host)"),
     (lambda m, a, o: o * torch.tensor(0.5), "aten.mul mixes host and device tensors"),
     (lambda m, a, o: o * torch.tensor([0.5]).to(o.device), "aten._to_copy brings a host tensor to the device"),
-], ids=["item", "host-scalar", "host-copy"])
+    (lambda m, a, o: o * torch.tensor(0.5, device=o.device), "torch.tensor puts host data on the device"),
+], ids=["item", "host-scalar", "host-copy", "host-data"])
 def test_the_watch_catches_a_host_read_and_a_host_tensor(bad, expected):
     pipe = sagfast.enable(sd_pipeline(), backend="torch")
     guided = pipe.unet
     step = meta_step(pipe, cfg_on=True)
     guided.unet.mid_block.register_forward_hook(bad)
-    with HostWatch() as watch:
+    with host_watch() as watch:
         try:
             guided._run_step("exact", step, guided.sag_config)
         except RuntimeError:

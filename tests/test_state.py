@@ -125,3 +125,34 @@ def test_dropin_keeps_its_denoiser_between_calls_and_restores_the_pipeline():
     run(pipe, sag_scale=0.5)  # another config: another guided UNet
     assert pipe.__dict__["_sagfast_denoiser"] is not kept
     assert pipe.unet is unet
+
+
+def test_a_copy_of_the_dropin_pipeline_guides_itself():
+    import copy
+    import pickle
+
+    from components import sd_components
+    from diffusers import EulerDiscreteScheduler
+
+    pipe = sagfast.StableDiffusionSAGPipeline(**sd_components(scheduler_cls=EulerDiscreteScheduler))
+    pipe.set_progress_bar_config(disable=True)
+    first = run(pipe)
+    twin = copy.deepcopy(pipe)  # its kept guided UNet would read the original's scheduler
+    assert "_sagfast_denoiser" not in twin.__dict__
+    assert torch.equal(run(twin), first)
+    assert twin.__dict__["_sagfast_denoiser"].pipe is twin
+    pickle.dumps(pipe)
+
+
+def test_drop_graphs_reaches_the_enabled_and_the_kept_guided_unet():
+    from components import sd_components
+
+    pipe = sagfast.StableDiffusionSAGPipeline(**sd_components())
+    pipe.set_progress_bar_config(disable=True)
+    run(pipe)
+    sagfast.enable(pipe)
+    guided = [pipe.unet, pipe.__dict__["_sagfast_denoiser"]]
+    for g in guided:
+        g._graphs._graphs["a graph"] = object()  # graphs are captured on CUDA only; any entry will do
+    sagfast.drop_graphs(pipe)
+    assert [g._graphs._graphs for g in guided] == [{}, {}]
