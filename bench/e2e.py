@@ -188,8 +188,6 @@ def run(opts, record: dict, log=common.log) -> dict:
         "wall ms: median over interleaved rounds of one whole pipeline call (decode included); x CFG: median of "
         "per-round ratios to the CFG-only call of the same run.",
     ]
-    if opts.device.type != "cuda":
-        notes.append("CPU figures; GPU figures pending (no CUDA device in this run).")
     return {
         "title": "End to end: whole pipeline wall time per mode",
         "rows": rows,

@@ -210,8 +210,6 @@ def run(opts, record: dict, log=common.log) -> dict:
         "temporaries alive), so its peak is flat in N (and above diffusers' at N=1024, where the whole map is 32 MiB).",
         "analytic rows were not run (the size is computed, not measured).",
     ]
-    if device.type != "cuda":
-        notes.append("CPU figures; GPU figures pending (no CUDA device in this run).")
     return {
         "title": "Peak memory of the attention-map computation",
         "rows": rows,

@@ -214,8 +214,6 @@ def run(opts, record: dict, log=common.log) -> dict:
         "Python overhead of the guided denoiser itself (hooks, argument binding, slicing) is not in these parts: "
         "the step scenario's 'over floor' column has everything together.",
     ]
-    if device.type != "cuda":
-        notes.append("CPU figures; GPU figures pending (no CUDA device in this run).")
     return {
         "title": "Overhead outside the model calls, per backend",
         "rows": rows,

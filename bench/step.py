@@ -259,8 +259,6 @@ def run(opts, record: dict, log=common.log) -> dict:
         "(b) is the floor of exact SAG only: batched mode makes one larger call per step and can go below it.",
         f"Random weights, DDIM, guidance 7.5, batch {opts.batch}, dtype {str(dtype).replace('torch.', '')}.",
     ]
-    if device.type != "cuda":
-        notes.append("CPU figures; GPU figures pending (no CUDA device in this run).")
     return {
         "title": "Step time per mode",
         "rows": rows,

@@ -45,6 +45,7 @@ def test_cli_step_quick_writes_valid_json(tmp_path):
     assert "(no CUDA here)" in rows["sagfast_exact_graph"]["status"]
     assert (out / "step.csv").read_text().startswith("model,")
     assert "| (d) sagfast exact |" in (out / "step.md").read_text()
+    assert "GPU figures pending (no CUDA device in this run)" in (out / "step.md").read_text()
 
 
 def test_half_precision_bench_runs_and_fp32_matches_diffusers():
