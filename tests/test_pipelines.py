@@ -38,6 +38,17 @@ def sdxl_pipeline():
     return pipe
 
 
+def first_step_calls_with_sag(pipe, call):
+    """Runs `pipe` plain, then with SAG enabled (same seed); checks that SAG changed the result and
+    returns the recorded main and degraded UNet calls of the first step."""
+    plain = pipe(generator=torch.Generator().manual_seed(0), **call).images
+    sagfast.enable(pipe)
+    with recording(pipe) as rec:
+        out = pipe(generator=torch.Generator().manual_seed(0), **call).images
+    assert torch.isfinite(out).all() and (out - plain).abs().max() > 1e-3
+    return rec.calls[0], rec.calls[1]
+
+
 def test_sdxl_slices_added_cond_kwargs_for_the_degraded_pass():
     pipe = sdxl_pipeline()
     g = torch.Generator().manual_seed(3)
@@ -48,12 +59,7 @@ def test_sdxl_slices_added_cond_kwargs_for_the_degraded_pass():
         negative_pooled_prompt_embeds=torch.randn(2, POOLED, generator=g),
     )
     call = dict(height=48, width=40, num_inference_steps=2, output_type="latent", **emb)
-    plain = pipe(generator=torch.Generator().manual_seed(0), **call).images
-    sagfast.enable(pipe)
-    with recording(pipe) as rec:
-        out = pipe(generator=torch.Generator().manual_seed(0), **call).images
-    assert torch.isfinite(out).all() and (out - plain).abs().max() > 1e-3
-    main, degraded = rec.calls[0], rec.calls[1]
+    main, degraded = first_step_calls_with_sag(pipe, call)
     assert main["sample"].shape[0] == 4 and degraded["sample"].shape[0] == 2
     for key in ("text_embeds", "time_ids"):
         full = main["kwargs"]["added_cond_kwargs"][key]
@@ -90,12 +96,7 @@ def test_inpaint_with_a_nine_channel_unet_runs_with_sag():
     mask[..., 16:48, 8:40] = 1
     call = dict(prompt_embeds=pe, negative_prompt_embeds=ne, image=_image(), mask_image=mask, height=64, width=48,
                 num_inference_steps=3, output_type="latent")
-    plain = pipe(generator=torch.Generator().manual_seed(0), **call).images
-    sagfast.enable(pipe)
-    with recording(pipe) as rec:
-        out = pipe(generator=torch.Generator().manual_seed(0), **call).images
-    assert torch.isfinite(out).all() and (out - plain).abs().max() > 1e-3
-    main, degraded = rec.calls[0], rec.calls[1]
+    main, degraded = first_step_calls_with_sag(pipe, call)
     # The degraded input re-noises the 4 latent channels and keeps the guide rows' mask + masked image.
     assert degraded["sample"].shape == (1, 9, 32, 24)
     assert torch.equal(degraded["sample"][:, 4:], main["sample"][:1, 4:])
