@@ -81,26 +81,25 @@ def _nvidia_driver() -> str | None:
         return None
 
 
-def _mem_total_gib() -> float | None:
+def _meminfo_bytes(field: str) -> int | None:
+    """A /proc/meminfo field in bytes (None where there is no /proc)."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemTotal"):
-                    return round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return None
-
-
-def mem_available_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def _mem_total_gib() -> float | None:
+    total = _meminfo_bytes("MemTotal")
+    return None if total is None else round(total / 2**30, 1)
+
+
+def mem_available_bytes() -> int | None:
+    return _meminfo_bytes("MemAvailable")
 
 
 def sagfast_backends() -> dict:
