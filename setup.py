@@ -70,7 +70,7 @@ setup(
     ],
     extras_require={
         "triton": ["triton"],
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "triton", "mlxtend", "matplotlib"],
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "triton", "mlxtend", "matplotlib", "accelerate"],
         "train": ["mlxtend"],
     },
     entry_points={"console_scripts": ["sagfast=sagfast.cli:main"]},

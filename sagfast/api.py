@@ -30,6 +30,11 @@ def _base_unet(pipe):
 def _set_unet(pipe, unet) -> None:
     # Bypass DiffusionPipeline.__setattr__, which would rewrite pipe.config's record of the UNet class.
     pipe.__dict__["unet"] = unet
+    if getattr(pipe, "_all_hooks", None):
+        # Model CPU offload: diffusers puts its hooks on the pipeline's components (and puts them back at
+        # the end of every call, `maybe_free_model_hooks`). Do the same now, so that the hooks sit on the
+        # UNet the pipeline calls: the guided one while SAG is on, the original after `disable`.
+        pipe.enable_model_cpu_offload(device=pipe._offload_device)
 
 
 def enable(pipe, config: SAGConfig | None = None, **overrides):

@@ -141,10 +141,16 @@ class GuidedUNet(torch.nn.Module):
         self._watch = None  # ModelWatch of the UNet, made at the first graphed step
         self._graph_refusal_warned = False
 
+    # accelerate's hook attributes describe the module they sit on: read through to the UNet, they would
+    # make accelerate wrap (or restore) the UNet's own forward in place of this one's.
+    _OWN_ATTRIBUTES = frozenset({"_hf_hook", "_old_forward"})
+
     def __getattr__(self, name):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if name in self._OWN_ATTRIBUTES:
+                raise
             return getattr(self._modules["unet"], name)
 
     @property
@@ -222,7 +228,7 @@ class GuidedUNet(torch.nn.Module):
             return self._run_step(variant, s, cfg)
 
         if self._watch is None:
-            self._watch = ModelWatch(getattr(self.unet, "_orig_mod", self.unet))
+            self._watch = ModelWatch(self)  # this module too: offload hooks may sit on it
         return self._graphs.run(variant, fn, inputs, state, self._watch)
 
     def _graph_inputs(self, step: "_Step"):

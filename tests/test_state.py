@@ -156,3 +156,50 @@ def test_drop_graphs_reaches_the_enabled_and_the_kept_guided_unet():
         g._graphs._graphs["a graph"] = object()  # graphs are captured on CUDA only; any entry will do
     sagfast.drop_graphs(pipe)
     assert [g._graphs._graphs for g in guided] == [{}, {}]
+
+
+def test_model_cpu_offload_hooks_follow_the_unet_the_pipeline_calls():
+    # diffusers' model offload re-installs accelerate's hooks on the pipeline's components at the end of
+    # every call; with SAG on, the guided UNet is that component. accelerate runs the offload on the CPU
+    # too (device="cpu"), so the hook bookkeeping is checked here, exactly as on a GPU.
+    pipe = sd_pipeline()
+    pipe.enable_model_cpu_offload(device="cpu")
+    inner = pipe.unet
+    plain = run(pipe)
+    reference = run(sagfast.enable(sd_pipeline()))  # the same weights, no offload
+    sagfast.enable(pipe)
+    assert torch.equal(run(pipe), reference)
+    assert "_hf_hook" in pipe.unet.__dict__ and "_hf_hook" not in inner.__dict__
+    assert torch.equal(run(pipe), reference)  # and again, with the hooks on the guided UNet
+    sagfast.disable(pipe)
+    assert pipe.unet is inner and "_hf_hook" in inner.__dict__
+    assert torch.equal(run(pipe), plain)
+    with sagfast.guided(pipe):
+        assert torch.equal(run(pipe), reference)
+    assert pipe.unet is inner and "_hf_hook" in inner.__dict__
+    assert torch.equal(run(pipe), plain)
+
+
+def test_dropin_pipeline_with_model_cpu_offload():
+    from components import sd_components
+
+    reference = run(sagfast.StableDiffusionSAGPipeline(**sd_components()))
+    pipe = sagfast.StableDiffusionSAGPipeline(**sd_components())
+    pipe.enable_model_cpu_offload(device="cpu")
+    unet = pipe.unet
+    assert torch.equal(run(pipe), reference)
+    assert torch.equal(run(pipe), reference)
+    assert pipe.unet is unet and "_hf_hook" in unet.__dict__
+
+
+def test_group_offload_runs_with_sag_and_survives_disable():
+    # (Sequential CPU offload is not checked: with torch 2.13 CPU and accelerate 1.15 it fails on a plain
+    # pipeline already, in accelerate's post_forward.)
+    reference, plain = run(sagfast.enable(sd_pipeline())), run(sd_pipeline())
+    pipe = sd_pipeline()
+    pipe.unet.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                                   offload_type="block_level", num_blocks_per_group=1)
+    sagfast.enable(pipe)
+    assert torch.equal(run(pipe), reference)
+    sagfast.disable(pipe)
+    assert torch.equal(run(pipe), plain)
