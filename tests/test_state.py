@@ -178,6 +178,12 @@ def test_model_cpu_offload_hooks_follow_the_unet_the_pipeline_calls():
         assert torch.equal(run(pipe), reference)
     assert pipe.unet is inner and "_hf_hook" in inner.__dict__
     assert torch.equal(run(pipe), plain)
+    # Offload switched on after SAG: the hooks go on the guided UNet, and back to the UNet on disable.
+    late = sagfast.enable(sd_pipeline())
+    late.enable_model_cpu_offload(device="cpu")
+    assert torch.equal(run(late), reference) and "_hf_hook" in late.unet.__dict__
+    sagfast.disable(late)
+    assert "_hf_hook" in late.unet.__dict__ and torch.equal(run(late), plain)
 
 
 def test_dropin_pipeline_with_model_cpu_offload():
