@@ -1,8 +1,11 @@
-"""SAG on other diffusers pipelines: SDXL (added_cond_kwargs sliced), img2img, inpaint."""
+"""SAG on other diffusers pipelines: SDXL (added_cond_kwargs sliced), ControlNet (residuals sliced),
+img2img, inpaint."""
 
 import torch
 from diffusers import (
+    ControlNetModel,
     EulerDiscreteScheduler,
+    StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionXLPipeline,
@@ -101,3 +104,28 @@ def test_inpaint_with_a_nine_channel_unet_runs_with_sag():
     assert degraded["sample"].shape == (1, 9, 32, 24)
     assert torch.equal(degraded["sample"][:, 4:], main["sample"][:1, 4:])
     assert not torch.equal(degraded["sample"][:, :4], main["sample"][:1, :4])
+
+
+def test_controlnet_residuals_are_sliced_for_the_degraded_pass():
+    comps = sd_components()
+    torch.manual_seed(0)
+    # One stride-2 step in the conditioning embedding: the tiny VAE downsamples by 2, not 8.
+    controlnet = ControlNetModel.from_unet(comps["unet"], conditioning_embedding_out_channels=(16, 32)).eval()
+    with torch.no_grad():  # from_unet zero-initializes the output convs: give the residuals some content
+        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            conv.weight.normal_(std=0.1)
+    comps["controlnet"] = controlnet
+    pipe = StableDiffusionControlNetPipeline(**comps)
+    pipe.set_progress_bar_config(disable=True)
+    pe, ne = prompt_embeds(1)
+    call = dict(prompt_embeds=pe, negative_prompt_embeds=ne, image=(_image() + 1) / 2, height=64, width=48,
+                num_inference_steps=2, output_type="latent")
+    main, degraded = first_step_calls_with_sag(pipe, call)
+    assert main["sample"].shape[0] == 2 and degraded["sample"].shape[0] == 1
+    # The guide branch (unconditional) gets its own rows of every residual the ControlNet computed.
+    residuals = main["kwargs"]["down_block_additional_residuals"]
+    assert len(degraded["kwargs"]["down_block_additional_residuals"]) == len(residuals) > 0
+    for full, part in zip(residuals, degraded["kwargs"]["down_block_additional_residuals"]):
+        assert full.shape[0] == 2 and not torch.equal(full[0], full[1])  # uncond and cond rows differ
+        assert torch.equal(part, full[:1])
+    assert torch.equal(degraded["kwargs"]["mid_block_additional_residual"], main["kwargs"]["mid_block_additional_residual"][:1])
