@@ -126,6 +126,7 @@ def test_controlnet_residuals_are_sliced_for_the_degraded_pass():
     residuals = main["kwargs"]["down_block_additional_residuals"]
     assert len(degraded["kwargs"]["down_block_additional_residuals"]) == len(residuals) > 0
     for full, part in zip(residuals, degraded["kwargs"]["down_block_additional_residuals"]):
-        assert full.shape[0] == 2 and not torch.equal(full[0], full[1])  # uncond and cond rows differ
-        assert torch.equal(part, full[:1])
-    assert torch.equal(degraded["kwargs"]["mid_block_additional_residual"], main["kwargs"]["mid_block_additional_residual"][:1])
+        assert full.shape[0] == 2 and torch.equal(part, full[:1])
+    mid = main["kwargs"]["mid_block_additional_residual"]
+    assert not torch.equal(mid[0], mid[1])  # the prompts differ per row, so taking the wrong row would show
+    assert torch.equal(degraded["kwargs"]["mid_block_additional_residual"], mid[:1])
