@@ -12,6 +12,15 @@ class UNetRecorder:
         self.calls = []
         self.attn_inputs = []
         self.scheduler = scheduler
+        self.scaled = None  # (input, output) of the scheduler's latest scale_model_input
+        original = scheduler.scale_model_input
+
+        def scale_model_input(sample, *args, **kwargs):
+            out = original(sample, *args, **kwargs)
+            self.scaled = (sample, out)
+            return out
+
+        scheduler.scale_model_input = scale_model_input  # observed, not changed; removed by remove()
         self.handles = [
             unet.register_forward_pre_hook(self._pre, with_kwargs=True),
             unet.register_forward_hook(self._post, with_kwargs=True),
@@ -25,7 +34,14 @@ class UNetRecorder:
         if index is None:
             index = 0  # multistep schedulers set step_index in their first step(); text-to-image starts at 0
         sigma = sched.sigmas[index].item() if getattr(sched, "sigmas", None) is not None else None
-        self.calls.append({"sample": sample.detach().clone(), "kwargs": kwargs, "sigma": sigma})
+        # The sigma the input was really scaled with, from what scale_model_input did to it
+        # (x / sqrt(sigma^2 + 1)): right for schedulers that interpolate sigmas (KDPM2) too. Schedulers
+        # that keep x in variance-preserving form (DPM-Solver) return it unscaled: then the step's sigma.
+        input_sigma = sigma
+        if sigma is not None and self.scaled is not None and self.scaled[1] is not self.scaled[0]:
+            ratio = self.scaled[0].double().abs().mean() / self.scaled[1].double().abs().mean()
+            input_sigma = max(ratio.item() ** 2 - 1, 0.0) ** 0.5
+        self.calls.append({"sample": sample.detach().clone(), "kwargs": kwargs, "sigma": sigma, "input_sigma": input_sigma})
 
     def _post(self, module, args, kwargs, output):
         out = output[0] if isinstance(output, tuple) else output.sample
@@ -38,6 +54,7 @@ class UNetRecorder:
     def remove(self):
         for h in self.handles:
             h.remove()
+        del self.scheduler.scale_model_input
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler
+from torch.utils import _pytree as pytree
 
 import sagfast
 from components import prompt_embeds, scheduler_config, sd_pipeline
@@ -95,3 +96,29 @@ def test_cuda_graph_on_cpu_tensors_warns_and_runs_eagerly():
         out, calls = run_recorded(pipe)
     assert torch.equal(out, eager)
     assert calls == [2, 1, 3, 3]
+
+
+def test_every_batched_conditioning_input_is_sliced_and_extended():
+    # The shapes a UNet call can carry: SDXL's added_cond_kwargs, IP-Adapter's list of image embeddings,
+    # ControlNet's tuple of residuals; unbatched tensors and plain values ride along untouched.
+    from sagfast.denoiser import extend_batch, slice_batch
+
+    full, keep = 4, 2
+    rows = lambda *shape: torch.randn(full, *shape)  # noqa: E731
+    call = {
+        "encoder_hidden_states": rows(3, 5),
+        "added_cond_kwargs": {"text_embeds": rows(6), "image_embeds": [rows(1, 7), rows(2, 7)]},
+        "down_block_additional_residuals": (rows(8, 2, 2), rows(8, 1, 1)),
+        "timestep_cond": torch.ones(1, 3),  # not batched: batch dim 1
+        "cross_attention_kwargs": {"scale": 0.5},
+    }
+    sliced, extended = slice_batch(call, full, keep), extend_batch(call, full, keep)
+    flat = pytree.tree_leaves
+    for original, cut, longer in zip(flat(call), flat(sliced), flat(extended)):
+        if torch.is_tensor(original) and original.shape[0] == full:
+            assert torch.equal(cut, original[:keep])
+            assert torch.equal(longer, torch.cat([original, original[:keep]]))
+        else:
+            assert cut is original and longer is original
+    assert isinstance(sliced["added_cond_kwargs"]["image_embeds"], list)
+    assert isinstance(sliced["down_block_additional_residuals"], tuple)

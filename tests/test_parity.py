@@ -4,6 +4,7 @@ import pytest
 import torch
 from diffusers import (
     DDIMScheduler,
+    DDPMScheduler,
     DEISMultistepScheduler,
     DPMSolverMultistepScheduler,
     PNDMScheduler,
@@ -17,7 +18,7 @@ from diffusers.pipelines.deprecated.stable_diffusion_sag.pipeline_stable_diffusi
 import sagfast
 from components import prompt_embeds, sd_components
 
-SCHEDULERS = [DDIMScheduler, PNDMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler, DEISMultistepScheduler]
+SCHEDULERS = [DDIMScheduler, DDPMScheduler, PNDMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler, DEISMultistepScheduler]
 # 2 prompts x 2 images per prompt, non-square 64x48 pixels -> 32x24 latent -> 16x12 mid-block map.
 CALL = dict(num_images_per_prompt=2, height=64, width=48, num_inference_steps=4, output_type="latent")
 

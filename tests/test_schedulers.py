@@ -8,6 +8,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    KDPM2DiscreteScheduler,
     LMSDiscreteScheduler,
     StableDiffusionPipeline,
 )
@@ -28,6 +29,7 @@ SCHEDULERS = {
     "heun": HeunDiscreteScheduler.from_config,
     "lms": LMSDiscreteScheduler.from_config,
     "dpmpp_2m_karras": karras_dpmpp_2m,
+    "kdpm2": KDPM2DiscreteScheduler.from_config,  # its second-order evaluations run at interpolated sigmas
 }
 CALL = dict(num_images_per_prompt=1, height=48, width=40, num_inference_steps=3, output_type="latent")
 
@@ -90,7 +92,7 @@ def test_sag_beyond_diffusers(name):
     checked = 0
     for i in range(0, len(calls), 2):
         main, degraded = calls[i], calls[i + 1]
-        abar = 1.0 / (1.0 + main["sigma"] ** 2)
+        abar = 1.0 / (1.0 + main["input_sigma"] ** 2)
         with torch.no_grad():
             want = expected_degraded_input(attn, main_hidden[i // 2], main["sample"], main["out"], abar, latent_hw, map_hw, b)
         got = degraded["sample"]
