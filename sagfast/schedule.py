@@ -52,14 +52,19 @@ def _current_sigma(scheduler, timestep):
     return sigmas[index]
 
 
-_DEVICE_TABLE: list = [None]  # (alphas_cumprod, device, its copy on that device): one scheduler at a time
+# (id of an alphas_cumprod, device) -> (that tensor, its copy on the device). Holding the tensor keeps
+# its id from being reused; a few entries serve pipelines that alternate without copying every step.
+_DEVICE_TABLES: dict = {}
 
 
 def _table_on(table: torch.Tensor, device: torch.device) -> torch.Tensor:
-    cached = _DEVICE_TABLE[0]
-    if cached is None or cached[0] is not table or cached[1] != device:
-        cached = _DEVICE_TABLE[0] = (table, device, table.to(device))
-    return cached[2]
+    key = (id(table), device)
+    cached = _DEVICE_TABLES.get(key)
+    if cached is None or cached[0] is not table:
+        if len(_DEVICE_TABLES) >= 8:
+            _DEVICE_TABLES.pop(next(iter(_DEVICE_TABLES)))
+        cached = _DEVICE_TABLES[key] = (table, table.to(device))
+    return cached[1]
 
 
 def alpha_bar(scheduler, timestep, batch: int, device) -> torch.Tensor:
