@@ -117,7 +117,7 @@ class StepGraphs:
 
     def __init__(self):
         self._graphs: dict = {}
-        self._refused: dict = {}
+        self._refused: set = set()  # keys whose capture failed: they run eagerly
         self._fingerprint = None
         self._model_refusals: list = []
         self._warned: set = set()
@@ -139,18 +139,18 @@ class StepGraphs:
                 self._fingerprint = fingerprint
                 self._model_refusals = watch.refusals()
             for reason in self._model_refusals:
-                self._refuse(None, reason)
+                self.refuse(reason)
             if self._model_refusals:
                 return None
         if torch.is_autocast_enabled("cuda"):
             # A graph replays the precision it was captured with, and with the autocast cache on it would
             # read casts of the weights that are freed when the context exits.
-            self._refuse(None, "the pipeline runs under torch.autocast (cast the pipeline to the dtype instead)")
+            self.refuse("the pipeline runs under torch.autocast (cast the pipeline to the dtype instead)")
             return None
         try:
             key = self.key(variant, inputs)
         except TypeError as e:
-            self._refuse(None, f"an input is neither a tensor nor hashable ({e})")
+            self.refuse(f"an input is neither a tensor nor hashable ({e})")
             return None
         if key in self._refused:
             return None
@@ -163,7 +163,8 @@ class StepGraphs:
                 try:
                     graph = _Graph(fn, inputs, list(state), self._pool, self._stream)
                 except Exception as e:  # capture fails on host syncs, unsupported ops...
-                    self._refuse(key, f"capture of the {variant} step failed: {type(e).__name__}: {e}")
+                    self._refused.add(key)
+                    self.refuse(f"capture of the {variant} step failed: {type(e).__name__}: {e}")
                     torch.cuda.synchronize(device)
                     self._abandon_pool(device)
                     return None
@@ -180,9 +181,8 @@ class StepGraphs:
             pass
         self._pool = None
 
-    def _refuse(self, key, reason: str) -> None:
-        if key is not None:
-            self._refused[key] = reason
+    def refuse(self, reason: str) -> None:
+        """Warn, once per reason, that a step runs without a graph."""
         if reason in self._warned:
             return
         self._warned.add(reason)

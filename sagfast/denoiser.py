@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import warnings
 import weakref
 
 import torch
@@ -139,7 +138,6 @@ class GuidedUNet(torch.nn.Module):
         self._state_call = None
         self._graphs = StepGraphs()
         self._watch = None  # ModelWatch of the UNet, made at the first graphed step
-        self._graph_refusal_warned = False
 
     # accelerate's hook attributes describe the module they sit on: read through to the UNet, they would
     # make accelerate wrap (or restore) the UNet's own forward in place of this one's.
@@ -217,9 +215,8 @@ class GuidedUNet(torch.nn.Module):
             why.append('mask="random" draws from a generator the graph does not own')
         if why:
             self._graphs.clear()  # e.g. the pipeline moved to the CPU: free the GPU memory of its graphs
-            if not self._graph_refusal_warned:
-                warnings.warn("sagfast: cuda_graph=True, running without CUDA graphs: " + "; ".join(why), RuntimeWarning, stacklevel=5)
-                self._graph_refusal_warned = True
+            for reason in why:
+                self._graphs.refuse(reason)
             return None
         inputs, state = self._graph_inputs(step)
 

@@ -60,7 +60,7 @@ _DEVICE_TABLES: dict = {}
 def _table_on(table: torch.Tensor, device: torch.device) -> torch.Tensor:
     key = (id(table), device)
     cached = _DEVICE_TABLES.get(key)
-    if cached is None or cached[0] is not table:
+    if cached is None:
         if len(_DEVICE_TABLES) >= 8:
             _DEVICE_TABLES.pop(next(iter(_DEVICE_TABLES)))
         cached = _DEVICE_TABLES[key] = (table, table.to(device))

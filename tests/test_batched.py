@@ -92,7 +92,7 @@ def test_batched_mode_guides_and_differs_from_exact():
 def test_cuda_graph_on_cpu_tensors_warns_and_runs_eagerly():
     eager, _ = run_recorded(sagfast.enable(sd_pipeline(), mode="batched"))
     pipe = sagfast.enable(sd_pipeline(), mode="batched", cuda_graph=True)
-    with pytest.warns(RuntimeWarning, match="running without CUDA graphs: CUDA graphs need CUDA tensors, got cpu"):
+    with pytest.warns(RuntimeWarning, match="without a CUDA graph: CUDA graphs need CUDA tensors, got cpu"):
         out, calls = run_recorded(pipe)
     assert torch.equal(out, eager)
     assert calls == [2, 1, 3, 3]
