@@ -1,20 +1,47 @@
 #!/usr/bin/env bash
-# On a machine with a CUDA GPU: the GPU-only tests (half precision, CUDA graphs, xformers, Triton and
-# CUDA kernels against the references), then the step benchmark of issue 4 (SD1.5-shaped UNet, random
-# weights, 512x512 fp16, batch 1 and 4: CFG only, exact and batched SAG, each with and without CUDA
-# graphs, peak memory in the JSON), fp16/bf16 against fp32 beside diffusers, and the kernel
-# benchmark. Results land in ${OUT:-gpu-results}.
-set -euo pipefail
+# The GPU checks in one run, on a lent GPU machine as it comes (torch and triton there, no diffusers,
+# no network). First, here: `bash bench/gpu_kit.sh` (writes .gpu-kit/). Then, with the device tool:
+#
+#   run(command="bash bench/gpu_checks.sh", carry=[".gpu-kit"], timeout_s=570)
+#
+# Installs the kit into /tmp/sagfast-kit when diffusers is missing, then runs the stages of
+# `bench/stages.py` (info, C++/CUDA extension built for this device's architecture only, the GPU
+# tests, the SD1.5-shaped 512x512 fp16 step benchmark at batch 1 and 4 with and without CUDA graphs,
+# half precision, kernels, memory), each under its own time limit, all within GPU_CHECKS_BUDGET
+# seconds (default 480). A stage that fails or times out is recorded and the next one runs.
+# Into ${OUT:-gpu-results}: gpu_checks.log, summary.md and gpu-results.tar.gz (every JSON, markdown and
+# PNG). GPU_CHECKS_ONLY=a,b runs only those stages (a re-run after a fix).
+set -uo pipefail
 cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+why="$("$PY" - <<'PYEOF' 2>&1
+try:
+    import torch
+except Exception as e:
+    print(f"torch is not importable ({type(e).__name__}: {e})")
+else:
+    if not torch.cuda.is_available():
+        print(f"torch {torch.__version__} sees no CUDA device")
+PYEOF
+)"
+if [ -n "$why" ]; then
+  echo "no CUDA device: $why; bench/gpu_checks.sh runs only on a machine with a CUDA GPU" >&2
+  exit 2
+fi
 out="${OUT:-gpu-results}"
 mkdir -p "$out"
-python -m sagfast.info | tee "$out/info.txt"
-python -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu_tests.txt"
-for batch in 1 4; do
-  python -m bench step --device cuda --dtype fp16 --models sd15 --size 512 --batch "$batch" \
-    --variants cfg,floor,sagfast_exact,sagfast_batched,sagfast_exact_graph,sagfast_batched_graph \
-    --out "$out/step_b$batch"
-done
-python -m bench.half_precision --device cuda --out "$out"
-python -m bench kernels --device cuda --out "$out"
-python -m bench memory --device cuda --out "$out"
+work="$(mktemp -d)"
+if ! "$PY" -c 'import diffusers' 2>/dev/null; then
+  if ! ls .gpu-kit/*.whl >/dev/null 2>&1; then
+    echo "diffusers is missing here and .gpu-kit/ has no wheels: run bash bench/gpu_kit.sh first and carry .gpu-kit" >&2
+    exit 2
+  fi
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$work/kit" .gpu-kit/*.whl || exit 2
+  export PYTHONPATH="$work/kit${PYTHONPATH:+:$PYTHONPATH}"
+fi
+"$PY" -m bench.stages gpu --results "$work/gpu-results" --log "$out/gpu_checks.log" \
+  --budget "${GPU_CHECKS_BUDGET:-480}" ${GPU_CHECKS_ONLY:+--only "$GPU_CHECKS_ONLY"}
+rc=$?
+cp "$work/gpu-results/summary.md" "$out/" 2>/dev/null
+tar -czf "$out/gpu-results.tar.gz" -C "$work" gpu-results
+exit $rc
