@@ -1,16 +1,46 @@
-"""Turning SAG on and off on a diffusers pipeline."""
+"""Turning SAG on and off on a diffusers pipeline: one lifecycle for `enable`, `guided` and the drop-in.
+
+`enable(pipe)` keeps `pipe.unet` the user's own model object. It checks everything first, then:
+
+1. installs the capture on the model once (a dormant processor switch and a map hook, sagfast.capture),
+2. stores the SAGConfig in the pipeline (`pipe.__dict__`, plain data: it copies and pickles), and
+3. gives the pipeline a subclass of its own class, with the same name, whose `__call__` runs the call
+   as a `GuidedCall` (sagfast.denoiser) and whose denoiser attribute (`unet`) is the call's guided
+   denoiser while that call runs in this thread, and the user's model at any other time.
+
+So saving, `state_dict`, `components`, `from_pipe`, copying and pickling see the user's model; a call
+knows its own pipeline, scheduler and CFG state through a per-thread slot, never through a
+reference another pipeline, thread or copy could share. `disable` puts the class back, drops the
+config and, when no other enabled pipeline uses the model, takes the capture off it.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
+import weakref
 
+from sagfast import capture
 from sagfast.config import SAGConfig
-from sagfast.denoiser import GuidedUNet, resolve_capture_layer
-from sagfast.schedule import check_scheduler
+from sagfast.cuda_graph import drop_graphs_of
+from sagfast.denoiser import GuidedCall
+from sagfast.families import family_of, family_of_class
+
+CONFIG_KEY = "_sagfast_config"
+"""Where an enabled pipeline keeps its SAGConfig (in its `__dict__`)."""
+
+ACTIVE_CALL = capture.ThreadSlot()
+"""The GuidedCall running in this thread, or None."""
+
+# Who uses a model's capture: the pipelines enabled now, and the guided calls running (a drop-in
+# pipeline is not enabled: its calls install the capture and the last one running takes it off).
+_ENABLED = weakref.WeakSet()
+_RUNNING: dict = {}  # id(model) -> guided calls running on it
+_LOCK = threading.RLock()
 
 
-def _make_config(config: SAGConfig | None, overrides: dict) -> SAGConfig:
+def make_config(config: SAGConfig | None, overrides: dict) -> SAGConfig:
     if config is not None and not isinstance(config, SAGConfig):
         raise TypeError(f"config must be a sagfast.SAGConfig or None; got {type(config).__name__}")
     fields = {f.name for f in dataclasses.fields(SAGConfig)}
@@ -20,79 +50,181 @@ def _make_config(config: SAGConfig | None, overrides: dict) -> SAGConfig:
     return dataclasses.replace(config or SAGConfig(), **overrides)
 
 
-def _base_unet(pipe):
-    unet = getattr(pipe, "unet", None)
-    if unet is None:
-        raise ValueError(f"{type(pipe).__name__} has no `unet`; sagfast guides UNet-based diffusers pipelines")
-    return unet.unet if isinstance(unet, GuidedUNet) else unet
+@contextlib.contextmanager
+def guided_call(pipe, config: SAGConfig, generator=None):
+    """The body runs one guided call of `pipe` (a pipeline with a GuidedPipelineMixin class)."""
+    family = family_of(pipe)
+    call = GuidedCall(pipe, config, family, generator)
+    model = call.model
+    with _LOCK:
+        # Again at each call: a processor set since `enable` (set_attn_processor) is wrapped anew.
+        capture.install(call.capture.attn, call.capture.owner)
+        _RUNNING[id(model)] = _RUNNING.get(id(model), 0) + 1
+    call_token = ACTIVE_CALL.set(call)
+    capture_token = capture.ACTIVE.set(call.capture)
+    try:
+        yield call
+    finally:
+        capture.ACTIVE.reset(capture_token)
+        ACTIVE_CALL.reset(call_token)
+        with _LOCK:
+            _RUNNING[id(model)] -= 1
+            if not _RUNNING[id(model)]:
+                del _RUNNING[id(model)]
+            _release(model)
 
 
-def _set_unet(pipe, unet) -> None:
-    # Bypass DiffusionPipeline.__setattr__, which would rewrite pipe.config's record of the UNet class.
-    pipe.__dict__["unet"] = unet
-    if getattr(pipe, "_all_hooks", None):
-        # Model CPU offload: diffusers puts its hooks on the pipeline's components (and puts them back at
-        # the end of every call, `maybe_free_model_hooks`). Do the same now, so that the hooks sit on the
-        # UNet the pipeline calls: the guided one while SAG is on, the original after `disable`.
-        pipe.enable_model_cpu_offload(device=pipe._offload_device)
+def _release(model) -> None:
+    """Take the capture off `model` when no enabled pipeline and no running call uses it (under _LOCK)."""
+    if model is None or id(model) in _RUNNING or any(_model(p) is model for p in list(_ENABLED)):
+        return
+    capture.uninstall(getattr(model, "_orig_mod", model))
+
+
+def denoiser_property(attribute: str) -> property:
+    """The pipeline attribute `attribute` ("unet"): the running guided call's denoiser inside a call of
+    this pipeline, the stored model otherwise. Setting it stores the model, as a plain attribute would."""
+
+    def get(self):
+        call = ACTIVE_CALL.get()
+        if call is not None and call.pipe is self:
+            return call.denoiser
+        return self.__dict__[attribute]
+
+    def set(self, value):
+        self.__dict__[attribute] = value
+
+    return property(get, set, doc=f"The pipeline's {attribute} (its guided stand-in during a guided call).")
+
+
+class GuidedPipelineMixin:
+    """What an enabled pipeline's class adds to the pipeline class it was (see the module docstring)."""
+
+    def __call__(self, *args, **kwargs):
+        config = self.__dict__.get(CONFIG_KEY)
+        if config is None:
+            return super().__call__(*args, **kwargs)
+        with guided_call(self, config, kwargs.get("generator")):
+            return super().__call__(*args, **kwargs)
+
+    @property
+    def components(self) -> dict:
+        # Inside a call too (diffusers' offload hooks are put back at the end of every call): the models.
+        components = super().components
+        attribute = family_of_class(type(self)).attribute
+        if attribute in components:
+            components[attribute] = self.__dict__[attribute]
+        return components
+
+
+def _reduce_guided(self, protocol):
+    # Copies and pickles of an enabled pipeline: the guided class is made at run time and cannot be
+    # found by name, so they are rebuilt from the base class and registered as enabled on arrival.
+    return (rebuild_guided, (self.sagfast_base,), self.__dict__.copy())
+
+
+_GUIDED_CLASSES: dict = {}
+
+
+def guided_class(base: type) -> type:
+    """The guided subclass of the pipeline class `base` (one per base class, same name and module, so
+    `save_pretrained` records the base class)."""
+    with _LOCK:
+        cls = _GUIDED_CLASSES.get(base)
+        if cls is None:
+            attribute = family_of_class(base).attribute
+            namespace = {
+                "sagfast_base": base,
+                attribute: denoiser_property(attribute),
+                "__reduce_ex__": _reduce_guided,
+                "__module__": base.__module__,
+                "__qualname__": base.__qualname__,
+            }
+            cls = _GUIDED_CLASSES[base] = type(base.__name__, (GuidedPipelineMixin, base), namespace)
+        return cls
+
+
+def rebuild_guided(base: type):
+    """Unpickling / copying an enabled pipeline: an instance of its guided class, registered as enabled
+    (pickle then restores its `__dict__`, the config included)."""
+    pipe = object.__new__(guided_class(base))
+    _ENABLED.add(pipe)
+    return pipe
+
+
+def _model(pipe):
+    return pipe.__dict__.get(family_of_class(type(pipe)).attribute)
 
 
 def enable(pipe, config: SAGConfig | None = None, **overrides):
-    """Wrap `pipe.unet` in a guided denoiser that applies SAG at every step. Returns `pipe`.
+    """Apply SAG at every step of `pipe`'s calls. Returns `pipe`.
 
     `overrides` are SAGConfig fields (`sagfast.enable(pipe, scale=0.5)`). Enabling an enabled pipeline
     replaces its config. Everything is checked before the pipeline is touched.
     """
-    config = _make_config(config, overrides)
-    _set_unet(pipe, GuidedUNet(_checked_unet(pipe, config), pipe, config))
-    return pipe
-
-
-def _checked_unet(pipe, config: SAGConfig):
-    """The pipeline's plain UNet, once the pipeline is checked for SAG with `config`."""
-    unet = _base_unet(pipe)
+    config = make_config(config, overrides)
+    family = family_of(pipe)
+    model = getattr(pipe, family.attribute)
     scheduler = getattr(pipe, "scheduler", None)
     if scheduler is None:
         raise ValueError(f"{type(pipe).__name__} has no scheduler")
-    check_scheduler(scheduler)
-    if not hasattr(type(pipe), "do_classifier_free_guidance"):
-        raise ValueError(
-            f"{type(pipe).__name__} does not expose `do_classifier_free_guidance`, so sagfast cannot tell "
-            "an [uncond, cond] batch from a batch of conditional samples"
-        )
-    resolve_capture_layer(getattr(unet, "_orig_mod", unet), config.layers)
-    return unet
-
-
-def disable(pipe):
-    """Put back the original UNet object (its processors were never changed outside a call)."""
-    unet = getattr(pipe, "unet", None)
-    if isinstance(unet, GuidedUNet):
-        _set_unet(pipe, unet.unet)
+    family.check_scheduler(scheduler)
+    _, attn, owner = family.resolve_layer(model, config.layers)
+    with _LOCK:
+        capture.install(attn, owner)
+        pipe.__dict__[CONFIG_KEY] = config
+        if not isinstance(pipe, GuidedPipelineMixin):
+            pipe.__class__ = guided_class(type(pipe))
+        _ENABLED.add(pipe)
     return pipe
 
 
-def drop_graphs(pipe) -> None:
-    """Forget the CUDA graphs of `pipe`'s guided UNet (the enabled one, and the one the drop-in
-    pipeline keeps between calls), freeing their memory; the next step captures afresh. Needed after a
-    change to the UNet that the graphs cannot see (adapter weights set with `set_adapters`, an
-    attribute a layer reads); moved or cast weights, a LoRA loaded and swapped processors are seen."""
-    for unet in (getattr(pipe, "unet", None), pipe.__dict__.get("_sagfast_denoiser")):
-        if isinstance(unet, GuidedUNet):
-            unet._graphs.clear()
+def disable(pipe):
+    """Turn SAG off: the pipeline's class and attributes are as before `enable`; the model's processors
+    too, unless another enabled pipeline shares the model. Returns `pipe`."""
+    if CONFIG_KEY not in pipe.__dict__:
+        return pipe
+    with _LOCK:
+        model = _model(pipe)
+        del pipe.__dict__[CONFIG_KEY]
+        base = getattr(type(pipe), "sagfast_base", None)
+        if base is not None:
+            pipe.__class__ = base
+        _ENABLED.discard(pipe)
+        _release(model)
+    return pipe
 
 
 def is_enabled(pipe) -> bool:
-    return isinstance(getattr(pipe, "unet", None), GuidedUNet)
+    return CONFIG_KEY in pipe.__dict__
+
+
+def config_of(pipe) -> SAGConfig | None:
+    """The SAGConfig `pipe` is enabled with, or None."""
+    return pipe.__dict__.get(CONFIG_KEY)
+
+
+def drop_graphs(pipe) -> None:
+    """Forget the CUDA graphs captured on `pipe`'s model, freeing their memory; the next step captures
+    afresh. Needed after a change to the model that the graphs cannot see (adapter weights set with
+    `set_adapters`, an attribute a layer reads); moved or cast weights, a LoRA loaded and swapped
+    processors are seen."""
+    model = _model(pipe)
+    if model is not None:
+        drop_graphs_of(model)
 
 
 @contextlib.contextmanager
 def guided(pipe, config: SAGConfig | None = None, **overrides):
     """`with sagfast.guided(pipe, scale=0.5): pipe(...)` — SAG inside the block; on exit the pipeline
-    is exactly as it was before (enabled with its old config, or not enabled)."""
-    before = pipe.unet
+    is exactly as it was before (enabled with its old config, or not enabled). CUDA graphs captured
+    in the block stay with the model and replay in the next block."""
+    before = config_of(pipe)
     enable(pipe, config, **overrides)
     try:
         yield pipe
     finally:
-        _set_unet(pipe, before)
+        if before is None:
+            disable(pipe)
+        else:
+            pipe.__dict__[CONFIG_KEY] = before

@@ -1,22 +1,36 @@
-"""Capture of the attention mass in one self-attention layer, without the N x N map.
+"""Capture of the attention mass in one self-attention layer, without the N x N map: all of it here.
+
+Installed once per model, when a pipeline is enabled, and dormant otherwise:
+
+- `CaptureSwitch` replaces the capture layer's processor and wraps it. Outside a guided call (no
+  `Capture` in this thread's `ACTIVE` slot, or one that does not arm this layer) it calls the wrapped
+  processor exactly as the layer would have; inside the guided call's main pass it runs that call's
+  own `SAGCaptureProcessor`. Nothing on the model changes per call, so pipelines that share the model,
+  threads and plain calls never see another call's capture.
+- `MapHook`, a forward pre-hook on the module whose input is 4-D (the UNet's Transformer2DModel),
+  records the map's true (h, w) for the armed call.
+- `install` / `uninstall` put both on a model and take them off (`sagfast.disable`).
 
 `SAGCaptureProcessor` has the stock diffusers processor signature. It computes the layer output with
 SDPA (asking SDPA for the per-row log-sum-exp it computes anyway) and, for the guide rows of the batch
 only, the per-key attention mass from q, k and that log-sum-exp (`sagfast.ops.attention_mass`).
+`Capture.mask` lays the mass over the map and thresholds it.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
 from sagfast.ops import attention_mass
+from sagfast.ops.mask import to_map
 
 
-def _lse_chunked(q, k, scale):
+def lse_chunked(q, k, scale):
     """Row log-sum-exp in fp32, a block of queries at a time (for devices SDPA gives no lse on)."""
     b, h, n, _ = q.shape
     rows = max(1, (1 << 23) // max(1, b * h * k.shape[2]))
@@ -46,7 +60,7 @@ def sdpa_with_lse(q, k, v, scale: float):
         res = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False, scale=scale)
         return res[0], res[1][:, :, : q.shape[2]]
     out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-    return out, _lse_chunked(q, k, scale)
+    return out, lse_chunked(q, k, scale)
 
 
 def xformers_reasons(q=None) -> list:
@@ -144,3 +158,113 @@ class SAGCaptureProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+class ThreadSlot:
+    """A value per thread, set for the length of a block: `token = slot.set(v)` ... `slot.reset(token)`.
+
+    A thread-local rather than a ContextVar: torch.compile traces attribute reads of a thread-local
+    (and guards on what it read, so one compiled graph serves every call), while `ContextVar.get` is a
+    graph break, and the capture switch runs inside a compiled model's forward."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def get(self):
+        return getattr(self._local, "value", None)
+
+    def set(self, value):
+        previous = self.get()
+        self._local.value = value
+        return previous
+
+    def reset(self, token) -> None:
+        self._local.value = token
+
+
+ACTIVE = ThreadSlot()
+"""The `Capture` of the guided call running in this thread, or None."""
+
+
+class Capture:
+    """One guided call's capture: which layer, which rows, and what the main pass recorded."""
+
+    def __init__(self, attn: Attention, owner: torch.nn.Module, backend: str, threshold: float):
+        self.attn = attn
+        self.owner = owner
+        self.backend = backend
+        self.threshold = threshold
+        self.armed = False
+        self.processor = None
+        self.hw = None
+
+    def arm(self, guide_batch: int, record_mass: bool) -> None:
+        """Before the main pass: record (h, w), and the mass of the first `guide_batch` rows when
+        `record_mass`."""
+        self.armed, self.hw = True, None
+        inner = self.attn.processor.inner
+        xformers = "XFormers" in type(inner).__name__
+        self.processor = SAGCaptureProcessor(guide_batch, self.backend, xformers, self.threshold) if record_mass else None
+
+    def disarm(self) -> None:
+        self.armed = False
+
+    def map_size(self, name: str) -> tuple:
+        if self.hw is None:
+            raise RuntimeError(f"the capture layer {name} did not run in the model's forward")
+        return self.hw
+
+    def mask(self, name: str) -> torch.Tensor:
+        """[guide_batch, h, w] bool: `mass > threshold` on the layer's map, from the last main pass."""
+        return to_map(self.processor.mask, self.map_size(name))
+
+
+class CaptureSwitch:
+    """The capture layer's processor while any pipeline guides this model: the layer's own processor
+    (`inner`) unless the current guided call arms this layer. Same call signature as AttnProcessor2_0
+    (diffusers' Attention passes a processor only the keyword arguments its signature names)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        capture = ACTIVE.get()
+        if capture is not None and capture.armed and capture.attn is attn and capture.processor is not None:
+            return capture.processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        if temb is not None:
+            kwargs["temb"] = temb
+        return self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, *args, **kwargs)
+
+
+class MapHook:
+    """Forward pre-hook on the capture layer's map owner: records the (h, w) of its 4-D input."""
+
+    def __call__(self, module, args, kwargs):
+        capture = ACTIVE.get()
+        if capture is not None and capture.armed and capture.owner is module:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if hidden.dim() == 4:
+                capture.hw = tuple(hidden.shape[-2:])
+
+
+def install(attn: Attention, owner: torch.nn.Module) -> None:
+    """Put the switch on `attn` and the map hook on `owner`, unless they are there already (a
+    processor set since, by `set_attn_processor` say, is wrapped anew)."""
+    if not isinstance(attn.processor, CaptureSwitch):
+        attn.set_processor(CaptureSwitch(attn.processor))
+    if not any(isinstance(h, MapHook) for h in owner._forward_pre_hooks.values()):
+        owner.register_forward_pre_hook(MapHook(), with_kwargs=True)
+
+
+def uninstall(model: torch.nn.Module) -> None:
+    """Give every layer of `model` its own processor back and remove the map hooks."""
+    for module in model.modules():
+        if isinstance(getattr(module, "processor", None), CaptureSwitch):
+            module.set_processor(module.processor.inner)
+        for key in [k for k, h in module._forward_pre_hooks.items() if isinstance(h, MapHook)]:
+            del module._forward_pre_hooks[key]
+            module._forward_pre_hooks_with_kwargs.pop(key, None)
+
+
+def installed(model: torch.nn.Module) -> bool:
+    return any(isinstance(getattr(m, "processor", None), CaptureSwitch) for m in model.modules())

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+
+import torch
 
 MODES = ("exact", "batched")
 BACKENDS = ("auto", "triton", "cpp", "torch")
@@ -65,17 +69,26 @@ class SAGConfig:
 
     def __post_init__(self):
         problems = []
-        if not isinstance(self.scale, (int, float)) or isinstance(self.scale, bool) or self.scale < 0:
-            problems.append(f"scale must be a number >= 0, got {self.scale!r}")
+        # Numbers arrive from JSON bodies, numpy and torch: any real number (a 0-d tensor included) is
+        # taken and stored as a Python float; NaN and infinity are refused (a NaN scale makes NaN
+        # images, a NaN threshold switches SAG off silently).
+        for name, low, low_ok in (("scale", 0.0, True), ("threshold", None, True), ("blur_sigma", 0.0, False), ("random_mask_ratio", 0.0, True)):
+            value, why = _real(getattr(self, name))
+            if why is None and low is not None and (value < low or (value == low and not low_ok)):
+                why = f"must be {'>=' if low_ok else '>'} {low:g}"
+            if why is None and name == "random_mask_ratio" and value > 1.0:
+                why = "must be in [0, 1]"
+            if why is not None:
+                problems.append(f"{name} {why}, got {getattr(self, name)!r}")
+            else:
+                object.__setattr__(self, name, value)
         if self.mode not in MODES:
             problems.append(f"mode must be one of {MODES}, got {self.mode!r}")
-        if not isinstance(self.threshold, (int, float)) or isinstance(self.threshold, bool):
-            problems.append(f"threshold must be a number, got {self.threshold!r}")
         k = self.blur_kernel_size
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1 or k % 2 == 0:
+        if isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 1 and k % 2 == 1:
+            object.__setattr__(self, "blur_kernel_size", int(k))
+        else:
             problems.append(f"blur_kernel_size must be an odd int >= 1, got {k!r}")
-        if not isinstance(self.blur_sigma, (int, float)) or isinstance(self.blur_sigma, bool) or self.blur_sigma <= 0:
-            problems.append(f"blur_sigma must be a number > 0, got {self.blur_sigma!r}")
         if not isinstance(self.layers, str) or not self.layers:
             problems.append(f'layers must be "mid" or the module name of a self-attention layer, got {self.layers!r}')
         if not isinstance(self.cuda_graph, bool):
@@ -84,8 +97,19 @@ class SAGConfig:
             problems.append(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.mask not in MASKS:
             problems.append(f"mask must be one of {MASKS}, got {self.mask!r}")
-        r = self.random_mask_ratio
-        if not isinstance(r, (int, float)) or isinstance(r, bool) or not 0.0 <= r <= 1.0:
-            problems.append(f"random_mask_ratio must be in [0, 1], got {r!r}")
         if problems:
             raise ValueError("invalid SAGConfig: " + "; ".join(problems))
+
+
+def _real(value) -> tuple:
+    """(value as a finite Python float, None), or (None, why it is not one)."""
+    if torch.is_tensor(value):
+        if value.numel() != 1 or value.dim() != 0 or value.is_complex() or value.dtype == torch.bool:
+            return None, "must be a real number (a 0-d real tensor is accepted)"
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None, "must be a real number"
+    value = float(value)
+    if not math.isfinite(value):
+        return None, "must be finite"
+    return value, None

@@ -11,11 +11,17 @@ processors run. `StepGraphs.run` reads a fingerprint of those (`ModelWatch`) and
 when it changes (weights moved or cast, a LoRA loaded, processors swapped). What the fingerprint does
 not see (adapter weights set with `set_adapters`, a Python attribute a layer reads) needs
 `sagfast.drop_graphs(pipe)`.
+
+Graphs belong to the model they were captured on (`graphs_of`), not to a pipeline or a call: they
+replay in the next call, in another pipeline sharing the model and after `disable` + `enable`, and
+go with the model (a copy of the model captures its own).
 """
 
 from __future__ import annotations
 
+import threading
 import warnings
+import weakref
 
 import torch
 from diffusers.models.attention_processor import Attention
@@ -43,7 +49,9 @@ class ModelWatch:
     module tree afresh costs 1.6 ms (both measured on the 2-core AMD EPYC dev machine)."""
 
     def __init__(self, model: torch.nn.Module):
-        self.model = model
+        # Weakly: the graph cache is keyed weakly by the model, and a strong reference here would keep
+        # the model (and its GPU memory) alive for ever.
+        self.model = weakref.ref(model)
         self.tensors = list(model.parameters()) + list(model.buffers())
         self.attention = [m for m in model.modules() if isinstance(m, Attention)]
 
@@ -53,13 +61,13 @@ class ModelWatch:
         return (
             hash(tuple(_address(t) for t in self.tensors)),  # .to(), .half(), offload: new addresses
             tuple(m.processor for m in self.attention),
-            tuple(getattr(self.model, "peft_config", None) or ()),  # adapter names: LoRA loaded or unloaded
+            tuple(getattr(self.model(), "peft_config", None) or ()),  # adapter names: LoRA loaded or unloaded
         )
 
     def refusals(self) -> list[str]:
         """Why steps of the model must not be graphed in its present setting (empty when they may)."""
         why = []
-        hooked = [n for n, m in self.model.named_modules() if hasattr(m, "_hf_hook") or hasattr(m, "_diffusers_hook")]
+        hooked = [n for n, m in self.model().named_modules() if hasattr(m, "_hf_hook") or hasattr(m, "_diffusers_hook")]
         if hooked:
             # Offloading moves weights between calls; a replay runs no hooks and reads stale addresses.
             why.append(f"the model has accelerate/diffusers hooks (CPU or group offload) on {hooked[:3]}")
@@ -72,7 +80,9 @@ class ModelWatch:
 class _Graph:
     def __init__(self, fn, inputs, state, pool, stream):
         leaves, self.spec = pytree.tree_flatten(inputs)
-        self.static = [leaf.clone() if torch.is_tensor(leaf) else leaf for leaf in leaves]
+        # Normal tensors even when captured under torch.inference_mode: replays outside it copy into them.
+        with torch.inference_mode(False):
+            self.static = [leaf.clone() if torch.is_tensor(leaf) else leaf for leaf in leaves]
         static_inputs = pytree.tree_unflatten(self.static, self.spec)
         # The warm-up runs the step for real, which would overwrite the state the step reads (the
         # previous evaluation's eps and mask in batched mode): keep it and put it back before capture,
@@ -107,15 +117,20 @@ class _Graph:
 
 
 class StepGraphs:
-    """The graphs of one guided denoiser. `run` returns None when the step cannot be graphed (the
-    caller then runs it eagerly); it warns once per reason.
+    """The graphs of one model's guided steps. `run` returns None when the step cannot be graphed (the
+    caller then runs it eagerly); it warns once per reason. `state` holds the batched-mode buffers the
+    graphs read and write (they must outlive a call, as the graphs do). Calls from several threads
+    take turns.
 
     All graphs share one memory pool and one capture stream: they never replay concurrently, each
     output is cloned right after its replay, and static inputs and state buffers live outside the
     pool, so one graph's temporaries may reuse another's (a pool per graph would hold a UNet forward's
     activations for every shape and variant)."""
 
-    def __init__(self):
+    def __init__(self, model: torch.nn.Module):
+        self.watch = ModelWatch(model)
+        self.state: dict = {}
+        self.lock = threading.RLock()
         self._graphs: dict = {}
         self._refused: set = set()  # keys whose capture failed: they run eagerly
         self._fingerprint = None
@@ -125,23 +140,27 @@ class StepGraphs:
         self._stream = None
 
     @staticmethod
-    def key(variant: str, inputs):
-        """The graph `inputs` replay on: variant, structure, and every tensor's shape, dtype, device and
-        strides (never values); raises TypeError for an unhashable non-tensor input."""
+    def key(variant, inputs):
+        """The graph `inputs` replay on: the variant (what the step bakes in), structure, and every
+        tensor's shape, dtype, device and strides (never values); raises TypeError for an unhashable
+        non-tensor input."""
         leaves, spec = pytree.tree_flatten(inputs)
         return (variant, spec, tuple(_leaf_key(leaf) for leaf in leaves))
 
-    def run(self, variant: str, fn, inputs, state=(), watch: ModelWatch | None = None):
-        if watch is not None:
-            fingerprint = watch.fingerprint()
-            if fingerprint != self._fingerprint:
-                self.clear()
-                self._fingerprint = fingerprint
-                self._model_refusals = watch.refusals()
-            for reason in self._model_refusals:
-                self.refuse(reason)
-            if self._model_refusals:
-                return None
+    def run(self, variant, fn, inputs, state=()):
+        with self.lock:
+            return self._run(variant, fn, inputs, state)
+
+    def _run(self, variant, fn, inputs, state):
+        fingerprint = self.watch.fingerprint()
+        if fingerprint != self._fingerprint:
+            self.clear()
+            self._fingerprint = fingerprint
+            self._model_refusals = self.watch.refusals()
+        for reason in self._model_refusals:
+            self.refuse(reason)
+        if self._model_refusals:
+            return None
         if torch.is_autocast_enabled("cuda"):
             # A graph replays the precision it was captured with, and with the autocast cache on it would
             # read casts of the weights that are freed when the context exits.
@@ -164,7 +183,7 @@ class StepGraphs:
                     graph = _Graph(fn, inputs, list(state), self._pool, self._stream)
                 except Exception as e:  # capture fails on host syncs, unsupported ops...
                     self._refused.add(key)
-                    self.refuse(f"capture of the {variant} step failed: {type(e).__name__}: {e}")
+                    self.refuse(f"capture of the {variant[0]} step failed: {type(e).__name__}: {e}")
                     torch.cuda.synchronize(device)
                     self._abandon_pool(device)
                     return None
@@ -196,3 +215,24 @@ class StepGraphs:
         self._fingerprint = None
         self._model_refusals = []
         self._pool = self._stream = None
+
+
+_GRAPHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_GRAPHS_LOCK = threading.Lock()
+
+
+def graphs_of(model: torch.nn.Module) -> StepGraphs:
+    """The StepGraphs of `model`, made on first use; freed with the model."""
+    with _GRAPHS_LOCK:
+        graphs = _GRAPHS.get(model)
+        if graphs is None:
+            graphs = _GRAPHS[model] = StepGraphs(model)
+        return graphs
+
+
+def drop_graphs_of(model: torch.nn.Module) -> None:
+    with _GRAPHS_LOCK:
+        graphs = _GRAPHS.get(model)
+    if graphs is not None:
+        with graphs.lock:
+            graphs.clear()

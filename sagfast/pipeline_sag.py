@@ -1,8 +1,11 @@
-"""A drop-in for diffusers' `StableDiffusionSAGPipeline`, built on `sagfast.enable`.
+"""A drop-in for diffusers' `StableDiffusionSAGPipeline`, on the same lifecycle as `sagfast.enable`.
 
-Same components and the same `__call__` arguments (defaults: 50 steps, guidance 7.5, sag_scale 0.75).
-Differences, by design: every diffusers scheduler works (diffusers' class rejects sigma-based ones),
-the attention map is never materialized, and the degraded pass gets `cross_attention_kwargs` too.
+Same components, constructor and `__call__` arguments (defaults: 50 steps, guidance 7.5, sag_scale
+0.75). Like diffusers' class, the constructor only registers the components: it does not rewrite the
+scheduler's config (StableDiffusionPipeline's constructor sets a DDIM scheduler's `steps_offset` and
+`clip_sample`, in place) or the UNet's. Differences, by design: every diffusers scheduler works
+(diffusers' class rejects sigma-based ones), the attention map is never materialized, and the
+degraded pass gets `cross_attention_kwargs` too.
 """
 
 from __future__ import annotations
@@ -10,19 +13,46 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
-from sagfast.api import _base_unet, _checked_unet, _make_config, _set_unet
+from sagfast.api import GuidedPipelineMixin, config_of, denoiser_property, guided_call, make_config
 from sagfast.config import SAGConfig
-from sagfast.denoiser import GuidedUNet
 
 
-class StableDiffusionSAGPipeline(StableDiffusionPipeline):
-    @classmethod
-    def from_pipe(cls, pipeline, **kwargs):
-        """As diffusers' `from_pipe`; a source pipeline with sagfast enabled hands over its plain UNet."""
-        kwargs.setdefault("unet", _base_unet(pipeline))
-        return super().from_pipe(pipeline, **kwargs)
+class StableDiffusionSAGPipeline(GuidedPipelineMixin, StableDiffusionPipeline):
+    unet = denoiser_property("unet")
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+        safety_checker: StableDiffusionSafetyChecker,
+        feature_extractor: CLIPImageProcessor,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
+        requires_safety_checker: bool = True,
+    ):
+        # The type hints are diffusers' own: `from_pipe` hands over a component only when they match.
+        DiffusionPipeline.__init__(self)
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=safety_checker,
+            feature_extractor=feature_extractor,
+            image_encoder=image_encoder,
+        )
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1) if getattr(self, "vae", None) else 8
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self.register_to_config(requires_safety_checker=requires_safety_checker)
 
     @torch.no_grad()
     def __call__(
@@ -54,10 +84,10 @@ class StableDiffusionSAGPipeline(StableDiffusionPipeline):
         """diffusers' `StableDiffusionSAGPipeline.__call__`; `sag_config` sets the other SAG fields
         (its `scale` is replaced by `sag_scale`)."""
         legacy = {"callback": callback, "callback_steps": callback_steps} if callback is not None else {}
-        before = self.unet
-        self._install_denoiser(_make_config(sag_config, {"scale": sag_scale}))
-        try:
-            return super().__call__(
+        config = make_config(sag_config or config_of(self), {"scale": sag_scale})
+        with guided_call(self, config, generator):
+            return StableDiffusionPipeline.__call__(
+                self,
                 prompt=prompt,
                 height=height,
                 width=width,
@@ -78,21 +108,3 @@ class StableDiffusionSAGPipeline(StableDiffusionPipeline):
                 clip_skip=clip_skip,
                 **legacy,
             )
-        finally:
-            _set_unet(self, before)
-
-    def __getstate__(self):
-        # The kept guided UNet points back at this pipeline (weakly): a copy or a pickle makes its own.
-        state = self.__dict__.copy()
-        state.pop("_sagfast_denoiser", None)
-        return state
-
-    def _install_denoiser(self, config: SAGConfig) -> None:
-        """Put the guided UNet for `config` in place of `self.unet` for one call. It is kept between calls
-        (CUDA graphs captured by one call replay in the next) and made anew when the config or the
-        UNet changes; the pipeline is checked either way (a scheduler may have been swapped in)."""
-        unet = _checked_unet(self, config)
-        kept = self.__dict__.get("_sagfast_denoiser")
-        if kept is None or kept.sag_config != config or kept.unet is not unet or kept._pipe() is not self:
-            kept = self.__dict__["_sagfast_denoiser"] = GuidedUNet(unet, self, config)
-        _set_unet(self, kept)

@@ -60,7 +60,7 @@ class UNetRecorder:
 @contextlib.contextmanager
 def recording(pipe):
     """Record the calls of an enabled pipeline's UNet (and its capture layer's inputs) inside the block."""
-    inner = pipe.unet.unet
+    inner = pipe.unet
     rec = UNetRecorder(inner, inner.mid_block.attentions[0].transformer_blocks[0].attn1, pipe.scheduler)
     try:
         yield rec

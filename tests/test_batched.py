@@ -6,6 +6,7 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler, HeunDiscreteSchedul
 from torch.utils import _pytree as pytree
 
 import sagfast
+from sagfast.api import config_of, guided_call
 from components import prompt_embeds, scheduler_config, sd_pipeline
 from recording import recording
 
@@ -55,7 +56,8 @@ def test_batched_input_equals_exact_input_when_eps_prev_is_the_current_eps(sched
     cond = torch.cat([ne, pe]) if chunks == 2 else pe
     x = torch.randn(2 * chunks, 4, 24, 20, generator=torch.Generator().manual_seed(4))
     t = pipe.scheduler.timesteps[1]
-    with recording(pipe) as rec, torch.no_grad():
+    # A guided call run by hand (no pipeline loop): inside it, pipe.unet is the call's guided denoiser.
+    with recording(pipe) as rec, guided_call(pipe, config_of(pipe)), torch.no_grad():
         exact_out = pipe.unet(x, t, encoder_hidden_states=cond).sample
         batched_out = pipe.unet(x, t, encoder_hidden_states=cond).sample
     shapes = [c["sample"].shape[0] for c in rec.calls]

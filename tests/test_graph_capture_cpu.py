@@ -28,7 +28,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import sagfast
 from components import CROSS_DIM, TOKENS, prompt_embeds, sd_pipeline, tiny_unet
 from sagfast.cuda_graph import ModelWatch, StepGraphs
-from sagfast.denoiser import _Step
+from sagfast.api import guided_call
+from sagfast.denoiser import GuidedCall, Step
 from sagfast.schedule import alpha_bar
 
 # Ops that hand a device tensor's value (or a data-dependent size) back to the host.
@@ -87,10 +88,16 @@ def host_watch():
         yield watch
 
 
+@contextlib.contextmanager
+def meta_call(pipe):
+    """A guided call of `pipe` (its steps run by hand), with the UNet moved to the meta device."""
+    pipe.unet.to("meta")
+    with guided_call(pipe, sagfast.api.config_of(pipe)) as call:
+        yield call
+
+
 def meta_step(pipe, cfg_on: bool, b: int = 2):
-    """A step as `_guided` builds it, on the meta device; `pipe`'s UNet is moved there."""
-    guided = pipe.unet
-    guided.unet.to("meta")
+    """A step as `GuidedCall.step` builds it, on the meta device."""
     full = 2 * b if cfg_on else b
     sample = torch.randn(full, 4, 12, 10, device="meta")
     call = dict(
@@ -99,16 +106,16 @@ def meta_step(pipe, cfg_on: bool, b: int = 2):
     )
     abar = torch.rand(b, device="meta")
     shape_key = (tuple(sample.shape), sample.dtype, sample.device, 2 if cfg_on else 1)
-    return _Step(sample, call, b, abar, pipe.scheduler.config.prediction_type, shape_key)
+    return Step(sample, call, b, abar, pipe.scheduler.config.prediction_type, shape_key)
 
 
-def watched(guided, variant, step):
+def watched(call, variant, step):
     """The step's ops after a warm-up run (CUDA-graph capture also follows a warm-up: what a first run
     caches, such as the dispatch choice and the blur weights on the device, is allowed)."""
-    guided._run_step(variant, step, guided.sag_config)
+    call.run_step(variant, step, call.previous)
     with host_watch() as watch:
         try:
-            out = guided._run_step(variant, step, guided.sag_config)
+            out = call.run_step(variant, step, call.previous)
         except RuntimeError:
             out = None
     return out, watch.found
@@ -119,12 +126,12 @@ def watched(guided, variant, step):
 @pytest.mark.parametrize("prediction_type, mask", [("epsilon", "attention"), ("v_prediction", "attention"), ("epsilon", "global")])
 def test_guided_step_stays_on_the_device(mode, cfg_on, prediction_type, mask):
     pipe = sagfast.enable(sd_pipeline(prediction_type=prediction_type), mode=mode, mask=mask, backend="torch")
-    guided = pipe.unet
-    step = meta_step(pipe, cfg_on)
-    if mode == "batched":
-        guided._run_step("exact", step, guided.sag_config)  # the first step of a call leaves eps and mask
-        assert step.shape_key in guided._state
-    out, found = watched(guided, mode, step)
+    with meta_call(pipe) as call:
+        step = meta_step(pipe, cfg_on)
+        if mode == "batched":
+            call.run_step("exact", step, call.previous)  # the first step of a call leaves eps and mask
+            assert step.state_key in call.previous
+        out, found = watched(call, mode, step)
     assert found == []
     assert out.shape == step.sample.shape and out.device.type == "meta"
 
@@ -159,48 +166,43 @@ def test_alpha_bar_of_a_device_timestep_waits_for_nothing(scheduler_cls):
 ], ids=["item", "host-scalar", "host-copy", "host-data"])
 def test_the_watch_catches_a_host_read_and_a_host_tensor(bad, expected):
     pipe = sagfast.enable(sd_pipeline(), backend="torch")
-    guided = pipe.unet
-    step = meta_step(pipe, cfg_on=True)
-    guided.unet.mid_block.register_forward_hook(bad)
-    with host_watch() as watch:
+    pipe.unet.mid_block.register_forward_hook(bad)
+    with meta_call(pipe) as call, host_watch() as watch:
         try:
-            guided._run_step("exact", step, guided.sag_config)
+            call.run_step("exact", meta_step(pipe, cfg_on=True), call.previous)
         except RuntimeError:
             pass
     assert expected in watch.found
 
 
-def graph_keys(pipe, n=1, steps=3):
+def graph_keys(pipe, monkeypatch, n=1, steps=3):
     """The CUDA-graph key of every guided step of one pipeline call (computed as `_graphed` does)."""
-    guided = pipe.unet
     keys = []
-    run_step = guided._run_step
+    run_step = GuidedCall.run_step
 
-    def recording(variant, step, cfg):
-        keys.append(StepGraphs.key(variant, guided._graph_inputs(step)[0]))
-        return run_step(variant, step, cfg)
+    def recording(self, variant, step, store):
+        keys.append(StepGraphs.key(self.graph_variant(variant, step), self.graph_inputs(step, store)[0]))
+        return run_step(self, variant, step, store)
 
-    guided._run_step = recording
-    try:
+    with monkeypatch.context() as m:
+        m.setattr(GuidedCall, "run_step", recording)
         pe, ne = prompt_embeds(n)
         pipe(prompt_embeds=pe, negative_prompt_embeds=ne, height=48, width=40, num_inference_steps=steps,
              output_type="latent", generator=torch.Generator().manual_seed(0))
-    finally:
-        del guided._run_step
     return keys
 
 
 @pytest.mark.parametrize("scheduler_cls", [None, EulerDiscreteScheduler], ids=["ddim", "euler"])
 @pytest.mark.parametrize("mode, graphs", [("exact", 1), ("batched", 2)])
-def test_one_graph_serves_every_step_and_every_rerun(scheduler_cls, mode, graphs):
+def test_one_graph_serves_every_step_and_every_rerun(scheduler_cls, mode, graphs, monkeypatch):
     pipe = sd_pipeline(**({} if scheduler_cls is None else {"scheduler_cls": scheduler_cls}))
     sagfast.enable(pipe, mode=mode)
-    keys = graph_keys(pipe)
+    keys = graph_keys(pipe, monkeypatch)
     assert len(keys) == 3 and len(set(keys)) == graphs
     if mode == "batched":
-        assert keys[0][0] == "exact" and {k[0] for k in keys[1:]} == {"batched"}
-    assert graph_keys(pipe) == keys  # a re-run replays the same graphs
-    assert not set(graph_keys(pipe, n=2)) & set(keys)  # another batch size captures its own
+        assert keys[0][0][0] == "exact" and {k[0][0] for k in keys[1:]} == {"batched"}
+    assert graph_keys(pipe, monkeypatch) == keys  # a re-run replays the same graphs
+    assert not set(graph_keys(pipe, monkeypatch, n=2)) & set(keys)  # another batch size captures its own
 
 
 def test_model_watch_sees_what_a_graph_bakes_in():
@@ -222,10 +224,10 @@ def test_graphs_refuse_an_offloaded_model_once_with_the_reason():
     unet = tiny_unet()
     unet.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
                               offload_type="block_level", num_blocks_per_group=1)
-    graphs, watch = StepGraphs(), ModelWatch(unet)
+    graphs = StepGraphs(unet)
     never = lambda inputs: pytest.fail("a refused step must not be captured")  # noqa: E731
     with pytest.warns(RuntimeWarning, match="without a CUDA graph: the model has accelerate/diffusers hooks"):
-        assert graphs.run("exact", never, {"sample": torch.zeros(1)}, watch=watch) is None
+        assert graphs.run(("exact",), never, {"sample": torch.zeros(1)}) is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once, not every step
-        assert graphs.run("exact", never, {"sample": torch.zeros(1)}, watch=watch) is None
+        assert graphs.run(("exact",), never, {"sample": torch.zeros(1)}) is None

@@ -7,7 +7,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.pipelines.deprecated.stable_diffusion_sag.pipeline_stable_diffusion_sag import gaussian_blur_2d
 
 from sagfast import ops
-from sagfast.capture import SAGCaptureProcessor, _lse_chunked, sdpa_with_lse
+from sagfast.capture import SAGCaptureProcessor, lse_chunked, sdpa_with_lse
 
 
 def dense_mass(q, k, scale):
@@ -51,7 +51,7 @@ def test_sdpa_with_lse_on_cpu(dtype):
     want = torch.logsumexp(q.float() @ k.float().transpose(-1, -2) * 0.2, dim=-1)
     assert lse.dtype == torch.float32
     torch.testing.assert_close(lse, want, rtol=tol, atol=tol)
-    torch.testing.assert_close(_lse_chunked(q, k, 0.2), want, rtol=tol, atol=tol)
+    torch.testing.assert_close(lse_chunked(q, k, 0.2), want, rtol=tol, atol=tol)
 
 
 def test_capture_processor_output_and_mass():

@@ -75,7 +75,7 @@ def test_sag_beyond_diffusers(name):
     assert torch.equal(zero, plain), "scale=0 must give exactly the plain pipeline's result"
 
     sagfast.enable(pipe, scale=0.75)
-    inner = pipe.unet.unet
+    inner = pipe.unet
     with recording(pipe) as rec:
         guided_out = run(pipe)
     assert (guided_out - plain).abs().max().item() > 1e-2, "SAG did not change the result"

@@ -25,54 +25,51 @@ def snapshot(unet):
 
 def test_disable_restores_the_original_objects():
     pipe = sd_pipeline()
-    unet, config = pipe.unet, dict(pipe.config)
+    unet, config, cls = pipe.unet, dict(pipe.config), type(pipe)
     before = snapshot(unet)
     sagfast.enable(pipe)
-    assert sagfast.is_enabled(pipe) and pipe.unet is not unet and pipe.unet.unet is unet
-    assert pipe.unet.config is unet.config and pipe.unet.dtype == unet.dtype
+    assert sagfast.is_enabled(pipe) and pipe.unet is unet  # the user's own model object, always
+    enabled = snapshot(unet)
     run(pipe)
-    assert snapshot(unet) == before, "a call must leave the UNet's processors, forward and hooks untouched"
+    assert snapshot(unet) == enabled, "a call must leave the UNet's processors, forward and hooks untouched"
     sagfast.disable(pipe)
-    assert pipe.unet is unet and not sagfast.is_enabled(pipe)
+    assert pipe.unet is unet and not sagfast.is_enabled(pipe) and type(pipe) is cls
     assert snapshot(unet) == before
-    assert dict(pipe.config) == config
+    assert dict(pipe.config) == config and "_sagfast_config" not in pipe.__dict__
     sagfast.disable(pipe)  # disabling a disabled pipeline is a no-op
     assert pipe.unet is unet
 
 
 def test_state_restored_after_an_error_inside_the_capture_call():
-    pipe = sd_pipeline()
+    pipe = sagfast.enable(sd_pipeline())
     unet = pipe.unet
     before = snapshot(unet)
-    sagfast.enable(pipe)
 
     def boom(module, args):
         raise RuntimeError("boom inside the main pass")
 
-    # Raise in the mid block's resnet after the capture processor is installed.
+    # Raise in the mid block's resnet, inside the main pass with the capture armed.
     handle = unet.mid_block.resnets[1].register_forward_pre_hook(boom)
     with pytest.raises(RuntimeError, match="boom"):
         run(pipe)
     handle.remove()
     assert snapshot(unet) == before
-    plain_processor = unet.mid_block.attentions[0].transformer_blocks[0].attn1.processor
-    assert type(plain_processor).__name__ != "SAGCaptureProcessor"
-    run(pipe)  # and it still works
+    assert sagfast.capture.ACTIVE.get() is None and sagfast.api.ACTIVE_CALL.get() is None
+    assert torch.equal(run(pipe), run(sagfast.enable(sd_pipeline())))  # and it still works
 
 
 def test_guided_context_restores_previous_state_even_on_error():
     pipe = sd_pipeline()
-    unet = pipe.unet
+    unet, cls = pipe.unet, type(pipe)
     with pytest.raises(RuntimeError, match="inside"):
         with sagfast.guided(pipe, scale=0.3):
-            assert pipe.unet.sag_config.scale == 0.3
+            assert sagfast.api.config_of(pipe).scale == 0.3
             raise RuntimeError("inside")
-    assert pipe.unet is unet
+    assert pipe.unet is unet and type(pipe) is cls and not sagfast.is_enabled(pipe)
     sagfast.enable(pipe, scale=0.9)
-    wrapper = pipe.unet
     with sagfast.guided(pipe, scale=0.2):
-        assert pipe.unet.sag_config.scale == 0.2
-    assert pipe.unet is wrapper and pipe.unet.sag_config.scale == 0.9
+        assert sagfast.api.config_of(pipe).scale == 0.2
+    assert sagfast.api.config_of(pipe).scale == 0.9
 
 
 def test_enable_twice_replaces_the_config():
@@ -80,10 +77,9 @@ def test_enable_twice_replaces_the_config():
     unet = pipe.unet
     sagfast.enable(pipe, scale=0.2)
     sagfast.enable(pipe, scale=0.6, blur_sigma=2.0)
-    assert pipe.unet.unet is unet
-    assert pipe.unet.sag_config == sagfast.SAGConfig(scale=0.6, blur_sigma=2.0)
-    sagfast.disable(pipe)
     assert pipe.unet is unet
+    assert sagfast.api.config_of(pipe) == sagfast.SAGConfig(scale=0.6, blur_sigma=2.0)
+    assert torch.equal(run(pipe), run(sagfast.enable(sd_pipeline(), scale=0.6, blur_sigma=2.0)))
 
 
 def test_two_pipelines_do_not_share_state():
@@ -99,6 +95,9 @@ def test_two_pipelines_do_not_share_state():
     assert torch.equal(out_a, ref_a) and torch.equal(out_a2, ref_a)
     assert torch.equal(out_b, ref_b) and torch.equal(out_shared, ref_b)
     assert not torch.equal(out_a, out_b)
+    # Disabling one pipeline leaves the capture for the other one on the shared UNet.
+    sagfast.disable(a)
+    assert torch.equal(run(b_shared), ref_b)
 
 
 def test_input_tensors_are_not_mutated():
@@ -110,21 +109,17 @@ def test_input_tensors_are_not_mutated():
     assert all(torch.equal(a, b) for a, b in zip((pe, ne, latents), copies))
 
 
-def test_dropin_keeps_its_denoiser_between_calls_and_restores_the_pipeline():
+def test_dropin_leaves_its_unet_as_it_was_after_each_call():
     from components import sd_components
 
     pipe = sagfast.StableDiffusionSAGPipeline(**sd_components())
     pipe.set_progress_bar_config(disable=True)
     unet, config = pipe.unet, dict(pipe.config)
+    before = snapshot(unet)
     first = run(pipe)
-    kept = pipe.__dict__["_sagfast_denoiser"]
-    assert pipe.unet is unet and dict(pipe.config) == config and not sagfast.is_enabled(pipe)
-    # The same guided UNet serves the next call (its CUDA graphs replay there) and gives the same result.
+    assert pipe.unet is unet and dict(pipe.config) == config and snapshot(unet) == before
     assert torch.equal(run(pipe), first)
-    assert pipe.__dict__["_sagfast_denoiser"] is kept
-    run(pipe, sag_scale=0.5)  # another config: another guided UNet
-    assert pipe.__dict__["_sagfast_denoiser"] is not kept
-    assert pipe.unet is unet
+    assert not torch.equal(run(pipe, sag_scale=0.5), first)
 
 
 def test_a_copy_of_the_dropin_pipeline_guides_itself():
@@ -137,48 +132,42 @@ def test_a_copy_of_the_dropin_pipeline_guides_itself():
     pipe = sagfast.StableDiffusionSAGPipeline(**sd_components(scheduler_cls=EulerDiscreteScheduler))
     pipe.set_progress_bar_config(disable=True)
     first = run(pipe)
-    twin = copy.deepcopy(pipe)  # its kept guided UNet would read the original's scheduler
-    assert "_sagfast_denoiser" not in twin.__dict__
+    twin = copy.deepcopy(pipe)
     assert torch.equal(run(twin), first)
-    assert twin.__dict__["_sagfast_denoiser"].pipe is twin
-    pickle.dumps(pipe)
+    del pipe
+    assert torch.equal(run(twin), first)
+    assert torch.equal(run(pickle.loads(pickle.dumps(twin))), first)
 
 
-def test_drop_graphs_reaches_the_enabled_and_the_kept_guided_unet():
-    from components import sd_components
+def test_drop_graphs_empties_the_models_graph_cache():
+    from sagfast.cuda_graph import graphs_of
 
-    pipe = sagfast.StableDiffusionSAGPipeline(**sd_components())
-    pipe.set_progress_bar_config(disable=True)
-    run(pipe)
-    sagfast.enable(pipe)
-    guided = [pipe.unet, pipe.__dict__["_sagfast_denoiser"]]
-    for g in guided:
-        g._graphs._graphs["a graph"] = object()  # graphs are captured on CUDA only; any entry will do
+    pipe = sagfast.enable(sd_pipeline())
+    graphs = graphs_of(pipe.unet)
+    graphs._graphs["a graph"] = object()  # graphs are captured on CUDA only; any entry will do
     sagfast.drop_graphs(pipe)
-    assert [g._graphs._graphs for g in guided] == [{}, {}]
+    assert graphs._graphs == {} and graphs_of(pipe.unet) is graphs
 
 
-def test_model_cpu_offload_hooks_follow_the_unet_the_pipeline_calls():
+def test_model_cpu_offload_hooks_stay_on_the_users_unet():
     # diffusers' model offload re-installs accelerate's hooks on the pipeline's components at the end of
-    # every call; with SAG on, the guided UNet is that component. accelerate runs the offload on the CPU
-    # too (device="cpu"), so the hook bookkeeping is checked here, exactly as on a GPU.
+    # every call (inside the guided call): they must land on the UNet, never on the guided stand-in.
+    # accelerate runs the offload on the CPU too (device="cpu"), so this is checked here as on a GPU.
     pipe = sd_pipeline()
     pipe.enable_model_cpu_offload(device="cpu")
-    inner = pipe.unet
+    unet = pipe.unet
     plain = run(pipe)
     reference = run(sagfast.enable(sd_pipeline()))  # the same weights, no offload
     sagfast.enable(pipe)
-    assert torch.equal(run(pipe), reference)
-    assert "_hf_hook" in pipe.unet.__dict__ and "_hf_hook" not in inner.__dict__
-    assert torch.equal(run(pipe), reference)  # and again, with the hooks on the guided UNet
+    for _ in range(2):
+        assert torch.equal(run(pipe), reference)
+        assert pipe.unet is unet and "_hf_hook" in unet.__dict__
     sagfast.disable(pipe)
-    assert pipe.unet is inner and "_hf_hook" in inner.__dict__
     assert torch.equal(run(pipe), plain)
     with sagfast.guided(pipe):
         assert torch.equal(run(pipe), reference)
-    assert pipe.unet is inner and "_hf_hook" in inner.__dict__
-    assert torch.equal(run(pipe), plain)
-    # Offload switched on after SAG: the hooks go on the guided UNet, and back to the UNet on disable.
+    assert pipe.unet is unet and "_hf_hook" in unet.__dict__ and torch.equal(run(pipe), plain)
+    # Offload switched on after SAG.
     late = sagfast.enable(sd_pipeline())
     late.enable_model_cpu_offload(device="cpu")
     assert torch.equal(run(late), reference) and "_hf_hook" in late.unet.__dict__

@@ -1,0 +1,34 @@
+"""The denoiser families sagfast guides, one module each, and how a pipeline's family is found."""
+
+from __future__ import annotations
+
+from sagfast.families.base import Family
+from sagfast.families.unet import UNetFamily
+
+FAMILIES: tuple = (UNetFamily(),)
+
+
+def family_of(pipe) -> Family:
+    """The family that knows `pipe`'s batch layout, once it is checked; a clear error for any other
+    pipeline."""
+    family = family_of_class(type(pipe))
+    problems = family.problems(pipe)
+    if problems:
+        raise ValueError(f"sagfast cannot guide this {type(pipe).__name__}: " + "; ".join(problems))
+    return family
+
+
+def family_of_class(cls: type) -> Family:
+    """The family that knows the batch layout of the pipeline class `cls`."""
+    for family in FAMILIES:
+        if family.claims(cls):
+            return family
+    known = ", ".join(name for family in FAMILIES for name in family.pipelines)
+    raise ValueError(
+        f"sagfast does not know the batch layout of {cls.__name__} (its model calls may batch more "
+        f"than [uncond, cond], as PAG's [uncond, cond, perturbed] does), so it refuses to guide it rather "
+        f"than mix samples. Pipelines it guides (and their subclasses): {known}"
+    )
+
+
+__all__ = ["FAMILIES", "Family", "family_of", "family_of_class"]

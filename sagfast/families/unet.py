@@ -1,0 +1,71 @@
+"""Stable Diffusion 1.x/2.x and SDXL (text-to-image, img2img, inpaint, ControlNet) and the digit
+pipeline: `pipe.unet`, a UNet2DConditionModel called on [uncond, cond] under CFG.
+
+Capture layer "mid": the first self-attention (`attn1`) of the mid block's first transformer block,
+as in the SAG paper and diffusers' SAG pipeline; the map's (h, w) is the 4-D input of the
+Transformer2DModel that holds it.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.attention_processor import Attention
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel, UNet2DConditionOutput
+
+from sagfast.families.base import Family
+
+MID_LAYER = "mid_block.attentions.0.transformer_blocks.0.attn1"
+
+
+def self_attention_layers(model: torch.nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, Attention) and not m.is_cross_attention]
+
+
+def layer_error(model: torch.nn.Module, where: str, name: str) -> ValueError:
+    found = self_attention_layers(model)
+    return ValueError(
+        f"SAG needs a self-attention layer at {where} ({name}), and this {type(model).__name__} has none "
+        f"there. Self-attention layers it has: {found[:8] or 'none'}" + (" ..." if len(found) > 8 else "")
+    )
+
+
+class UNetFamily(Family):
+    name = "Stable Diffusion UNet"
+    attribute = "unet"
+    pipelines = (
+        "StableDiffusionPipeline",
+        "StableDiffusionImg2ImgPipeline",
+        "StableDiffusionInpaintPipeline",
+        "StableDiffusionXLPipeline",
+        "StableDiffusionXLImg2ImgPipeline",
+        "StableDiffusionXLInpaintPipeline",
+        "StableDiffusionControlNetPipeline",
+        "StableDiffusionControlNetImg2ImgPipeline",
+        "StableDiffusionControlNetInpaintPipeline",
+        "StableDiffusionXLControlNetPipeline",
+        "StableDiffusionXLControlNetImg2ImgPipeline",
+        "StableDiffusionXLControlNetInpaintPipeline",
+        "DigitDiffusionPipeline",
+    )
+
+    def problems(self, pipe) -> list[str]:
+        model = getattr(pipe, "unet", None)
+        model = getattr(model, "_orig_mod", model)  # a torch.compile'd UNet
+        if not isinstance(model, UNet2DConditionModel):
+            return [f"its `unet` is a {type(model).__name__}, not a UNet2DConditionModel"]
+        return []
+
+    def resolve_layer(self, model, layers: str):
+        model = getattr(model, "_orig_mod", model)
+        name = MID_LAYER if layers == "mid" else layers
+        modules = dict(model.named_modules())
+        attn = modules.get(name)
+        if not isinstance(attn, Attention) or attn.is_cross_attention:
+            raise layer_error(model, "the first self-attention of the mid block" if layers == "mid" else repr(name), name)
+        parts = name.split(".")
+        owners = [modules[".".join(parts[:i])] for i in range(len(parts) - 1, 0, -1)]
+        owner = next((m for m in owners if type(m).__name__ == "Transformer2DModel"), attn)
+        return name, attn, owner
+
+    def wrap_output(self, out):
+        return UNet2DConditionOutput(sample=out)
