@@ -27,6 +27,8 @@ import torch
 from diffusers.models.attention_processor import Attention
 from torch.utils import _pytree as pytree
 
+from sagfast.capture import CaptureSwitch
+
 
 def _leaf_key(leaf):
     if torch.is_tensor(leaf):
@@ -60,7 +62,9 @@ class ModelWatch:
         come back as a new processor's."""
         return (
             hash(tuple(_address(t) for t in self.tensors)),  # .to(), .half(), offload: new addresses
-            tuple(m.processor for m in self.attention),
+            # The capture switch is put on and taken off around guided calls that no enabled pipeline
+            # holds (the drop-in's): what a graph bakes in is the processor it wraps.
+            tuple(m.processor.inner if isinstance(m.processor, CaptureSwitch) else m.processor for m in self.attention),
             tuple(getattr(self.model(), "peft_config", None) or ()),  # adapter names: LoRA loaded or unloaded
         )
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import sagfast
+from sagfast.cuda_graph import graphs_of
 from components import prompt_embeds, sd_pipeline
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -44,11 +45,11 @@ def test_cuda_graph_matches_eager_and_recaptures_on_new_shapes(mode):
     tol = 1e-4 * max(1.0, eager.abs().max().item())
     assert (graphed - eager).abs().max().item() <= tol
     assert torch.equal(graphed, again)
-    graphs = pipe.unet._graphs._graphs
+    graphs = graphs_of(pipe.unet)._graphs
     n = len(graphs)
     assert n == (2 if mode == "batched" else 1)
     run(pipe, n=2)  # another batch size: new graphs
-    assert len(pipe.unet._graphs._graphs) == 2 * n
+    assert len(graphs_of(pipe.unet)._graphs) == 2 * n
 
 
 def test_cuda_graph_capture_failure_falls_back_with_a_warning():
@@ -56,7 +57,7 @@ def test_cuda_graph_capture_failure_falls_back_with_a_warning():
     eager = run(pipe)
     sagfast.enable(pipe, cuda_graph=True)
     # A host synchronization inside the step makes capture impossible.
-    handle = pipe.unet.unet.mid_block.register_forward_hook(lambda m, a, o: o.sum().item() and None)
+    handle = pipe.unet.mid_block.register_forward_hook(lambda m, a, o: o.sum().item() and None)
     try:
         with pytest.warns(RuntimeWarning, match="without a CUDA graph: capture of the exact step failed"):
             out = run(pipe)
@@ -78,20 +79,20 @@ def test_dropin_pipeline_replays_its_graphs_in_the_next_call():
     go = lambda: pipe(prompt_embeds=pe.cuda(), negative_prompt_embeds=ne.cuda(), sag_config=config,  # noqa: E731
                       generator=torch.Generator("cuda").manual_seed(0), **CALL).images
     first = go()
-    graphs = dict(pipe.__dict__["_sagfast_denoiser"]._graphs._graphs)
+    graphs = dict(graphs_of(pipe.unet)._graphs)
     assert len(graphs) == 1
     assert torch.equal(go(), first)
-    assert pipe.__dict__["_sagfast_denoiser"]._graphs._graphs == graphs  # replayed, not captured again
+    assert graphs_of(pipe.unet)._graphs == graphs  # replayed, not captured again
 
 
 def test_graphs_are_dropped_when_the_weights_move():
     pipe = sagfast.enable(cuda_pipe(), cuda_graph=True)
     run(pipe)
-    assert len(pipe.unet._graphs._graphs) == 1
+    assert len(graphs_of(pipe.unet)._graphs) == 1
     pipe.to(torch.float16)  # new weight tensors: the old graphs would read freed memory
     out = run(pipe, torch.float16)
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
-    (key,) = pipe.unet._graphs._graphs  # one graph, captured anew for the fp16 sample (the first input)
+    (key,) = graphs_of(pipe.unet)._graphs  # one graph, captured anew for the fp16 sample (the first input)
     assert key[2][0][:3] == ("tensor", (2, 4, 32, 24), torch.float16)  # the tiny VAE scales by 2
 
 
@@ -99,7 +100,7 @@ def test_xformers_capture_matches_sdpa():
     pytest.importorskip("xformers")
     pipe = sagfast.enable(cuda_pipe(torch.float16))
     sdpa = run(pipe, torch.float16)
-    pipe.unet.unet.enable_xformers_memory_efficient_attention()
+    pipe.unet.enable_xformers_memory_efficient_attention()
     xf = run(pipe, torch.float16)
     assert torch.isfinite(xf).all()
     assert (xf.float() - sdpa.float()).abs().max().item() <= 2e-2 * max(1.0, sdpa.float().abs().max().item())
@@ -115,13 +116,13 @@ def test_a_failed_capture_leaves_the_other_graphs_capturable():
         if output.shape[0] == 2:
             output.sum().item()  # returns None: the output is kept (a value returned would replace it)
 
-    handle = pipe.unet.unet.mid_block.register_forward_hook(hook)
+    handle = pipe.unet.mid_block.register_forward_hook(hook)
     try:
         with pytest.warns(RuntimeWarning, match="capture of the exact step failed"):
             out = run(pipe)
     finally:
         handle.remove()
-    assert [key[0] for key in pipe.unet._graphs._graphs] == ["batched"]
+    assert [key[0][0] for key in graphs_of(pipe.unet)._graphs] == ["batched"]
     assert (out - eager).abs().max().item() <= 1e-4 * max(1.0, eager.abs().max().item())
 
 
@@ -130,4 +131,28 @@ def test_graphs_are_refused_under_autocast():
     with torch.autocast("cuda", dtype=torch.float16):
         with pytest.warns(RuntimeWarning, match="torch.autocast"):
             out = run(pipe)
-    assert torch.isfinite(out).all() and not pipe.unet._graphs._graphs
+    assert torch.isfinite(out).all() and not graphs_of(pipe.unet)._graphs
+
+
+@pytest.mark.parametrize("mode", ["exact", "batched"])
+def test_graphs_captured_under_inference_mode_replay_outside_it(mode):
+    eager = run(sagfast.enable(cuda_pipe(), mode=mode))
+    pipe = sagfast.enable(cuda_pipe(), mode=mode, cuda_graph=True)
+    with torch.inference_mode():
+        first = run(pipe)
+    second = run(pipe)  # replays the graphs (static buffers and batched state made under inference_mode)
+    with torch.inference_mode():
+        third = run(pipe)
+    tol = 1e-4 * max(1.0, eager.abs().max().item())
+    assert all((out - eager).abs().max().item() <= tol for out in (first, second, third))
+
+
+def test_graphs_stay_with_the_model_across_guided_blocks():
+    pipe = cuda_pipe()
+    with sagfast.guided(pipe, cuda_graph=True):
+        first = run(pipe)
+    graphs = dict(graphs_of(pipe.unet)._graphs)
+    assert len(graphs) == 1
+    with sagfast.guided(pipe, cuda_graph=True):
+        assert torch.equal(run(pipe), first)
+    assert graphs_of(pipe.unet)._graphs == graphs  # replayed in the second block, not captured again

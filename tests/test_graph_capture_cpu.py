@@ -220,6 +220,24 @@ def test_model_watch_sees_what_a_graph_bakes_in():
     assert watch.refusals() == []
 
 
+def test_model_watch_sees_through_the_capture_switch():
+    # The drop-in pipeline and `sagfast.guided` blocks put the capture switch on for their calls and
+    # take it off after: its graphs must survive that (the processor it wraps is what they bake in).
+    from sagfast import capture
+
+    pipe = sd_pipeline()
+    watch = ModelWatch(pipe.unet)
+    before = watch.fingerprint()
+    attn = pipe.unet.mid_block.attentions[0].transformer_blocks[0].attn1
+    capture.install(attn, pipe.unet.mid_block.attentions[0])
+    assert watch.fingerprint() == before
+    capture.uninstall(pipe.unet)
+    capture.install(attn, pipe.unet.mid_block.attentions[0])
+    assert watch.fingerprint() == before
+    attn.processor.inner = AttnProcessor()  # another processor under the switch: a graph would be stale
+    assert watch.fingerprint() != before
+
+
 def test_graphs_refuse_an_offloaded_model_once_with_the_reason():
     unet = tiny_unet()
     unet.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
