@@ -56,17 +56,11 @@ def settings_of(opts) -> dict:
 
 
 def run_kernels(opts, record: dict) -> dict:
-    """Scenario "kernels": each op per backend against its reference, from bench.kernels (written with
-    the kernels issue) when it is there."""
+    """Scenario "kernels": each op per backend against its reference (bench.kernels)."""
+    from bench import kernels
+
     columns = [("op", "op"), ("backend", "backend"), ("status", "status")]
-    try:
-        kernels = importlib.import_module("bench.kernels")
-        run = kernels.run
-    except (ImportError, AttributeError) as exc:
-        msg = f"bench.kernels is not there yet ({type(exc).__name__}: {exc})"
-        common.log(f"kernels: {msg}")
-        return {"title": "Kernels per backend", "rows": [{"op": "all", "backend": "-", "status": msg}], "notes": [], "columns": columns}
-    rows = list(run(opts.quick))
+    rows = list(kernels.run(opts.quick))
     keys = []
     for r in rows:
         keys += [k for k in r if k not in keys]

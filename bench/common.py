@@ -1,6 +1,6 @@
 """What every scenario shares: the machine record, interleaved timing, summaries and the writers.
 
-Timing rules (DESIGN.md section 6):
+Timing rules (docs/design.md, "Test conventions"):
 - every variant of a scenario is timed in one process, interleaved A B C A B C ... for `rounds` rounds
   after `warmup` untimed rounds, so that drift (thermal state, other processes on a shared machine)
   hits all variants alike;

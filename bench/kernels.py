@@ -35,7 +35,8 @@ import torch
 
 from bench import common
 
-# Nominal DRAM bandwidth, bytes/s, by a substring of the device name (DESIGN.md section 5).
+# Nominal DRAM bandwidth, bytes/s, by a substring of the device name: the vendors' published figures
+# (H100 SXM HBM3 3.35 TB/s, H200 HBM3e 4.8 TB/s, A100 80GB HBM2e 2.0 TB/s).
 BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
 
 MEMORY_SHAPE = (2, 8, 4096, 64)  # B, H, N, D: where materializing the map hurts

@@ -91,7 +91,7 @@ def plan(opts, device):
 def run(opts, record: dict, log=common.log) -> dict:
     from sagfast import ops
     from sagfast.capture import SAGCaptureProcessor, sdpa_with_lse
-    from sagfast.schedule import x0_eps
+    from sagfast.schedule import vp_noise, x0_eps
 
     device, dtype = opts.device, opts.dtype
     min_sample = 0.01 if opts.quick else 0.05
@@ -108,7 +108,7 @@ def run(opts, record: dict, log=common.log) -> dict:
         rnd = lambda *s: torch.randn(*s, generator=g).to(device, dtype)  # noqa: E731
         x, o_full, o_deg = rnd(b, 4, lat, lat), rnd(2 * b, 4, lat, lat), rnd(b, 4, lat, lat)
         abar = torch.full((b,), 0.5, device=device)
-        x0, eps = x0_eps(x, o_full[:b], abar, "epsilon")
+        x0, eps = x0_eps(x, o_full[:b], vp_noise(abar), "epsilon")
         x0, eps = x0.to(dtype), eps.to(dtype)
         heads = attn.heads
         guide = hidden[:b]
@@ -135,7 +135,7 @@ def run(opts, record: dict, log=common.log) -> dict:
             "model_main": common.timed(model_main, device, number=1),
             "model_degraded": common.timed(model_deg, device, number=1),
             "attn_stock": common.timed(attn_with(stock), device, None, min_sample),
-            "x0_eps": common.timed(lambda: x0_eps(x, o_full[:b], abar, "epsilon"), device, None, min_sample),
+            "x0_eps": common.timed(lambda: x0_eps(x, o_full[:b], vp_noise(abar), "epsilon"), device, None, min_sample),
             "mask": common.timed(lambda: ops.sag_mask_ref(mass, 1.0, hw), device, None, min_sample),
         }
         skipped = {}

@@ -13,8 +13,7 @@ setting, so differences between settings are not noise-draw luck) with DDIM. Met
 - accuracy: the fraction of generated digits the classifier recognises as the requested digit.
 
 Settings: no guidance (conditional model, g = 1), CFG only (g), SAG only (g = 1, SAG on the
-conditional branch) and CFG + SAG over the SAG scales, in exact mode and — when this sagfast accepts
-SAGConfig(mode="batched") — in batched mode. Writes quality.json, quality.md and quality.png (FID
+conditional branch) and CFG + SAG over the SAG scales, in exact and in batched mode. Writes quality.json, quality.md and quality.png (FID
 against SAG scale, one line per mode, no-guidance / CFG as horizontal lines) into --out and prints the
 table. `run(quick, out_dir)` is the entry of `python -m bench quality`.
 """
@@ -36,17 +35,7 @@ import torch
 DEFAULT_SCALES = (0.1, 0.25, 0.5, 0.75, 1.0)
 
 
-def batched_available() -> bool:
-    from sagfast.config import SAGConfig
-
-    try:
-        SAGConfig(mode="batched")
-    except (ValueError, TypeError):
-        return False
-    return True
-
-
-def settings(guidance: float, scales, sag_only_scales, batched: bool) -> list[dict]:
+def settings(guidance: float, scales, sag_only_scales) -> list[dict]:
     """The settings to run, most informative first (so a run cut short still answers the main
     questions): the two baselines, then per SAG scale (0.75, the diffusers default, first) CFG + SAG
     exact, batched, and SAG only."""
@@ -58,7 +47,7 @@ def settings(guidance: float, scales, sag_only_scales, batched: bool) -> list[di
     every = sorted(set(scales) | set(sag_only_scales), key=lambda v: (priority.index(v) if v in priority else 99, v))
     for s in every:
         if s in scales:
-            for mode in ("exact", "batched") if batched else ("exact",):
+            for mode in ("exact", "batched"):
                 out.append(dict(key=f"cfg_sag_{mode}_{s:g}", mode=f"CFG + SAG {mode}", g=guidance, sag=mode, scale=s))
         if s in sag_only_scales:
             out.append(dict(key=f"sag_only_{s:g}", mode="SAG only (exact)", g=1.0, sag="exact", scale=s))
@@ -149,10 +138,9 @@ def run(quick: bool = False, out_dir="bench-results", n: int | None = None, step
     out_dir.mkdir(parents=True, exist_ok=True)
     if threads:
         torch.set_num_threads(threads)
-    batched = batched_available()
-    todo = settings(guidance, scales, sag_only_scales, batched)
-    log(f"quality: N={n}, {steps} DDIM steps, CFG g={guidance}, SAG scales {list(scales)}, "
-        f"batched mode {'available' if batched else 'not available'}; {len(todo)} settings, {jobs} job(s)")
+    todo = settings(guidance, scales, sag_only_scales)
+    log(f"quality: N={n}, {steps} DDIM steps, CFG g={guidance}, SAG scales {list(scales)}; "
+        f"{len(todo)} settings, {jobs} job(s)")
 
     classifier = load_classifier()
     real_x, real_y = load_mnist()
@@ -172,7 +160,7 @@ def run(quick: bool = False, out_dir="bench-results", n: int | None = None, step
         "model": "sagfast embedded digit model",
         "weights": str(WEIGHTS_DIR),
         "n": n, "steps": steps, "scheduler": "DDIMScheduler", "guidance_scale": guidance,
-        "scales": list(scales), "sag_only_scales": list(sag_only_scales), "batched_available": batched,
+        "scales": list(scales), "sag_only_scales": list(sag_only_scales),
         "seed": seed, "threads": threads, "jobs": jobs, "quick": quick,
         "torch": torch.__version__,
         "complete": False,

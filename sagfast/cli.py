@@ -2,17 +2,17 @@
 
     sagfast demo [--out sag_demo.png] [--steps 20]
         The embedded digit model: a labelled PNG grid, rows the digits 0-9, columns no guidance, CFG,
-        CFG + SAG (exact) and CFG + SAG (batched, when this sagfast has that mode). Every column starts
-        from the same noise; the time of each column is printed.
+        CFG + SAG (exact) and CFG + SAG (batched). Every column starts from the same noise; the time of
+        each column is printed.
 
     sagfast demo --model DIR --prompt "a photo of a cat" [--prompt ...]
         The same with a local diffusers Stable Diffusion folder (SD 1.x / 2.x / XL, local files only):
-        rows the prompts, columns CFG and CFG + SAG (exact, and batched when available).
+        rows the prompts, columns CFG, CFG + SAG (exact) and CFG + SAG (batched).
 
 Grid geometry (digit demo): each cell is `--samples` digits side by side, each 32x32 upscaled by 3
 (96 px), 4 px gaps, a 36 px label column on the left and a 40 px header (two-line column titles).
-So the PNG is `36 + columns * (samples * 96 + 4)` by `40 + 10 * (96 + 4)` pixels: 436 x 1040 for 4
-columns and 1 sample, 336 x 1040 for 3 columns (a sagfast without batched mode).
+So the PNG is `36 + columns * (samples * 96 + 4)` by `40 + 10 * (96 + 4)` pixels: 436 x 1040 for the
+4 columns and 1 sample.
 """
 
 from __future__ import annotations
@@ -28,17 +28,6 @@ DIGIT_ZOOM = 3
 GAP = 4
 LEFT = 36
 TOP = 40
-
-
-def batched_available() -> tuple[bool, str]:
-    """Whether this sagfast accepts SAGConfig(mode="batched") (and why not)."""
-    from sagfast.config import SAGConfig
-
-    try:
-        SAGConfig(mode="batched")
-    except (ValueError, TypeError) as exc:
-        return False, str(exc)
-    return True, ""
 
 
 def digit_grid_size(columns: int, samples: int = 1) -> tuple[int, int]:
@@ -75,14 +64,12 @@ def _grid(columns: list[tuple[str, list]], row_labels: list[str], cell_w: int, c
     return canvas
 
 
-def _digit_columns(batched: bool, guidance: float, sag_scale: float):
+def _digit_columns(guidance: float, sag_scale: float):
     from sagfast.config import SAGConfig
 
-    cols = [("no\nguidance", 1.0, None), (f"CFG\ng={guidance:g}", guidance, None),
-            (f"CFG+SAG\nexact {sag_scale:g}", guidance, SAGConfig(scale=sag_scale))]
-    if batched:
-        cols.append((f"CFG+SAG\nbatched {sag_scale:g}", guidance, SAGConfig(scale=sag_scale, mode="batched")))
-    return cols
+    return [("no\nguidance", 1.0, None), (f"CFG\ng={guidance:g}", guidance, None),
+            (f"CFG+SAG\nexact {sag_scale:g}", guidance, SAGConfig(scale=sag_scale)),
+            (f"CFG+SAG\nbatched {sag_scale:g}", guidance, SAGConfig(scale=sag_scale, mode="batched"))]
 
 
 def demo_digits(out: str, steps: int = 20, samples: int = 1, guidance: float = 3.0, sag_scale: float = 0.75,
@@ -98,12 +85,9 @@ def demo_digits(out: str, steps: int = 20, samples: int = 1, guidance: float = 3
     pipe = load_pipeline(scheduler=_scheduler_class(scheduler), progress=False)
     labels = [d for d in range(10) for _ in range(samples)]
     noise = torch.randn(len(labels), 1, 32, 32, generator=torch.Generator().manual_seed(seed))
-    ok, why = batched_available()
-    if not ok:
-        log(f"batched mode not available in this sagfast ({why}): 3 columns")
     cell = 32 * DIGIT_ZOOM
     columns, times = [], []
-    for title, g, config in _digit_columns(ok, guidance, sag_scale):
+    for title, g, config in _digit_columns(guidance, sag_scale):
         if config is None:
             sagfast.disable(pipe)
         else:
@@ -163,12 +147,8 @@ def demo_sd(model: str, prompts: list[str], out: str, steps: int = 25, guidance:
         pipe.scheduler = _scheduler_class(scheduler).from_config(pipe.scheduler.config)
     pipe = pipe.to("cuda" if cuda else "cpu")
     pipe.set_progress_bar_config(disable=True)
-    ok, why = batched_available()
-    cols = [(f"CFG\ng={guidance:g}", None), (f"CFG+SAG\nexact {sag_scale:g}", SAGConfig(scale=sag_scale))]
-    if ok:
-        cols.append((f"CFG+SAG\nbatched {sag_scale:g}", SAGConfig(scale=sag_scale, mode="batched")))
-    else:
-        log(f"batched mode not available in this sagfast ({why})")
+    cols = [(f"CFG\ng={guidance:g}", None), (f"CFG+SAG\nexact {sag_scale:g}", SAGConfig(scale=sag_scale)),
+            (f"CFG+SAG\nbatched {sag_scale:g}", SAGConfig(scale=sag_scale, mode="batched"))]
     columns, times, size = [], [], None
     for title, config in cols:
         sagfast.enable(pipe, config) if config is not None else sagfast.disable(pipe)

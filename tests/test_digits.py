@@ -143,18 +143,19 @@ def test_sag_with_euler_scheduler():
 
 
 def test_demo_writes_png_of_documented_size(tmp_path, capsys):
-    from sagfast.cli import batched_available, digit_grid_size, main
+    from sagfast.cli import digit_grid_size, main
 
     out = tmp_path / "demo.png"
     assert main(["demo", "--out", str(out), "--steps", "2"]) == 0
     img = Image.open(out)
     img.verify()
     img = Image.open(out)
-    columns = 4 if batched_available()[0] else 3
-    assert img.size == digit_grid_size(columns) == (36 + columns * 100, 1040)
+    # columns: no guidance, CFG, CFG + SAG exact, CFG + SAG batched
+    assert img.size == digit_grid_size(4) == (36 + 4 * 100, 1040) == (436, 1040)
     assert img.mode == "RGB"
     printed = capsys.readouterr().out
-    assert "no guidance" in printed and "CFG" in printed and "exact" in printed and " s " in printed
+    assert "no guidance" in printed and "CFG" in printed and "exact" in printed and "batched" in printed
+    assert " s " in printed
     # the cells are not blank: the digit columns differ from the white background
     arr = np.asarray(img.convert("L"), dtype=np.float32)
     assert arr[40:, 36:].std() > 20
@@ -219,7 +220,7 @@ def test_demo_with_stable_diffusion_folder(tmp_path, monkeypatch):
     import diffusers
     from components import prompt_embeds, sd_pipeline
 
-    from sagfast.cli import batched_available, main
+    from sagfast.cli import main
 
     pe, ne = prompt_embeds(1)
     loaded = {}
@@ -235,7 +236,7 @@ def test_demo_with_stable_diffusion_folder(tmp_path, monkeypatch):
     out = tmp_path / "sd.png"
     assert main(["demo", "--model", str(tmp_path), "--prompt", "a", "--prompt", "b", "--steps", "2", "--out", str(out)]) == 0
     img = Image.open(out)
-    columns = 3 if batched_available()[0] else 2
+    columns = 3  # CFG, CFG + SAG exact, CFG + SAG batched
     side = 32  # the tiny pipeline's default image size
     assert img.size == (36 + columns * (side + 4), 40 + 2 * (side + 4))
     assert not sagfast.is_enabled(loaded["pipe"])

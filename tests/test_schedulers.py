@@ -49,7 +49,8 @@ def run(pipe, guidance_scale=7.5):
 
 
 def expected_degraded_input(attn, hidden, x, out, abar, latent_hw, map_hw, b):
-    """DESIGN.md step 5, from the dense attention map and diffusers' own blur, independently of sagfast."""
+    """The degraded input (docs/design.md, "What SAG computes", steps 3-5), from the dense attention map
+    and diffusers' own blur, independently of sagfast."""
     hs = hidden[:b]
     q, k = attn.to_q(hs), attn.to_k(hs)
     heads = attn.heads
