@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import threading
 import weakref
 
@@ -50,11 +51,22 @@ def make_config(config: SAGConfig | None, overrides: dict) -> SAGConfig:
     return dataclasses.replace(config or SAGConfig(), **overrides)
 
 
+def call_arguments(function, args: tuple, kwargs: dict) -> dict:
+    """The arguments of a call of the pipeline's `__call__`, its defaults included."""
+    bound = inspect.signature(function).bind(*args, **kwargs)
+    bound.apply_defaults()
+    arguments = dict(bound.arguments)
+    arguments.update(arguments.pop("kwargs", None) or {})
+    return arguments
+
+
 @contextlib.contextmanager
-def guided_call(pipe, config: SAGConfig, generator=None):
-    """The body runs one guided call of `pipe` (a pipeline with a GuidedPipelineMixin class)."""
+def guided_call(pipe, config: SAGConfig, arguments: dict | None = None):
+    """The body runs one guided call of `pipe` (a pipeline with a GuidedPipelineMixin class);
+    `arguments` are the pipeline call's (sagfast reads `generator` and, for pipelines without a
+    `do_classifier_free_guidance` property, `guidance_scale`)."""
     family = family_of(pipe)
-    call = GuidedCall(pipe, config, family, generator)
+    call = GuidedCall(pipe, config, family, arguments or {})
     model = call.model
     with _LOCK:
         # Again at each call: a processor set since `enable` (set_attn_processor) is wrapped anew.
@@ -104,7 +116,7 @@ class GuidedPipelineMixin:
         config = self.__dict__.get(CONFIG_KEY)
         if config is None:
             return super().__call__(*args, **kwargs)
-        with guided_call(self, config, kwargs.get("generator")):
+        with guided_call(self, config, call_arguments(super().__call__, args, kwargs)):
             return super().__call__(*args, **kwargs)
 
     @property
@@ -169,7 +181,7 @@ def enable(pipe, config: SAGConfig | None = None, **overrides):
     if scheduler is None:
         raise ValueError(f"{type(pipe).__name__} has no scheduler")
     family.check_scheduler(scheduler)
-    _, attn, owner = family.resolve_layer(model, config.layers)
+    _, attn, owner, _ = family.resolve_layer(model, config.layers)
     with _LOCK:
         capture.install(attn, owner)
         pipe.__dict__[CONFIG_KEY] = config

@@ -87,15 +87,16 @@ def xformers_with_lse(q, k, v, scale: float):
 
 
 class SAGCaptureProcessor:
-    """Self-attention processor that also records the attention mass of the first `guide_batch` rows.
+    """Self-attention processor that also records the attention mass of the guide rows: the first
+    `guide` rows (an int) or the rows of `guide` (a slice).
 
-    After a call, `self.mass` is [guide_batch, N] fp32 and `self.mask` is `mass > threshold` (bool, from
+    After a call, `self.mass` is [guide rows, N] fp32 and `self.mask` is `mass > threshold` (bool, from
     the same kernel). Accepts what `AttnProcessor2_0` accepts on a
     self-attention layer, except an attention mask (SD's self-attention layers never get one).
     """
 
-    def __init__(self, guide_batch: int, backend: str = "auto", xformers: bool = False, threshold: float = 1.0):
-        self.guide_batch = guide_batch
+    def __init__(self, guide, backend: str = "auto", xformers: bool = False, threshold: float = 1.0):
+        self.rows = guide if isinstance(guide, slice) else slice(0, guide)
         self.threshold = threshold
         self.backend = backend
         self.xformers = xformers
@@ -145,9 +146,9 @@ class SAGCaptureProcessor:
             out, lse = xformers_with_lse(query, key, value, attn.scale)
         else:
             out, lse = sdpa_with_lse(query, key, value, attn.scale)
-        g = self.guide_batch
+        g = self.rows
         self.mass, self.mask = attention_mass(
-            query[:g], key[:g], lse[:g], attn.scale, backend=self.backend, threshold=self.threshold
+            query[g], key[g], lse[g], attn.scale, backend=self.backend, threshold=self.threshold
         )
 
         hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
@@ -189,22 +190,26 @@ ACTIVE = ThreadSlot()
 class Capture:
     """One guided call's capture: which layer, which rows, and what the main pass recorded."""
 
-    def __init__(self, attn: Attention, owner: torch.nn.Module, backend: str, threshold: float):
+    def __init__(self, attn: Attention, owner: torch.nn.Module, patch: int, backend: str, threshold: float, make_processor):
+        self.make_processor = make_processor
+        """(guide rows, backend, xformers, threshold) -> the capture processor (the family's)."""
         self.attn = attn
         self.owner = owner
+        self.patch = patch
+        """The map is the owner's 4-D input's (h, w) over this (a transformer's patch size; 1 in a UNet)."""
         self.backend = backend
         self.threshold = threshold
         self.armed = False
         self.processor = None
         self.hw = None
 
-    def arm(self, guide_batch: int, record_mass: bool) -> None:
-        """Before the main pass: record (h, w), and the mass of the first `guide_batch` rows when
-        `record_mass`."""
-        self.armed, self.hw = True, None
+    def arm(self, guide_rows: slice, record_mass: bool, hw=None) -> None:
+        """Before the main pass: record (h, w) (unless the call's inputs gave it: `hw`), and the mass
+        of the batch rows `guide_rows` when `record_mass`, with the family's capture processor."""
+        self.armed, self.hw = True, hw
         inner = self.attn.processor.inner
         xformers = "XFormers" in type(inner).__name__
-        self.processor = SAGCaptureProcessor(guide_batch, self.backend, xformers, self.threshold) if record_mass else None
+        self.processor = self.make_processor(guide_rows, self.backend, xformers, self.threshold) if record_mass else None
 
     def disarm(self) -> None:
         self.armed = False
@@ -212,10 +217,10 @@ class Capture:
     def map_size(self, name: str) -> tuple:
         if self.hw is None:
             raise RuntimeError(f"the capture layer {name} did not run in the model's forward")
-        return self.hw
+        return (self.hw[0] // self.patch, self.hw[1] // self.patch) if self.patch > 1 else tuple(self.hw)
 
     def mask(self, name: str) -> torch.Tensor:
-        """[guide_batch, h, w] bool: `mass > threshold` on the layer's map, from the last main pass."""
+        """[guide rows, h, w] bool: `mass > threshold` on the layer's map, from the last main pass."""
         return to_map(self.processor.mask, self.map_size(name))
 
 
@@ -241,7 +246,7 @@ class MapHook:
 
     def __call__(self, module, args, kwargs):
         capture = ACTIVE.get()
-        if capture is not None and capture.armed and capture.owner is module:
+        if capture is not None and capture.armed and capture.owner is module and capture.hw is None:
             hidden = args[0] if args else kwargs["hidden_states"]
             if hidden.dim() == 4:
                 capture.hw = tuple(hidden.shape[-2:])

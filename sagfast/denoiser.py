@@ -30,7 +30,7 @@ from sagfast.capture import Capture
 from sagfast.config import SAGConfig
 from sagfast.cuda_graph import graphs_of
 from sagfast.ops.degrade import check_blur_size
-from sagfast.schedule import alpha_bar, x0_eps
+from sagfast.schedule import Noise, noise_of, prediction_of, x0_eps
 
 
 def _map_batched(value, full: int, fn):
@@ -45,14 +45,14 @@ def _map_batched(value, full: int, fn):
     return value
 
 
-def slice_batch(value, full: int, keep: int):
-    """`value` with every tensor whose batch dim is `full` cut to its first `keep` rows."""
-    return _map_batched(value, full, lambda t: t[:keep])
+def slice_batch(value, full: int, rows: slice):
+    """`value` with every tensor whose batch dim is `full` cut to its rows `rows`."""
+    return _map_batched(value, full, lambda t: t[rows])
 
 
-def extend_batch(value, full: int, keep: int):
-    """`value` with every tensor whose batch dim is `full` followed by its own first `keep` rows."""
-    return _map_batched(value, full, lambda t: torch.cat([t, t[:keep]]))
+def extend_batch(value, full: int, rows: slice):
+    """`value` with every tensor whose batch dim is `full` followed by its own rows `rows`."""
+    return _map_batched(value, full, lambda t: torch.cat([t, t[rows]]))
 
 
 @dataclasses.dataclass
@@ -68,7 +68,9 @@ class Step:
     sample: torch.Tensor
     call: dict
     b: int
-    abar: torch.Tensor
+    guide: slice
+    """The guide branch's rows of the batch: uncond under CFG, else cond."""
+    noise: Noise
     prediction_type: str
     state_key: tuple
 
@@ -76,29 +78,29 @@ class Step:
     def full(self) -> int:
         return self.sample.shape[0]
 
-    def latent(self, o: torch.Tensor) -> torch.Tensor:
-        # Inpainting UNets take [latents, mask, masked-image latents] and predict the latents'
-        # channels only: the latent is the first out-channels of the input; the rest rides along.
-        return self.sample[: self.b, : o.shape[1]]
 
-    def model_input(self, xd: torch.Tensor) -> torch.Tensor:
-        """The degraded latent, in the model's dtype, with the guide rows' extra input channels."""
-        return torch.cat([xd.to(self.sample.dtype), self.sample[: self.b, xd.shape[1] :]], dim=1)
+
+def predicted_channels(o: torch.Tensor, sample: torch.Tensor) -> int:
+    """How many output channels are the prediction SAG reads and guides: a model with learned variance
+    (DiT, PixArt, DDPM's "learned_range") outputs 2C, the variance channels pass through untouched."""
+    return min(o.shape[1], sample.shape[1])
 
 
 class GuidedCall:
-    """One call of an enabled pipeline: its config, capture and state. Made when the call starts (the
-    scheduler and the capture layer are checked then, once), dropped when it ends."""
+    """One call of an enabled pipeline: its config, the call's arguments (defaults applied), capture
+    and state. Made when the call starts (the scheduler and the capture layer are checked then, once),
+    dropped when it ends."""
 
-    def __init__(self, pipe, config: SAGConfig, family, generator=None):
+    def __init__(self, pipe, config: SAGConfig, family, arguments: dict):
         self.pipe = pipe
         self.config = config
         self.family = family
         self.model = pipe.__dict__[family.attribute]
         family.check_scheduler(pipe.scheduler)
-        self.layer_name, attn, owner = family.resolve_layer(self.model, config.layers)
-        self.capture = Capture(attn, owner, config.backend, config.threshold)
-        self.seed = _seed_of(generator)
+        self.arguments = arguments
+        self.layer_name, attn, owner, patch = family.resolve_layer(self.model, config.layers)
+        self.capture = Capture(attn, owner, patch, config.backend, config.threshold, family.capture_processor)
+        self.seed = _seed_of(arguments.get("generator"))
         self.generator = None
         self.previous: dict = {}  # batched mode, eager: state key -> Previous
         self.seen: set = set()  # state keys this call has evaluated (batched mode starts exact)
@@ -108,20 +110,21 @@ class GuidedCall:
     def step(self, call: dict) -> torch.Tensor:
         cfg, pipe = self.config, self.pipe
         sample = call.pop(self.family.sample_argument)
-        chunks = self.family.cfg_chunks(pipe)
+        chunks = self.family.cfg_chunks(pipe, self.arguments)
         full = sample.shape[0]
         if full % chunks:
             raise ValueError(f"CFG is on but the model input batch {full} is not [uncond, cond] (odd size)")
         b = full // chunks
+        g = self.family.guide_chunk(chunks) * b
         scheduler = pipe.scheduler
-        abar = alpha_bar(scheduler, call["timestep"], b, sample.device)
+        noise = noise_of(scheduler, call[self.family.timestep_argument], b, sample.device)
         check_blur_size(sample.shape[-2], sample.shape[-1], cfg.blur_kernel_size)
         state_key = (tuple(sample.shape), sample.dtype, sample.device, chunks)
         store = self.graphs.state if self.graphs is not None else self.previous
         batched = cfg.mode == "batched" and state_key in self.seen and state_key in store
         self.seen.add(state_key)
         variant = "batched" if batched else "exact"
-        step = Step(sample, call, b, abar, scheduler.config.prediction_type, state_key)
+        step = Step(sample, call, b, slice(g, g + b), noise, prediction_of(scheduler), state_key)
         out = None
         if self.graphs is not None:
             out = self._graphed(variant, step, store)
@@ -148,55 +151,83 @@ class GuidedCall:
         inputs, state = self.graph_inputs(step, store)
 
         def fn(inp):
-            s = dataclasses.replace(step, sample=inp["sample"], call=inp["call"], abar=inp["abar"])
+            s = dataclasses.replace(step, sample=inp["sample"], call=inp["call"], noise=Noise(*inp["noise"]))
             return self.run_step(variant, s, store)
 
         return self.graphs.run(self.graph_variant(variant, step), fn, inputs, state)
 
     def graph_variant(self, variant: str, step: Step) -> tuple:
         """What a graph of this step bakes in besides its inputs: the config, CFG, the prediction type."""
-        return (variant, self.config, step.state_key[-1], step.prediction_type)
+        return (variant, self.config, step.state_key[-1], step.guide, step.prediction_type)
 
     def graph_inputs(self, step: Step, store: dict):
         """(inputs, state) of the graphed step: what is copied into static buffers before each replay,
         and the persistent batched-mode buffers the step reads and writes in place."""
         # The timestep enters the graph as a device tensor, so one graph serves every step.
         call = dict(step.call, timestep=torch.as_tensor(step.call["timestep"], device=step.sample.device))
-        inputs = {"sample": step.sample, "call": call, "abar": step.abar}
+        n = step.noise
+        inputs = {"sample": step.sample, "call": call, "noise": (n.a, n.b, n.abar, n.scale)}
         previous = store.get(step.state_key)
         return inputs, ((previous.eps, previous.mask) if previous is not None else ())
 
     def _exact_step(self, step: Step, store: dict) -> torch.Tensor:
         """Main pass, then the degraded pass built from this step's own eps and mask."""
-        cfg, b = self.config, step.b
-        o, mask = self._main_pass(step.sample, step.call, b)
-        x0, eps = x0_eps(step.latent(o), o[:b], step.abar, step.prediction_type)
-        xd = step.model_input(ops.degrade(x0, mask, eps, step.abar, cfg.blur_kernel_size, cfg.blur_sigma, backend=cfg.backend))
-        o_deg = self.model(xd, **slice_batch(step.call, step.full, b), return_dict=False)[0]
+        fam, guide = self.family, step.guide
+        o, mask = self._main_pass(step.sample, step.call, guide)
+        image, o_image = fam.to_image(step.sample, step.call), fam.to_image(o, step.call)
+        c = predicted_channels(o_image, image)
+        x0, eps = x0_eps(image[guide, :c], o_image[guide, :c], step.noise, step.prediction_type)
+        xd = self._model_input(self._degrade(x0, mask, eps, step.noise), image[guide], step)
+        o_deg = self.model(xd, **slice_batch(step.call, step.full, guide), return_dict=False)[0]
         self._remember(step, store, eps, mask)
-        return ops.combine(o, o[:b], o_deg, cfg.scale, backend=cfg.backend)
+        return self._combine(o, o_deg, guide, c if o_image is o else None)
 
     def _batched_step(self, step: Step, previous: Previous, store: dict) -> torch.Tensor:
         """One model call on [main batch, degraded], the degraded input built from the current x and the
         previous evaluation's eps and mask (docs/design.md, "One call per step"):
 
-            x0' = (x - sqrt(1 - abar) * eps_prev) / sqrt(abar)
-            xd  = sqrt(abar) * Degrade(x0'; M_prev) + sqrt(1 - abar) * eps_prev
-                = x - sqrt(abar) * M_prev * (x0' - Blur(x0'))
+            x0' = (x - b * eps_prev) / a
+            xd  = a * Degrade(x0'; M_prev) + b * eps_prev  =  x - a * M_prev * (x0' - Blur(x0'))
 
-        which is the exact-mode input whenever eps_prev equals this step's eps.
+        which is the exact-mode input whenever eps_prev equals this step's eps. Where a = 0 (flow
+        matching's first step, sigma = 1) it is x itself: no division by zero is taken.
         """
-        cfg, b, full = self.config, step.b, step.full
-        x = step.sample[:b, : previous.eps.shape[1]]
-        x0_prev, _ = x0_eps(x, previous.eps, step.abar, "epsilon")  # eps is eps whatever the model predicts
-        xd = step.model_input(
-            ops.degrade(x0_prev, previous.mask, previous.eps, step.abar, cfg.blur_kernel_size, cfg.blur_sigma, backend=cfg.backend)
-        )
-        o_all, mask = self._main_pass(torch.cat([step.sample, xd]), extend_batch(step.call, full, b), b)
+        fam, guide, full, noise = self.family, step.guide, step.full, step.noise
+        image = fam.to_image(step.sample, step.call)
+        c = previous.eps.shape[1]
+        x = image[guide, :c]
+        a = noise.a.view(-1, *([1] * (x.dim() - 1)))
+        safe = Noise(torch.where(noise.a > 0, noise.a, torch.ones_like(noise.a)), noise.b, noise.abar, noise.scale)
+        x0_prev, _ = x0_eps(x, previous.eps, safe, "epsilon")  # eps is eps whatever the model predicts
+        xd = torch.where(a > 0, self._degrade(x0_prev, previous.mask, previous.eps, noise), x.float())
+        batch = torch.cat([step.sample, self._model_input(xd, image[guide], step)])
+        o_all, mask = self._main_pass(batch, extend_batch(step.call, full, guide), guide)
         o, o_deg = o_all[:full], o_all[full:]
-        _, eps = x0_eps(x, o[:b], step.abar, step.prediction_type)
+        o_image = fam.to_image(o, step.call)
+        _, eps = x0_eps(x, o_image[guide, :c], noise, step.prediction_type)
         self._remember(step, store, eps, mask)
-        return ops.combine(o, o[:b], o_deg, cfg.scale, backend=cfg.backend)
+        return self._combine(o, o_deg, guide, c if o_image is o else None)
+
+    def _model_input(self, xd: torch.Tensor, image: torch.Tensor, step: Step) -> torch.Tensor:
+        """The degraded latent in the model's layout and dtype, with the guide rows' extra input
+        channels (an inpainting UNet's mask and masked image) after it."""
+        xd = torch.cat([xd.to(step.sample.dtype), image[:, xd.shape[1] :]], dim=1)
+        return self.family.to_model_input(xd, step.call)
+
+    def _degrade(self, x0, mask, eps, noise: Noise) -> torch.Tensor:
+        """a * Degrade(x0; mask) + b * eps, through the variance-preserving op (sagfast.schedule)."""
+        cfg = self.config
+        xd = ops.degrade(x0, mask, eps, noise.abar, cfg.blur_kernel_size, cfg.blur_sigma, backend=cfg.backend)
+        return xd if noise.scale is None else xd * noise.scale.view(-1, 1, 1, 1).to(xd.dtype)
+
+    def _combine(self, o, o_deg, guide: slice, c: int | None) -> torch.Tensor:
+        """o[k] + s * (o_guide - o_deg) for each CFG chunk k, on the first `c` channels (None: all);
+        the rest of o (learned variance) as the main pass gave it."""
+        cfg = self.config
+        if c is None or c == o.shape[1]:
+            return ops.combine(o, o[guide], o_deg, cfg.scale, backend=cfg.backend)
+        guided = ops.combine(o[:, :c].contiguous(), o[guide, :c].contiguous(), o_deg[:, :c].contiguous(), cfg.scale, backend=cfg.backend)
+        return torch.cat([guided, o[:, c:]], dim=1)
 
     def _remember(self, step: Step, store: dict, eps, mask) -> None:
         """Batched mode: keep this evaluation's eps and mask for the next one, in buffers that persist
@@ -212,11 +243,11 @@ class GuidedCall:
         state.eps.copy_(eps)
         state.mask.copy_(mask)
 
-    def _main_pass(self, sample, call, guide_batch: int):
-        """The model on `sample` with the capture armed; (output, [guide_batch, h, w] bool mask)."""
+    def _main_pass(self, sample, call, guide: slice):
+        """The model on `sample` with the capture armed; (output, [guide rows, h, w] bool mask)."""
         cfg = self.config
         capture = self.capture
-        capture.arm(guide_batch, record_mass=cfg.mask == "attention")  # the ablation's masks read no map
+        capture.arm(guide, record_mass=cfg.mask == "attention", hw=self.family.map_size(call))  # the ablation's masks read no map
         try:
             o = self.model(sample, **call, return_dict=False)[0]
         finally:
@@ -224,6 +255,7 @@ class GuidedCall:
         if cfg.mask == "attention":
             return o, capture.mask(self.layer_name)
         hw = capture.map_size(self.layer_name)
+        guide_batch = guide.stop - guide.start
         if cfg.mask == "global":
             return o, torch.ones(guide_batch, *hw, dtype=torch.bool, device=sample.device)
         if self.generator is None or self.generator.device != sample.device:

@@ -85,7 +85,7 @@ class StableDiffusionSAGPipeline(GuidedPipelineMixin, StableDiffusionPipeline):
         (its `scale` is replaced by `sag_scale`)."""
         legacy = {"callback": callback, "callback_steps": callback_steps} if callback is not None else {}
         config = make_config(sag_config or config_of(self), {"scale": sag_scale})
-        with guided_call(self, config, generator):
+        with guided_call(self, config, {"generator": generator, "guidance_scale": guidance_scale}):
             return StableDiffusionPipeline.__call__(
                 self,
                 prompt=prompt,

@@ -1,28 +1,68 @@
 """The noise level of a step, and x0 / eps of a model output, from a diffusers scheduler.
 
-Every diffusers scheduler hands the model a variance-preserving input
-`x = sqrt(abar) * x0 + sqrt(1 - abar) * eps`; sigma-based schedulers (Euler, Heun, LMS, DPM-Solver,
-UniPC, DEIS) get there by dividing by sqrt(sigma^2 + 1), so `abar = 1 / (1 + sigma^2)` with sigma the
-one their `scale_model_input` used. Schedulers without sigmas (DDIM, PNDM, DDPM) use
-`alphas_cumprod[t]`.
+One parametrization for every family: the model input is `x = a * x0 + b * eps` (`Noise`).
+
+- Variance preserving (DDPM-type schedules): `a = sqrt(abar)`, `b = sqrt(1 - abar)`. Every such
+  diffusers scheduler hands the model that input; sigma-based schedulers (Euler, Heun, LMS, DPM-Solver,
+  UniPC, DEIS) get there by dividing by sqrt(sigma^2 + 1), so `abar = 1 / (1 + sigma^2)` with sigma the
+  one their `scale_model_input` used. Schedulers without sigmas (DDIM, PNDM, DDPM) use
+  `alphas_cumprod[t]`.
+- Flow matching (FlowMatchEulerDiscreteScheduler and kin, `use_flow_sigmas=True`): `a = 1 - sigma`,
+  `b = sigma`, and the model predicts the velocity `v = eps - x0`, so `x0 = x - b * v` and
+  `eps = x + a * v` (a + b = 1).
+
+The ops take the variance-preserving form (`abar`); a flow input is that form scaled by
+`r = sqrt(a^2 + b^2)` with `abar = a^2 / r^2` (`Noise.abar`, `Noise.scale`), exact and division free.
 """
 
 from __future__ import annotations
 
 import torch
 
+import dataclasses
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+FLOW_PREDICTION_TYPES = (None, "flow_prediction")
+"""What a flow-matching scheduler's `prediction_type` may be: FlowMatch* schedulers have none, the
+flow variants of DPM-Solver and UniPC say "flow_prediction"; both mean the velocity `eps - x0`."""
+
+
+def is_flow(scheduler) -> bool:
+    """Whether `scheduler` runs a flow-matching (rectified flow) schedule."""
+    return type(scheduler).__name__.startswith("FlowMatch") or bool(getattr(scheduler.config, "use_flow_sigmas", False))
+
+
+def prediction_of(scheduler) -> str:
+    """What the model predicts: "flow" (the velocity) or the scheduler's VP prediction type."""
+    return "flow" if is_flow(scheduler) else scheduler.config.prediction_type
+
+
+@dataclasses.dataclass
+class Noise:
+    """x = a * x0 + b * eps, per sample: [B] fp32 tensors on the model's device."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    abar: torch.Tensor
+    """a^2 / (a^2 + b^2): the variance-preserving noise level the ops take."""
+    scale: torch.Tensor | None
+    """sqrt(a^2 + b^2), by which the ops' output is scaled; None where it is 1 (VP)."""
 
 
 def schedule_problems(scheduler) -> list:
-    """Reasons this scheduler gives SAG no usable variance-preserving noise schedule (empty if fine)."""
+    """Reasons this scheduler gives SAG no usable noise schedule (empty if fine)."""
     name = type(scheduler).__name__
+    pred = getattr(scheduler.config, "prediction_type", None)
+    if is_flow(scheduler):
+        problems = []
+        if getattr(scheduler, "sigmas", None) is None or not hasattr(scheduler, "index_for_timestep"):
+            problems.append(f"{name} has no sigmas to read the step's noise level from")
+        if pred not in FLOW_PREDICTION_TYPES:
+            problems.append(f"{name} is a flow-matching schedule with prediction_type={pred!r}; accepted: the velocity (no prediction_type, or 'flow_prediction')")
+        return problems
     problems = []
     if getattr(scheduler, "alphas_cumprod", None) is None:
-        problems.append(f"{name} has no alphas_cumprod (not a variance-preserving DDPM-type schedule)")
-    if getattr(scheduler.config, "use_flow_sigmas", False):
-        problems.append(f"{name} is configured with use_flow_sigmas=True (a flow-matching schedule)")
-    pred = getattr(scheduler.config, "prediction_type", None)
+        problems.append(f"{name} has no alphas_cumprod and is not a flow-matching schedule (accepted: DDPM-type schedules and FlowMatch* schedulers)")
     if pred not in PREDICTION_TYPES:
         problems.append(f"{name} has prediction_type={pred!r}; accepted: {PREDICTION_TYPES}")
     return problems
@@ -88,15 +128,34 @@ def alpha_bar(scheduler, timestep, batch: int, device) -> torch.Tensor:
     return abar.to(device=device, dtype=torch.float32).reshape(1).expand(batch).contiguous()
 
 
-def x0_eps(x: torch.Tensor, out: torch.Tensor, abar: torch.Tensor, prediction_type: str):
+def noise_of(scheduler, timestep, batch: int, device) -> Noise:
+    """The (a, b) of this step for `scheduler`'s kind of schedule."""
+    if is_flow(scheduler):
+        sigma = _current_sigma(scheduler, timestep)
+        s = torch.full((batch,), float(sigma), dtype=torch.float32, device=device)
+        a, b = 1 - s, s
+        r2 = a * a + b * b
+        return Noise(a, b, a * a / r2, r2.sqrt())
+    return vp_noise(alpha_bar(scheduler, timestep, batch, device))
+
+
+def vp_noise(abar: torch.Tensor) -> Noise:
+    """The variance-preserving (a, b) = (sqrt(abar), sqrt(1 - abar))."""
+    abar = abar.float()
+    return Noise(abar.sqrt(), (1 - abar).sqrt(), abar, None)
+
+
+def x0_eps(x: torch.Tensor, out: torch.Tensor, noise: Noise, prediction_type: str):
     """x0 and eps of the model output `out` at input `x` (no clipping), in fp32."""
-    a = abar.float().view(-1, *([1] * (x.dim() - 1)))
-    sa, sb = a.sqrt(), (1 - a).sqrt()
+    view = (-1, *([1] * (x.dim() - 1)))
+    sa, sb = noise.a.float().view(view), noise.b.float().view(view)
     x, out = x.float(), out.float()
+    if prediction_type == "flow":
+        return x - sb * out, x + sa * out
     if prediction_type == "epsilon":
         return (x - sb * out) / sa, out
     if prediction_type == "v_prediction":
         return sa * x - sb * out, sb * x + sa * out
     if prediction_type == "sample":
         return out, (x - sa * out) / sb
-    raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}; got {prediction_type!r}")
+    raise ValueError(f"prediction_type must be 'flow' or one of {PREDICTION_TYPES}; got {prediction_type!r}")

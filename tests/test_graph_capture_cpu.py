@@ -30,7 +30,7 @@ from components import CROSS_DIM, TOKENS, prompt_embeds, sd_pipeline, tiny_unet
 from sagfast.cuda_graph import ModelWatch, StepGraphs
 from sagfast.api import guided_call
 from sagfast.denoiser import GuidedCall, Step
-from sagfast.schedule import alpha_bar
+from sagfast.schedule import alpha_bar, vp_noise
 
 # Ops that hand a device tensor's value (or a data-dependent size) back to the host.
 HOST_READS = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.equal", "aten.is_nonzero"}
@@ -104,9 +104,9 @@ def meta_step(pipe, cfg_on: bool, b: int = 2):
         timestep=torch.tensor(501, device="meta"),
         encoder_hidden_states=torch.randn(full, TOKENS, CROSS_DIM, device="meta"),
     )
-    abar = torch.rand(b, device="meta")
+    noise = vp_noise(torch.rand(b, device="meta"))
     shape_key = (tuple(sample.shape), sample.dtype, sample.device, 2 if cfg_on else 1)
-    return Step(sample, call, b, abar, pipe.scheduler.config.prediction_type, shape_key)
+    return Step(sample, call, b, slice(0, b), noise, pipe.scheduler.config.prediction_type, shape_key)
 
 
 def watched(call, variant, step):

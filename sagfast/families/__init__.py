@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from sagfast.families.base import Family
+from sagfast.families.dit import DiTFamily
+from sagfast.families.pixart import PixArtFamily
 from sagfast.families.unet import UNetFamily
+from sagfast.families.unet2d import UnconditionalUNetFamily
 
-FAMILIES: tuple = (UNetFamily(),)
+FAMILIES: tuple = (UNetFamily(), UnconditionalUNetFamily(), DiTFamily(), PixArtFamily())
 
 
 def family_of(pipe) -> Family:

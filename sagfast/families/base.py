@@ -8,7 +8,9 @@ wrapped, the batch layout of classifier-free guidance, and where the capture lay
 from __future__ import annotations
 
 import torch
+from diffusers.models.attention_processor import Attention
 
+from sagfast.capture import SAGCaptureProcessor
 from sagfast.schedule import check_scheduler
 
 
@@ -34,17 +36,78 @@ class Family:
         """Raises when SAG cannot read this family's noise level from `scheduler`."""
         check_scheduler(scheduler)
 
-    def cfg_chunks(self, pipe) -> int:
-        """2 when the pipeline's current call batches [uncond, cond], else 1."""
-        return 2 if pipe.do_classifier_free_guidance else 1
+    def cfg_chunks(self, pipe, arguments: dict) -> int:
+        """2 when the pipeline's current call batches [uncond, cond], else 1: from the pipeline's
+        `do_classifier_free_guidance` where it has one, else from the call's `guidance_scale > 1`
+        (`arguments`: the call's arguments, defaults included), as the pipeline decides it."""
+        if hasattr(type(pipe), "do_classifier_free_guidance"):
+            return 2 if pipe.do_classifier_free_guidance else 1
+        return 2 if arguments.get("guidance_scale", 1.0) > 1 else 1
+
+    def guide_chunk(self, chunks: int) -> int:
+        """Which chunk of the CFG batch is the guide branch (uncond with CFG, else cond): 0 for a
+        [uncond, cond] batch."""
+        return 0
 
     def resolve_layer(self, model: torch.nn.Module, layers: str):
-        """(name, attention module, module whose 4-D input carries the map's (h, w)) for `layers`."""
+        """(name, attention module, module whose 4-D input carries the map's (h, w), patch size: the
+        map is that input's (h, w) over it) for `layers`."""
         raise NotImplementedError
 
     sample_argument: str = "sample"
     """The name of the model's latent input."""
 
+    timestep_argument: str = "timestep"
+    """The name of the model's timestep input."""
+
+    def to_image(self, x: torch.Tensor, call: dict) -> torch.Tensor:
+        """The model's input or output laid out as an image [B, C, H, W] (what blur and masks act on);
+        the same object where the model already works on images."""
+        return x
+
+    def to_model_input(self, image: torch.Tensor, call: dict) -> torch.Tensor:
+        """`to_image`'s inverse for a model input."""
+        return image
+
+    def map_size(self, call: dict):
+        """The capture layer's (h, w) when the call's inputs tell it (Flux's `img_ids`), else None: the
+        map hook reads it from the owner's 4-D input."""
+        return None
+
+    def capture_processor(self, guide: slice, backend: str, xformers: bool, threshold: float):
+        """The processor that runs the capture layer in a guided main pass and records the mass."""
+        return SAGCaptureProcessor(guide, backend, xformers, threshold)
+
     def wrap_output(self, out: torch.Tensor):
         """The model's `return_dict=True` output for the prediction `out`."""
         raise NotImplementedError
+
+
+def self_attention_layers(model: torch.nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, Attention) and not m.is_cross_attention]
+
+
+def layer_error(model: torch.nn.Module, where: str, name: str) -> ValueError:
+    found = self_attention_layers(model)
+    return ValueError(
+        f"SAG needs a self-attention layer at {where} ({name}), and this {type(model).__name__} has none "
+        f"there. Self-attention layers it has: {found[:8] or 'none'}" + (" ..." if len(found) > 8 else "")
+    )
+
+
+def transformer_block_layer(model: torch.nn.Module, layers: str, attention: str = "attn1"):
+    """(name, attention module) for a transformer stack: "mid" is `attention` of the block in the
+    middle of `model.transformer_blocks` (index len // 2: for an even count, the first block of the
+    second half), else a module name ("transformer_blocks.3.attn1") or a block ("transformer_blocks.3")."""
+    model = getattr(model, "_orig_mod", model)
+    modules = dict(model.named_modules())
+    if layers == "mid":
+        name = f"transformer_blocks.{len(model.transformer_blocks) // 2}.{attention}"
+        where = "the middle transformer block"
+    else:
+        name = f"{layers}.{attention}" if layers in modules and not isinstance(modules[layers], Attention) else layers
+        where = repr(layers)
+    attn = modules.get(name)
+    if not isinstance(attn, Attention) or attn.is_cross_attention:
+        raise layer_error(model, where, name)
+    return name, attn

@@ -12,21 +12,9 @@ import torch
 from diffusers.models.attention_processor import Attention
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel, UNet2DConditionOutput
 
-from sagfast.families.base import Family
+from sagfast.families.base import Family, layer_error
 
 MID_LAYER = "mid_block.attentions.0.transformer_blocks.0.attn1"
-
-
-def self_attention_layers(model: torch.nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, Attention) and not m.is_cross_attention]
-
-
-def layer_error(model: torch.nn.Module, where: str, name: str) -> ValueError:
-    found = self_attention_layers(model)
-    return ValueError(
-        f"SAG needs a self-attention layer at {where} ({name}), and this {type(model).__name__} has none "
-        f"there. Self-attention layers it has: {found[:8] or 'none'}" + (" ..." if len(found) > 8 else "")
-    )
 
 
 class UNetFamily(Family):
@@ -65,7 +53,7 @@ class UNetFamily(Family):
         parts = name.split(".")
         owners = [modules[".".join(parts[:i])] for i in range(len(parts) - 1, 0, -1)]
         owner = next((m for m in owners if type(m).__name__ == "Transformer2DModel"), attn)
-        return name, attn, owner
+        return name, attn, owner, 1
 
     def wrap_output(self, out):
         return UNet2DConditionOutput(sample=out)

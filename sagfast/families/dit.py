@@ -1,0 +1,34 @@
+"""DiT (DiTPipeline; the SAG paper's DiT experiments): `pipe.transformer` a DiTTransformer2DModel
+called on `hidden_states` [B, C, H, W] with `class_labels`. CFG batches [cond, uncond] (the class
+labels, then the null class 1000), decided by the call's `guidance_scale > 1`: the guide branch is
+the second chunk. The output has 2 * in_channels with learned sigma: SAG guides the first
+in_channels, the variance passes through.
+
+Capture layer "mid": `attn1` of the block in the middle of the stack (transformer_blocks[N // 2]):
+the paper reads a middle layer of the stack for DiT too, and it sees the image at the token grid
+every block shares. The map is the latent's (h, w) over the patch size.
+"""
+
+from __future__ import annotations
+
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+from sagfast.families.base import Family, transformer_block_layer
+
+
+class DiTFamily(Family):
+    name = "DiT"
+    attribute = "transformer"
+    pipelines = ("DiTPipeline",)
+    sample_argument = "hidden_states"
+
+    def guide_chunk(self, chunks: int) -> int:
+        return chunks - 1  # [cond, uncond]: the guide branch is uncond, the last chunk
+
+    def resolve_layer(self, model, layers: str):
+        name, attn = transformer_block_layer(model, layers)
+        original = getattr(model, "_orig_mod", model)
+        return name, attn, original, original.config.patch_size
+
+    def wrap_output(self, out):
+        return Transformer2DModelOutput(sample=out)
