@@ -70,7 +70,7 @@ setup(
     ],
     extras_require={
         "triton": ["triton"],
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "triton", "mlxtend", "matplotlib", "accelerate"],
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "triton", "mlxtend", "matplotlib", "accelerate", "ruff"],
         "train": ["mlxtend"],
     },
     entry_points={"console_scripts": ["sagfast=sagfast.cli:main"]},

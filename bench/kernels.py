@@ -149,7 +149,10 @@ def time_rows(quick: bool, device: torch.device, dtype: torch.dtype) -> list:
         heavy = case["flops"] is not None and case["flops"] > 1e10 and device.type == "cpu"
         variants = {}
         for name in backends:
-            fn = (lambda name=name: case["call"](inp, name))
+
+            def fn(name=name, inp=inp):
+                return case["call"](inp, name)
+
             variants[name] = common.timed(fn, device, number=1 if heavy else None)
         common.log(f"kernels: {case['op']} {case['shape']} ({', '.join(backends)})")
         samples = common.interleave(variants, rounds=3 if heavy else rounds, warmup=warmup)
@@ -172,7 +175,7 @@ def time_rows(quick: bool, device: torch.device, dtype: torch.dtype) -> list:
                 if case["flops"]:
                     row["tflops"] = case["flops"] / sec / 1e12
             rows.append(row)
-        del inp
+        inp = None  # frees the inputs before the next case
     return rows
 
 
@@ -236,7 +239,7 @@ def measure_memory(device: torch.device, dtype: torch.dtype) -> list:
             rows.append(dict(op=op, backend=name, shape=shape, peak_bytes=peak))
         except Exception as exc:
             rows.append(dict(op=op, backend=name, shape=shape, status=f"{type(exc).__name__}: {exc}"))
-        del inp
+        inp = None  # frees the inputs before the next case
     return rows
 
 

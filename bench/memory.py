@@ -150,7 +150,7 @@ def run(opts, record: dict, log=common.log) -> dict:
     def sdpa_way(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
-    rows, raw = [], {}
+    rows = []
     for n in shown:
         g = torch.Generator().manual_seed(n)
         q, k, v = (torch.randn(BATCH, HEADS, n, HEAD_DIM, generator=g).to(device, dtype) for _ in range(3))
@@ -195,7 +195,7 @@ def run(opts, record: dict, log=common.log) -> dict:
                     peak = measure_peak(fn, device)
                 row.update(peak_MiB=peak / 2**20, source="measured", status="ok")
             rows.append(row)
-        del q, k, v, q3, k3, v3
+        q = k = v = q3 = k3 = v3 = None  # frees the inputs (the cases above held them)
         gc.collect()
     by = {(r["N"], r["variant"]): r for r in rows}
     for r in rows:

@@ -30,9 +30,9 @@ BACKENDS = ("torch", "cpp", "triton")
 
 
 def _capture_inputs(unet, spec, size, device, dtype):
-    from sagfast.denoiser import resolve_capture_layer
+    from sagfast.families.unet import UNetFamily
 
-    name, attn, owner = resolve_capture_layer(unet, "mid")
+    name, attn, owner, _ = UNetFamily().resolve_layer(unet, "mid")
     seen = {}
 
     def on_attn(module, args, kwargs):

@@ -65,7 +65,7 @@ class ExtraCallUNet(torch.nn.Module):
         full = sample.shape[0]
         b = full // 2 if full % 2 == 0 else full
         call["return_dict"] = False
-        self.unet(sample[:b], **slice_batch(call, full, b))
+        self.unet(sample[:b], **slice_batch(call, full, slice(0, b)))
         return out
 
 

@@ -256,7 +256,7 @@ def install(attn: Attention, owner: torch.nn.Module) -> None:
     """Put the switch on `attn` and the map hook on `owner`, unless they are there already (a
     processor set since, by `set_attn_processor` say, is wrapped anew)."""
     if not isinstance(attn.processor, CaptureSwitch):
-        attn.set_processor(CaptureSwitch(attn.processor))
+        attn.set_processor(switch_for(attn)(attn.processor))
     if not any(isinstance(h, MapHook) for h in owner._forward_pre_hooks.values()):
         owner.register_forward_pre_hook(MapHook(), with_kwargs=True)
 
@@ -273,3 +273,159 @@ def uninstall(model: torch.nn.Module) -> None:
 
 def installed(model: torch.nn.Module) -> bool:
     return any(isinstance(getattr(m, "processor", None), CaptureSwitch) for m in model.modules())
+
+
+# --- Joint attention (SD3, Flux): image and text tokens in one softmax --------------------------------
+
+
+def _joint_out_and_lse(processor, q, k, v, scale):
+    """(out, lse) of the capture layer's one attention call, from xformers where the layer's own
+    processor was xformers' and xformers can run, else SDPA."""
+    if processor.xformers and not xformers_reasons(q):
+        return xformers_with_lse(q, k, v, scale)
+    return sdpa_with_lse(q, k, v, scale)
+
+
+def _image_mass(processor, q, k, lse, image: slice, scale):
+    """Mass of the image keys received from the image queries of the guide rows, each row's softmax
+    taken over ALL keys (image and text: `lse` is the joint attention's)."""
+    g = processor.rows
+    processor.mass, processor.mask = attention_mass(
+        q[g, :, image], k[g, :, image], lse[g, :, image], scale, backend=processor.backend, threshold=processor.threshold
+    )
+
+
+class JointCaptureProcessor(SAGCaptureProcessor):
+    """SD3's joint attention (`JointAttnProcessor2_0`: image tokens then text tokens in one SDPA) that
+    also records the attention mass of the image keys from the image queries of the guide rows, with
+    each query's softmax over all keys (image and text), as the layer computes it. The output is the
+    stock processor's: SDPA on the full joint sequence (its default scale, 1 / sqrt(head dim)), split
+    back into image and text. Without `encoder_hidden_states` (SD3.5's `attn2`) it is plain
+    self-attention over the image tokens. Like the stock processor it ignores `attention_mask`."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        import math
+
+        residual = hidden_states
+        batch = hidden_states.shape[0]
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        n_image = query.shape[2]
+        if encoder_hidden_states is not None:
+            eq = attn.add_q_proj(encoder_hidden_states).view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+            ek = attn.add_k_proj(encoder_hidden_states).view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+            ev = attn.add_v_proj(encoder_hidden_states).view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+            if attn.norm_added_q is not None:
+                eq = attn.norm_added_q(eq)
+            if attn.norm_added_k is not None:
+                ek = attn.norm_added_k(ek)
+            query = torch.cat([query, eq], dim=2)
+            key = torch.cat([key, ek], dim=2)
+            value = torch.cat([value, ev], dim=2)
+
+        scale = 1.0 / math.sqrt(head_dim)  # the stock processor calls SDPA with its default scale
+        out, lse = _joint_out_and_lse(self, query, key, value, scale)
+        _image_mass(self, query, key, lse, slice(0, n_image), scale)
+
+        hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
+        if encoder_hidden_states is not None:
+            hidden_states, encoder_hidden_states = hidden_states[:, : residual.shape[1]], hidden_states[:, residual.shape[1] :]
+            if not attn.context_pre_only:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if encoder_hidden_states is not None:
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+
+class FluxCaptureProcessor(SAGCaptureProcessor):
+    """Flux's attention (`FluxAttnProcessor`: in the double-stream blocks text tokens FIRST, then image
+    tokens, one SDPA after RoPE) that also records the attention mass of the image keys from the image
+    queries of the guide rows, each query's softmax over all keys. The output is the stock processor's
+    (the native attention backend: SDPA with its default scale). No attention mask, no IP-Adapter
+    inputs (the stock FluxAttnProcessor's inputs only)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None, *args, **kwargs):
+        import math
+
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+        if attention_mask is not None:
+            raise ValueError("SAG's Flux capture layer does not take an attention mask")
+        if kwargs.get("ip_hidden_states") is not None:
+            raise ValueError("SAG's Flux capture layer does not take IP-Adapter inputs; choose a layer without them")
+        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+        n_text = 0
+        if attn.added_kv_proj_dim is not None and encoder_hidden_states is not None:
+            encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
+            encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
+            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
+            n_text = encoder_query.shape[1]
+            query = torch.cat([encoder_query, query], dim=1)
+            key = torch.cat([encoder_key, key], dim=1)
+            value = torch.cat([encoder_value, value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, H, N, D]
+        scale = 1.0 / math.sqrt(attn.head_dim)
+        out, lse = _joint_out_and_lse(self, q, k, v, scale)
+        _image_mass(self, q, k, lse, slice(n_text, q.shape[2]), scale)
+
+        hidden_states = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is not None:
+            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
+            )
+            hidden_states = attn.to_out[0](hidden_states.contiguous())
+            hidden_states = attn.to_out[1](hidden_states)
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+
+class RotaryCaptureSwitch(CaptureSwitch):
+    """`CaptureSwitch` for attention modules that hand their processor `image_rotary_emb` as the fifth
+    positional argument (Flux's `FluxAttention.forward`: the base switch would take it for `temb`).
+    Names the keyword arguments the module forwards (it passes a processor only those its signature
+    names), so IP-Adapter inputs still reach a wrapped IP-Adapter processor."""
+
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        image_rotary_emb=None,
+        ip_hidden_states=None,
+        ip_adapter_masks=None,
+        *args,
+        **kwargs,
+    ):
+        extra = {k: v for k, v in (("ip_hidden_states", ip_hidden_states), ("ip_adapter_masks", ip_adapter_masks)) if v is not None}
+        capture = ACTIVE.get()
+        if capture is not None and capture.armed and capture.attn is attn and capture.processor is not None:
+            return capture.processor(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, *args, **extra, **kwargs)
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, *args, **extra, **kwargs)
+
+
+def switch_for(attn) -> type:
+    """The switch class whose call signature matches how `attn` calls its processor."""
+    import inspect
+
+    forward = getattr(type(attn), "forward", None)
+    params = list(inspect.signature(forward).parameters) if forward is not None else []
+    return RotaryCaptureSwitch if "image_rotary_emb" in params and not isinstance(attn, Attention) else CaptureSwitch

@@ -55,7 +55,8 @@ class ModelWatch:
         # the model (and its GPU memory) alive for ever.
         self.model = weakref.ref(model)
         self.tensors = list(model.parameters()) + list(model.buffers())
-        self.attention = [m for m in model.modules() if isinstance(m, Attention)]
+        # Attention and FluxAttention alike: every module that runs a swappable processor.
+        self.attention = [m for m in model.modules() if isinstance(m, Attention) or hasattr(m, "set_processor")]
 
     def fingerprint(self) -> tuple:
         """Compared with ==. It holds the processors themselves, so a freed processor's id cannot

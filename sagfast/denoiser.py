@@ -118,7 +118,8 @@ class GuidedCall:
         g = self.family.guide_chunk(chunks) * b
         scheduler = pipe.scheduler
         noise = noise_of(scheduler, call[self.family.timestep_argument], b, sample.device)
-        check_blur_size(sample.shape[-2], sample.shape[-1], cfg.blur_kernel_size)
+        image = self.family.to_image(sample, call)
+        check_blur_size(image.shape[-2], image.shape[-1], cfg.blur_kernel_size)
         state_key = (tuple(sample.shape), sample.dtype, sample.device, chunks)
         store = self.graphs.state if self.graphs is not None else self.previous
         batched = cfg.mode == "batched" and state_key in self.seen and state_key in store
@@ -157,8 +158,10 @@ class GuidedCall:
         return self.graphs.run(self.graph_variant(variant, step), fn, inputs, state)
 
     def graph_variant(self, variant: str, step: Step) -> tuple:
-        """What a graph of this step bakes in besides its inputs: the config, CFG, the prediction type."""
-        return (variant, self.config, step.state_key[-1], step.guide, step.prediction_type)
+        """What a graph of this step bakes in besides its inputs: the config, CFG, the prediction type, and
+        the map size where the call's inputs give it (Flux: token grids 4x8 and 8x4 pack to one shape)."""
+        guide = (step.guide.start, step.guide.stop)  # a slice is unhashable before Python 3.12
+        return (variant, self.config, step.state_key[-1], guide, step.prediction_type, self.family.map_size(step.call))
 
     def graph_inputs(self, step: Step, store: dict):
         """(inputs, state) of the graphed step: what is copied into static buffers before each replay,

@@ -14,7 +14,7 @@ def test_capture_mass_is_fp32_for_half_inputs(dtype):
     torch.manual_seed(0)
     attn = Attention(query_dim=64, heads=4, dim_head=16).eval().to(dtype)
     x = torch.randn(2, 48, 64).to(dtype)
-    proc = SAGCaptureProcessor(guide_batch=2)
+    proc = SAGCaptureProcessor(2)
     with torch.no_grad():
         out = proc(attn, x)
         q = attn.to_q(x).view(2, 48, 4, 16).transpose(1, 2).float()

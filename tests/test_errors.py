@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusionPipeline
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
 import sagfast
 from components import prompt_embeds, sd_components, sd_pipeline, tiny_unet
@@ -83,16 +83,22 @@ def test_latents_too_small_for_the_blur():
     assert type(pipe.unet).__name__ == "UNet2DConditionModel" and sagfast.api.ACTIVE_CALL.get() is None
 
 
+def unusable_flow_scheduler():
+    # A flow-matching schedule whose model would not predict the velocity.
+    return DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="epsilon")
+
+
 def test_scheduler_without_a_usable_noise_schedule():
     pipe = sd_pipeline()
-    pipe.scheduler = FlowMatchEulerDiscreteScheduler()
-    with pytest.raises(ValueError, match="usable noise schedule: FlowMatchEulerDiscreteScheduler has no alphas_cumprod"):
+    pipe.scheduler = unusable_flow_scheduler()
+    with pytest.raises(ValueError, match="usable noise schedule: DPMSolverMultistepScheduler is a flow-matching schedule with prediction_type='epsilon'; accepted: the velocity"):
         sagfast.enable(pipe)
+    assert not sagfast.is_enabled(pipe)
 
 
 def test_scheduler_swapped_after_enable_is_caught_at_call_time():
     pipe = sagfast.enable(sd_pipeline())
-    pipe.scheduler = FlowMatchEulerDiscreteScheduler()
+    pipe.scheduler = unusable_flow_scheduler()
     pe, ne = prompt_embeds(1)
     with pytest.raises(ValueError, match="usable noise schedule"):
         pipe(prompt_embeds=pe, negative_prompt_embeds=ne, height=16, width=16, num_inference_steps=1, output_type="latent")

@@ -60,7 +60,7 @@ def test_capture_processor_output_and_mass():
     x = torch.randn(3, 6 * 5, 64)
     with torch.no_grad():
         stock = AttnProcessor2_0()(attn, x)
-        proc = SAGCaptureProcessor(guide_batch=2)
+        proc = SAGCaptureProcessor(2)
         out = proc(attn, x)
         torch.testing.assert_close(out, stock, rtol=1e-6, atol=1e-6)
         q = attn.to_q(x[:2]).view(2, 30, 4, 16).transpose(1, 2)

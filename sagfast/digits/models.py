@@ -94,3 +94,70 @@ class DigitClassifier(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.dropout(self.features(x)))
+
+
+# --- The second embedded model: a small class-conditional diffusion transformer (flow matching) ---
+
+# diffusers' DiTTransformer2DModel in pixel space: 32x32x1 in 2x2 patches -> a 16x16 grid of 256 tokens,
+# 4 blocks of 4 heads x 32 channels (width 128), adaLN-Zero conditioning on timestep + class. One output
+# channel (the flow velocity; no learned sigma). `num_embeds_ada_norm=10`: every block's label table has
+# 11 rows and row 10 (`NULL_CLASS`) is the null class of classifier-free guidance. 1.42 M parameters
+# (2.7 MiB in fp16; every block carries its own timestep MLP and label table, as diffusers builds DiT).
+DIT_CONFIG = dict(
+    num_attention_heads=4,
+    attention_head_dim=32,
+    in_channels=1,
+    out_channels=1,
+    num_layers=4,
+    sample_size=IMAGE_SIZE,
+    patch_size=2,
+    norm_type="ada_norm_zero",
+    num_embeds_ada_norm=NUM_CLASSES,
+)
+
+# Flow matching: x_sigma = (1 - sigma) x0 + sigma eps, the model predicts v = eps - x0 at timestep
+# sigma * 1000 (FlowMatchEulerDiscreteScheduler's timesteps). shift=1: sampling sigmas are spaced
+# evenly, matching the uniform sigma of training. Shifts > 1 (SD3 uses 3) move steps towards high noise
+# for large images, whose redundancy keeps their structure visible up to high sigma; a 32x32 digit
+# (1,024 values) has none to spare, so no shift is needed.
+FLOW_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=1.0)
+
+
+def make_dit(init: bool = True, **overrides):
+    """A `DiTTransformer2DModel` of `DIT_CONFIG`; `init`: DiT's own initialisation (xavier linears,
+    N(0, 0.02) timestep MLPs and label tables, zero adaLN modulation and output layers, so every block
+    starts as the identity and the output as zero), which diffusers leaves to the checkpoint.
+
+    The built-in label dropout of diffusers' `LabelEmbedding` (`class_dropout_prob=0.1` in
+    `CombinedTimestepLabelEmbeddings`) is switched off here: it draws from the global RNG, separately in
+    every block (and again for the output layer, which reuses block 0's embedding), so a label is
+    dropped in some blocks but not others and the all-null input that CFG's unconditional branch
+    feeds is almost never seen. The training loop drops labels itself, the same for all blocks."""
+    from diffusers import DiTTransformer2DModel
+
+    config = dict(DIT_CONFIG)
+    config.update(overrides)
+    model = DiTTransformer2DModel(**config)
+    for block in model.transformer_blocks:
+        block.norm1.emb.class_embedder.dropout_prob = 0.0
+    if init:
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, torch.nn.Linear):
+                    torch.nn.init.xavier_uniform_(module.weight)
+                    if module.bias is not None:
+                        torch.nn.init.zeros_(module.bias)
+            w = model.pos_embed.proj.weight
+            torch.nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            torch.nn.init.zeros_(model.pos_embed.proj.bias)
+            for block in model.transformer_blocks:
+                emb = block.norm1.emb
+                torch.nn.init.normal_(emb.class_embedder.embedding_table.weight, std=0.02)
+                torch.nn.init.normal_(emb.timestep_embedder.linear_1.weight, std=0.02)
+                torch.nn.init.normal_(emb.timestep_embedder.linear_2.weight, std=0.02)
+                torch.nn.init.zeros_(block.norm1.linear.weight)
+                torch.nn.init.zeros_(block.norm1.linear.bias)
+            for layer in (model.proj_out_1, model.proj_out_2):
+                torch.nn.init.zeros_(layer.weight)
+                torch.nn.init.zeros_(layer.bias)
+    return model

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from sagfast.digits.models import SCHEDULER_CONFIG, ClassEmbedding, DigitClassifier
+from sagfast.digits.models import FLOW_SCHEDULER_CONFIG, SCHEDULER_CONFIG, ClassEmbedding, DigitClassifier
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 
@@ -19,19 +19,23 @@ SCHEDULER_FILE = "digits_scheduler.json"
 CLASSIFIER_FILE = "digits_classifier.safetensors"
 TRAIN_LOG_FILE = "digits_train.json"
 
+DIT_FILE = "digits_dit"  # .safetensors + .json (the DiTTransformer2DModel config)
+DIT_SCHEDULER_FILE = "digits_dit_scheduler.json"
+DIT_TRAIN_LOG_FILE = "digits_dit_train.json"
+
 
 def _public_config(config) -> dict:
     return {k: v for k, v in dict(config).items() if not k.startswith("_")}
 
 
 def _save_module(module: torch.nn.Module, path: Path, dtype: torch.dtype) -> None:
-    state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
-             for k, v in module.state_dict().items()}
+    state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous() for k, v in module.state_dict().items()}
     save_file(state, str(path))
 
 
-def save_weights(out_dir, unet, class_embedding, classifier, scheduler_config: dict | None = None,
-                 dtype: torch.dtype = torch.float16) -> None:
+def save_weights(
+    out_dir, unet, class_embedding, classifier, scheduler_config: dict | None = None, dtype: torch.dtype = torch.float16
+) -> None:
     """Write the files `load_pipeline` / `load_classifier` read. Floating tensors are stored as `dtype`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -43,12 +47,11 @@ def save_weights(out_dir, unet, class_embedding, classifier, scheduler_config: d
     _save_module(classifier, out / CLASSIFIER_FILE, dtype)
 
 
-def _weights_dir(weights_dir) -> Path:
+def _weights_dir(weights_dir, name: str = UNET_FILE) -> Path:
     d = Path(weights_dir or os.environ.get("SAGFAST_DIGITS_WEIGHTS", WEIGHTS_DIR))
-    if not (d / f"{UNET_FILE}.safetensors").is_file():
+    if not (d / f"{name}.safetensors").is_file():
         raise FileNotFoundError(
-            f"no digit-model weights in {d}; they ship with the package (sagfast/weights/) or are made by "
-            "`python -m sagfast.digits.train`"
+            f"no digit-model weights in {d}; they ship with the package (sagfast/weights/) or are made by `python -m sagfast.digits.train`"
         )
     return d
 
@@ -94,9 +97,7 @@ def load_pipeline(scheduler=None, weights_dir=None, device="cpu", dtype=torch.fl
         scheduler = DDIMScheduler.from_config(config)
     elif isinstance(scheduler, type):
         scheduler = scheduler.from_config(config)
-    pipe = DigitDiffusionPipeline(
-        unet=load_unet(weights_dir), class_embedding=load_class_embedding(weights_dir), scheduler=scheduler
-    )
+    pipe = DigitDiffusionPipeline(unet=load_unet(weights_dir), class_embedding=load_class_embedding(weights_dir), scheduler=scheduler)
     if torch.device(device) != torch.device("cpu") or dtype != torch.float32:
         pipe = pipe.to(device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=not progress)
@@ -106,3 +107,51 @@ def load_pipeline(scheduler=None, weights_dir=None, device="cpu", dtype=torch.fl
 def load_classifier(weights_dir=None, device="cpu") -> DigitClassifier:
     d = _weights_dir(weights_dir)
     return _load_state(DigitClassifier(), d / CLASSIFIER_FILE).to(device).eval()
+
+
+# --- the digit transformer (DiT, flow matching) ---
+
+
+def save_dit_weights(out_dir, transformer, scheduler_config: dict | None = None, dtype: torch.dtype = torch.float16) -> None:
+    """Write the files `load_dit_pipeline` reads. Floating tensors are stored as `dtype`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _save_module(transformer, out / f"{DIT_FILE}.safetensors", dtype)
+    (out / f"{DIT_FILE}.json").write_text(json.dumps(_public_config(transformer.config), indent=1, default=list))
+    (out / DIT_SCHEDULER_FILE).write_text(json.dumps(scheduler_config or FLOW_SCHEDULER_CONFIG, indent=1))
+
+
+def load_dit_transformer(weights_dir=None):
+    from diffusers import DiTTransformer2DModel
+
+    d = _weights_dir(weights_dir, DIT_FILE)
+    config = json.loads((d / f"{DIT_FILE}.json").read_text())
+    model = DiTTransformer2DModel.from_config(config)
+    for block in model.transformer_blocks:  # labels are never dropped at random, even in train mode
+        block.norm1.emb.class_embedder.dropout_prob = 0.0
+    return _load_state(model, d / f"{DIT_FILE}.safetensors").eval()
+
+
+def dit_scheduler_config(weights_dir=None) -> dict:
+    return json.loads((_weights_dir(weights_dir, DIT_FILE) / DIT_SCHEDULER_FILE).read_text())
+
+
+def load_dit_pipeline(scheduler=None, weights_dir=None, device="cpu", dtype=torch.float32, progress: bool = True):
+    """The embedded digit transformer as a `DigitDiTPipeline` (fp32 by default; weights stored in fp16).
+
+    `scheduler`: None (FlowMatchEulerDiscreteScheduler from the shipped config), a flow-matching scheduler
+    class (built from that config), or an instance."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from sagfast.digits.dit_pipeline import DigitDiTPipeline
+
+    config = dit_scheduler_config(weights_dir)
+    if scheduler is None:
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+    elif isinstance(scheduler, type):
+        scheduler = scheduler.from_config(config)
+    pipe = DigitDiTPipeline(transformer=load_dit_transformer(weights_dir), scheduler=scheduler)
+    if torch.device(device) != torch.device("cpu") or dtype != torch.float32:
+        pipe = pipe.to(device=device, dtype=dtype)
+    pipe.set_progress_bar_config(disable=not progress)
+    return pipe

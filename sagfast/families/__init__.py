@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from sagfast.families.base import Family
-from sagfast.families.dit import DiTFamily
+from sagfast.families.dit import DigitDiTFamily, DiTFamily
+from sagfast.families.flux import FluxFamily
 from sagfast.families.pixart import PixArtFamily
+from sagfast.families.sd3 import SD3Family
 from sagfast.families.unet import UNetFamily
 from sagfast.families.unet2d import UnconditionalUNetFamily
 
-FAMILIES: tuple = (UNetFamily(), UnconditionalUNetFamily(), DiTFamily(), PixArtFamily())
+FAMILIES: tuple = (UNetFamily(), UnconditionalUNetFamily(), DiTFamily(), DigitDiTFamily(), PixArtFamily(), SD3Family(), FluxFamily())
 
 
 def family_of(pipe) -> Family:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from diffusers.models.attention_processor import Attention
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from sagfast.capture import SAGCaptureProcessor
 from sagfast.schedule import check_scheduler
@@ -111,3 +112,20 @@ def transformer_block_layer(model: torch.nn.Module, layers: str, attention: str 
     if not isinstance(attn, Attention) or attn.is_cross_attention:
         raise layer_error(model, where, name)
     return name, attn
+
+
+class PatchTransformerFamily(Family):
+    """A transformer on the latent image ([B, C, H, W] `hidden_states`, patchified inside): DiT,
+    PixArt. Capture layer "mid": `attn1` of transformer_blocks[N // 2]; the map is the latent's
+    (h, w) over the patch size, read from the transformer's own 4-D input."""
+
+    attribute = "transformer"
+    sample_argument = "hidden_states"
+
+    def resolve_layer(self, model, layers: str):
+        name, attn = transformer_block_layer(model, layers)
+        original = getattr(model, "_orig_mod", model)
+        return name, attn, original, original.config.patch_size
+
+    def wrap_output(self, out):
+        return Transformer2DModelOutput(sample=out)

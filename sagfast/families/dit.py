@@ -11,24 +11,21 @@ every block shares. The map is the latent's (h, w) over the patch size.
 
 from __future__ import annotations
 
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-from sagfast.families.base import Family, transformer_block_layer
+from sagfast.families.base import PatchTransformerFamily
 
 
-class DiTFamily(Family):
+class DiTFamily(PatchTransformerFamily):
     name = "DiT"
-    attribute = "transformer"
     pipelines = ("DiTPipeline",)
-    sample_argument = "hidden_states"
 
     def guide_chunk(self, chunks: int) -> int:
         return chunks - 1  # [cond, uncond]: the guide branch is uncond, the last chunk
 
-    def resolve_layer(self, model, layers: str):
-        name, attn = transformer_block_layer(model, layers)
-        original = getattr(model, "_orig_mod", model)
-        return name, attn, original, original.config.patch_size
 
-    def wrap_output(self, out):
-        return Transformer2DModelOutput(sample=out)
+class DigitDiTFamily(PatchTransformerFamily):
+    """The embedded digit transformer (`DigitDiTPipeline`, a DiTTransformer2DModel trained with flow
+    matching): CFG batches [uncond, cond] like diffusers' text-to-image pipelines, with a
+    `do_classifier_free_guidance` property; no learned sigma."""
+
+    name = "digit DiT"
+    pipelines = ("DigitDiTPipeline",)

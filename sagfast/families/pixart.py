@@ -10,21 +10,9 @@ as for DiT. The map is the latent's (h, w) over the patch size.
 
 from __future__ import annotations
 
-from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-from sagfast.families.base import Family, transformer_block_layer
+from sagfast.families.base import PatchTransformerFamily
 
 
-class PixArtFamily(Family):
+class PixArtFamily(PatchTransformerFamily):
     name = "PixArt"
-    attribute = "transformer"
     pipelines = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
-    sample_argument = "hidden_states"
-
-    def resolve_layer(self, model, layers: str):
-        name, attn = transformer_block_layer(model, layers)
-        original = getattr(model, "_orig_mod", model)
-        return name, attn, original, original.config.patch_size
-
-    def wrap_output(self, out):
-        return Transformer2DModelOutput(sample=out)
