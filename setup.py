@@ -41,9 +41,13 @@ def _cpp_extension():
     if cuda:
         sources.append("csrc/sagfast_cuda.cu")
         flags["nvcc"] = ["-O3", "-lineinfo"]
-        ext = CUDAExtension("sagfast._C", sources, extra_compile_args=flags, extra_link_args=openmp, include_dirs=[os.path.join(here, "csrc")])
+        ext = CUDAExtension(
+            "sagfast._C", sources, extra_compile_args=flags, extra_link_args=openmp, include_dirs=[os.path.join(here, "csrc")]
+        )
     else:
-        ext = CppExtension("sagfast._C", sources, extra_compile_args=flags, extra_link_args=openmp, include_dirs=[os.path.join(here, "csrc")])
+        ext = CppExtension(
+            "sagfast._C", sources, extra_compile_args=flags, extra_link_args=openmp, include_dirs=[os.path.join(here, "csrc")]
+        )
     return [ext], {"build_ext": BuildExtension}
 
 

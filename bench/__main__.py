@@ -8,8 +8,8 @@ Each writes DIR/<scenario>.json (machine, versions, dtype, settings, rows, raw s
 from __future__ import annotations
 
 import argparse
-import os
 import importlib
+import os
 import shlex
 import sys
 import time
@@ -31,8 +31,11 @@ def parse(argv=None):
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
     p.add_argument("--dtype", choices=sorted(common.DTYPES), help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--models", help="comma-separated: tiny, sd15, sdxl (step, overhead, e2e)")
-    p.add_argument("--variants", help="comma-separated step variants: cfg, floor, diffusers_sag, sagfast_exact, "
-                   "sagfast_batched, sagfast_exact_graph, sagfast_batched_graph, pag")
+    p.add_argument(
+        "--variants",
+        help="comma-separated step variants: cfg, floor, diffusers_sag, sagfast_exact, "
+        "sagfast_batched, sagfast_exact_graph, sagfast_batched_graph, pag",
+    )
     p.add_argument("--size", type=int, help="image side in pixels (default per model and device)")
     p.add_argument("--steps", type=int, help="denoising steps per pipeline call")
     p.add_argument("--batch", type=int, default=1, help="step: images per call (B; a CFG call is 2B)")

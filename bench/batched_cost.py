@@ -56,8 +56,14 @@ def run(n: int = 100, steps: int = 20, guidance_scale: float = 3.0, sag_scale: f
         for variant, overrides in (("none", dict(scale=0.0)), ("exact", dict(mode="exact")), ("batched", dict(mode="batched"))):
             sagfast.enable(pipe, **{"scale": sag_scale, **overrides})
             t0 = time.perf_counter()
-            outs[variant] = pipe(class_labels=labels, num_inference_steps=steps, guidance_scale=guidance_scale,
-                                 latents=noise.clone(), generator=torch.Generator().manual_seed(1), output_type="latent").images
+            outs[variant] = pipe(
+                class_labels=labels,
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                latents=noise.clone(),
+                generator=torch.Generator().manual_seed(1),
+                output_type="latent",
+            ).images
             secs[variant] = time.perf_counter() - t0
             sagfast.disable(pipe)
         acc = {}
@@ -65,10 +71,21 @@ def run(n: int = 100, steps: int = 20, guidance_scale: float = 3.0, sag_scale: f
             for variant, x in outs.items():
                 acc[variant] = (classifier(x.float()).argmax(1) == labels).float().mean().item()
         d_sag, d_batch = rms(outs["exact"], outs["none"]), rms(outs["batched"], outs["exact"])
-        rows.append(dict(scheduler=name, d_exact_none=d_sag, d_batched_exact=d_batch, ratio=d_batch / d_sag,
-                         d_batched_none=rms(outs["batched"], outs["none"]),
-                         acc_none=acc["none"], acc_exact=acc["exact"], acc_batched=acc["batched"],
-                         s_none=secs["none"], s_exact=secs["exact"], s_batched=secs["batched"]))
+        rows.append(
+            dict(
+                scheduler=name,
+                d_exact_none=d_sag,
+                d_batched_exact=d_batch,
+                ratio=d_batch / d_sag,
+                d_batched_none=rms(outs["batched"], outs["none"]),
+                acc_none=acc["none"],
+                acc_exact=acc["exact"],
+                acc_batched=acc["batched"],
+                s_none=secs["none"],
+                s_exact=secs["exact"],
+                s_batched=secs["batched"],
+            )
+        )
     return dict(n=n, steps=steps, guidance_scale=guidance_scale, sag_scale=sag_scale, rows=rows)
 
 

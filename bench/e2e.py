@@ -95,8 +95,13 @@ def run_digits(opts, log) -> tuple[list, list]:
     factory, why = _load_digits(device, dtype)
     if factory is None:
         return [dict(base, mode="all", status=f"not available: {why}")], [f"digit model not available: {why}"]
-    labels = {"cfg": "CFG only (no SAG)", "sagfast_exact": "sagfast exact", "sagfast_batched": "sagfast batched",
-              "sagfast_exact_graph": "sagfast exact + CUDA graph", "sagfast_batched_graph": "sagfast batched + CUDA graph"}
+    labels = {
+        "cfg": "CFG only (no SAG)",
+        "sagfast_exact": "sagfast exact",
+        "sagfast_batched": "sagfast batched",
+        "sagfast_exact_graph": "sagfast exact + CUDA graph",
+        "sagfast_batched_graph": "sagfast batched + CUDA graph",
+    }
     modes = {"sagfast_exact": dict(mode="exact"), "sagfast_batched": dict(mode="batched")}
     skipped = {}
     gok, gwhy = step.graph_supported(device)

@@ -53,23 +53,33 @@ def run(device: torch.device, steps: int = 10, batch: int = 2, size=(64, 48), sa
             outs = {}
             for dtype in (torch.float32, torch.float16, torch.bfloat16):
                 plain, ref, ours = _pipes(sched_cls, prediction_type, device, dtype)
-                kw = dict(prompt_kwargs(TINY, device, dtype, batch), height=size[0], width=size[1], num_inference_steps=steps,
-                          guidance_scale=7.5, output_type="latent")
+                kw = dict(
+                    prompt_kwargs(TINY, device, dtype, batch),
+                    height=size[0],
+                    width=size[1],
+                    num_inference_steps=steps,
+                    guidance_scale=7.5,
+                    output_type="latent",
+                )
                 go = lambda pipe, **extra: pipe(generator=torch.Generator().manual_seed(0), **kw, **extra).images.float()  # noqa: E731
                 outs[dtype] = dict(plain=go(plain), diffusers=go(ref, sag_scale=sag_scale), sagfast=go(ours, sag_scale=sag_scale))
             full = outs[torch.float32]
             for dtype, name in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
                 half = outs[dtype]
-                rows.append(dict(
-                    scheduler=sched_name, prediction=prediction_type, dtype=name,
-                    effect=rms(full["diffusers"], full["plain"]),
-                    plain=rms(half["plain"], full["plain"]),
-                    diffusers=rms(half["diffusers"], full["diffusers"]),
-                    sagfast=rms(half["sagfast"], full["diffusers"]),
-                    max_diffusers=(half["diffusers"] - full["diffusers"]).abs().max().item(),
-                    max_sagfast=(half["sagfast"] - full["diffusers"]).abs().max().item(),
-                    fp32_sagfast_vs_diffusers=(full["sagfast"] - full["diffusers"]).abs().max().item(),
-                ))
+                rows.append(
+                    dict(
+                        scheduler=sched_name,
+                        prediction=prediction_type,
+                        dtype=name,
+                        effect=rms(full["diffusers"], full["plain"]),
+                        plain=rms(half["plain"], full["plain"]),
+                        diffusers=rms(half["diffusers"], full["diffusers"]),
+                        sagfast=rms(half["sagfast"], full["diffusers"]),
+                        max_diffusers=(half["diffusers"] - full["diffusers"]).abs().max().item(),
+                        max_sagfast=(half["sagfast"] - full["diffusers"]).abs().max().item(),
+                        fp32_sagfast_vs_diffusers=(full["sagfast"] - full["diffusers"]).abs().max().item(),
+                    )
+                )
     return dict(device=str(device), steps=steps, batch=batch, size=list(size), sag_scale=sag_scale, rows=rows)
 
 
@@ -82,8 +92,10 @@ def table(result: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        lines.append(f"| {r['scheduler']} | {r['prediction']} | {r['dtype']} | {r['effect']:.4f} | {r['plain']:.4f} | "
-                     f"{r['diffusers']:.4f} | {r['sagfast']:.4f} |")
+        lines.append(
+            f"| {r['scheduler']} | {r['prediction']} | {r['dtype']} | {r['effect']:.4f} | {r['plain']:.4f} | "
+            f"{r['diffusers']:.4f} | {r['sagfast']:.4f} |"
+        )
     return "\n".join(lines)
 
 

@@ -82,42 +82,50 @@ def cases(quick: bool, device: torch.device, dtype: torch.dtype) -> list:
         mass_shapes.append(MEMORY_SHAPE)
     for shape in mass_shapes:
         b, h, n, d = shape
-        out.append(dict(
-            op="attention_mass",
-            shape="B{} H{} N{} D{}".format(*shape),
-            inputs=lambda shape=shape: attention_mass_inputs(shape, device, dtype),
-            call=lambda inp, backend: ops.attention_mass(*inp, backend=backend, threshold=1.0),
-            bytes=2 * b * h * n * d * itemsize + b * h * n * 4 + b * n * 5,
-            flops=2.0 * b * h * n * n * d,
-        ))
+        out.append(
+            dict(
+                op="attention_mass",
+                shape="B{} H{} N{} D{}".format(*shape),
+                inputs=lambda shape=shape: attention_mass_inputs(shape, device, dtype),
+                call=lambda inp, backend: ops.attention_mass(*inp, backend=backend, threshold=1.0),
+                bytes=2 * b * h * n * d * itemsize + b * h * n * 4 + b * n * 5,
+                flops=2.0 * b * h * n * n * d,
+            )
+        )
     lat = [(1, 4, 64, 64, 8, 8), (1, 4, 128, 128, 32, 32)]  # SD1.5 512 (map 8x8), SDXL 1024 (map 32x32)
     for b, c, hh, ww, mh, mw in lat:
+
         def deg_inputs(b=b, c=c, hh=hh, ww=ww, mh=mh, mw=mw):
             x0 = _rand((b, c, hh, ww), device, dtype, 3)
             eps = _rand((b, c, hh, ww), device, dtype, 4)
             mask = _rand((b, mh, mw), device, torch.float32, 5) > 0
             return x0, mask, eps, torch.full((b,), 0.5, device=device)
 
-        out.append(dict(
-            op="degrade",
-            shape=f"B{b} C{c} {hh}x{ww} map {mh}x{mw}",
-            inputs=deg_inputs,
-            call=lambda inp, backend: ops.degrade(*inp, 9, 1.0, backend=backend),
-            bytes=3 * b * c * hh * ww * itemsize + b * mh * mw,
-            flops=None,
-        ))
+        out.append(
+            dict(
+                op="degrade",
+                shape=f"B{b} C{c} {hh}x{ww} map {mh}x{mw}",
+                inputs=deg_inputs,
+                call=lambda inp, backend: ops.degrade(*inp, 9, 1.0, backend=backend),
+                bytes=3 * b * c * hh * ww * itemsize + b * mh * mw,
+                flops=None,
+            )
+        )
+
         def comb_inputs(b=b, c=c, hh=hh, ww=ww):
             o = _rand((2 * b, c, hh, ww), device, dtype, 6)
             return o, o[:b], _rand((b, c, hh, ww), device, dtype, 7)
 
-        out.append(dict(
-            op="combine",
-            shape=f"CFG 2x{b} C{c} {hh}x{ww}",
-            inputs=comb_inputs,
-            call=lambda inp, backend: ops.combine(*inp, 0.75, backend=backend),
-            bytes=6 * b * c * hh * ww * itemsize,
-            flops=None,
-        ))
+        out.append(
+            dict(
+                op="combine",
+                shape=f"CFG 2x{b} C{c} {hh}x{ww}",
+                inputs=comb_inputs,
+                call=lambda inp, backend: ops.combine(*inp, 0.75, backend=backend),
+                bytes=6 * b * c * hh * ww * itemsize,
+                flops=None,
+            )
+        )
     return out
 
 
@@ -158,16 +166,20 @@ def time_rows(quick: bool, device: torch.device, dtype: torch.dtype) -> list:
         samples = common.interleave(variants, rounds=3 if heavy else rounds, warmup=warmup)
         for name in backends:
             s = samples.get(name)
-            row = dict(op=case["op"], backend=name, shape=case["shape"], dtype=str(dtype).replace("torch.", ""),
-                       device=device.type)
+            row = dict(op=case["op"], backend=name, shape=case["shape"], dtype=str(dtype).replace("torch.", ""), device=device.type)
             if isinstance(s, dict):
                 row["status"] = s["error"]
                 rows.append(row)
                 continue
             summ = common.summarize(s)
             ratio = common.paired_ratio(samples["torch"], s) if isinstance(samples.get("torch"), list) else None
-            row.update(ms=summ["median"], p25_ms=summ["p25"], p75_ms=summ["p75"], rounds=summ["n"],
-                       speedup_vs_ref=ratio["median"] if ratio else None)
+            row.update(
+                ms=summ["median"],
+                p25_ms=summ["p25"],
+                p75_ms=summ["p75"],
+                rounds=summ["n"],
+                speedup_vs_ref=ratio["median"] if ratio else None,
+            )
             if device.type == "cuda":
                 sec = summ["median"] / 1e3
                 row["gbps"] = case["bytes"] / sec / 1e9
@@ -182,8 +194,6 @@ def time_rows(quick: bool, device: torch.device, dtype: torch.dtype) -> list:
 # ----------------------------------------------------------------------------------------------------
 # Peak memory
 # ----------------------------------------------------------------------------------------------------
-
-
 
 
 def _cpu_peak(fn) -> int:
@@ -210,7 +220,6 @@ def _cuda_peak(fn, device) -> int:
 
 def memory_variants(device: torch.device, dtype: torch.dtype) -> list:
     """(op, backend label, shape label, builder of the inputs, fn(inputs))."""
-    from sagfast import ops
 
     out = []
     for case in cases(False, device, dtype):
@@ -225,6 +234,7 @@ def measure_memory(device: torch.device, dtype: torch.dtype) -> list:
     """In this process: peak bytes per variant. On CPU call it only in a worker (see run_memory)."""
     rows = []
     if device.type == "cpu":
+
         def calib():
             t = torch.empty(64 << 20, dtype=torch.uint8)
             t.fill_(1)
@@ -279,7 +289,21 @@ def run(quick: bool, device: str | torch.device = "auto", dtype: torch.dtype | N
 
 
 def _table(rows: list) -> str:
-    cols = ["op", "backend", "shape", "dtype", "ms", "p25_ms", "p75_ms", "speedup_vs_ref", "peak_bytes", "gbps", "bw_frac", "tflops", "status"]
+    cols = [
+        "op",
+        "backend",
+        "shape",
+        "dtype",
+        "ms",
+        "p25_ms",
+        "p75_ms",
+        "speedup_vs_ref",
+        "peak_bytes",
+        "gbps",
+        "bw_frac",
+        "tflops",
+        "status",
+    ]
     cols = [c for c in cols if any(c in r for r in rows)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:

@@ -50,8 +50,6 @@ def _pin_malloc():
         return False
 
 
-
-
 def cpu_peak_supported() -> str | None:
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -230,8 +228,14 @@ def run(opts, record: dict, log=common.log) -> dict:
 
 def _plot(plt, rows):
     fig, ax = plt.subplots(figsize=(6, 4))
-    palette = (("diffusers", "tab:red"), ("sagfast", "tab:blue"), ("sagfast[torch]", "tab:cyan"),
-               ("sagfast[cpp]", "tab:green"), ("sagfast[triton]", "tab:purple"), ("sdpa", "tab:gray"))
+    palette = (
+        ("diffusers", "tab:red"),
+        ("sagfast", "tab:blue"),
+        ("sagfast[torch]", "tab:cyan"),
+        ("sagfast[cpp]", "tab:green"),
+        ("sagfast[triton]", "tab:purple"),
+        ("sdpa", "tab:gray"),
+    )
     for variant, color in palette:
         rs = [r for r in rows if r["variant"] == variant and r.get("peak_MiB") is not None]
         if not rs:

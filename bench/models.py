@@ -153,9 +153,7 @@ def components(spec: ModelSpec, device, dtype, vae: str = "stub", unet=None) -> 
     if spec.xl:
         comps.update(text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None)
     else:
-        comps.update(
-            text_encoder=None, tokenizer=None, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-        )
+        comps.update(text_encoder=None, tokenizer=None, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     return comps
 
 

@@ -172,7 +172,13 @@ def run(opts, record: dict, log=common.log) -> dict:
             rows.append(row)
 
         for key, part in (("model_main", "model call, main (batch 2B)"), ("model_degraded", "model call, degraded (batch B)")):
-            add("-", part, med(key), "ok" if ok(key) else f"error: {samples[key]['error']}", common.summarize(samples[key]) if ok(key) else None)
+            add(
+                "-",
+                part,
+                med(key),
+                "ok" if ok(key) else f"error: {samples[key]['error']}",
+                common.summarize(samples[key]) if ok(key) else None,
+            )
         shared = {"x0_eps": med("x0_eps"), "mask": med("mask")}
         add("- (torch)", "x0/eps", shared["x0_eps"], spread=common.summarize(samples["x0_eps"]) if ok("x0_eps") else None)
         add("- (torch)", "mask", shared["mask"], spread=common.summarize(samples["mask"]) if ok("mask") else None)
@@ -190,7 +196,12 @@ def run(opts, record: dict, log=common.log) -> dict:
                 add(be, "capture (extra over stock attention layer)", parts["capture"])
                 rows[-1]["min_ms"] = mins["capture"] = (min(samples[cap]) - min(samples["attn_stock"])) * 1e3
             else:
-                add(be, "capture (extra over stock attention layer)", None, "skipped: " + str(skipped.get(cap) or samples.get(cap, {}).get("error")))
+                add(
+                    be,
+                    "capture (extra over stock attention layer)",
+                    None,
+                    "skipped: " + str(skipped.get(cap) or samples.get(cap, {}).get("error")),
+                )
             for key, part in (("attention_mass", "  of which attention_mass"), ("degrade", "degrade"), ("combine", "combine")):
                 full = f"{key}[{be}]"
                 if ok(full):

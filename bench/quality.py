@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
 import sys
 import time
 import warnings
@@ -107,8 +106,13 @@ def generate(setting: dict, n: int, steps: int, batch: int, seed: int, threads: 
     out = []
     t0 = time.perf_counter()
     for i in range(0, n, batch):
-        res = pipe(labels[i : i + batch].tolist(), num_inference_steps=steps, guidance_scale=setting["g"],
-                   latents=noise[i : i + batch], output_type="latent")
+        res = pipe(
+            labels[i : i + batch].tolist(),
+            num_inference_steps=steps,
+            guidance_scale=setting["g"],
+            latents=noise[i : i + batch],
+            output_type="latent",
+        )
         out.append(res.images.float().clamp(-1, 1))
     seconds = time.perf_counter() - t0
     feats, preds = classify(classifier, torch.cat(out))
@@ -119,9 +123,20 @@ def _worker(args):
     return generate(*args)
 
 
-def run(quick: bool = False, out_dir="bench-results", n: int | None = None, steps: int | None = None,
-        scales=None, sag_only_scales=None, guidance: float = 3.0, batch: int = 250, seed: int = 1234,
-        jobs: int = 1, threads: int | None = 1, log=print) -> dict:
+def run(
+    quick: bool = False,
+    out_dir="bench-results",
+    n: int | None = None,
+    steps: int | None = None,
+    scales=None,
+    sag_only_scales=None,
+    guidance: float = 3.0,
+    batch: int = 250,
+    seed: int = 1234,
+    jobs: int = 1,
+    threads: int | None = 1,
+    log=print,
+) -> dict:
     """Run the quality benchmark; writes quality.{json,md,png} into out_dir and returns the record.
 
     quick: N=200, 8 steps, scales (0.25, 0.75) — a few minutes of CPU, for smoke tests; the numbers
@@ -139,8 +154,7 @@ def run(quick: bool = False, out_dir="bench-results", n: int | None = None, step
     if threads:
         torch.set_num_threads(threads)
     todo = settings(guidance, scales, sag_only_scales)
-    log(f"quality: N={n}, {steps} DDIM steps, CFG g={guidance}, SAG scales {list(scales)}; "
-        f"{len(todo)} settings, {jobs} job(s)")
+    log(f"quality: N={n}, {steps} DDIM steps, CFG g={guidance}, SAG scales {list(scales)}; {len(todo)} settings, {jobs} job(s)")
 
     classifier = load_classifier()
     real_x, real_y = load_mnist()
@@ -148,9 +162,18 @@ def run(quick: bool = False, out_dir="bench-results", n: int | None = None, step
     mu_r, cov_r = stats(real_f)
     rng = np.random.default_rng(seed)
     floor_idx = rng.choice(len(real_f), size=min(n, len(real_f)), replace=False)
-    rows = [dict(key="real", mode="real digits (floor)", g=None, scale=None, n=len(floor_idx),
-                 fid=round(frechet(*stats(real_f[floor_idx]), mu_r, cov_r), 3),
-                 accuracy=round(float((real_p[floor_idx] == real_y.numpy()[floor_idx]).mean()), 4), seconds=None)]
+    rows = [
+        dict(
+            key="real",
+            mode="real digits (floor)",
+            g=None,
+            scale=None,
+            n=len(floor_idx),
+            fid=round(frechet(*stats(real_f[floor_idx]), mu_r, cov_r), 3),
+            accuracy=round(float((real_p[floor_idx] == real_y.numpy()[floor_idx]).mean()), 4),
+            seconds=None,
+        )
+    ]
 
     t0 = time.perf_counter()
     args = [(s, n, steps, batch, seed, threads) for s in todo]
@@ -159,9 +182,16 @@ def run(quick: bool = False, out_dir="bench-results", n: int | None = None, step
         "benchmark": "quality",
         "model": "sagfast embedded digit model",
         "weights": str(WEIGHTS_DIR),
-        "n": n, "steps": steps, "scheduler": "DDIMScheduler", "guidance_scale": guidance,
-        "scales": list(scales), "sag_only_scales": list(sag_only_scales),
-        "seed": seed, "threads": threads, "jobs": jobs, "quick": quick,
+        "n": n,
+        "steps": steps,
+        "scheduler": "DDIMScheduler",
+        "guidance_scale": guidance,
+        "scales": list(scales),
+        "sag_only_scales": list(sag_only_scales),
+        "seed": seed,
+        "threads": threads,
+        "jobs": jobs,
+        "quick": quick,
         "torch": torch.__version__,
         "complete": False,
         "rows": rows,
@@ -201,8 +231,7 @@ def _logged(results, todo, log):
 
 
 def markdown_table(rows) -> str:
-    lines = ["| setting | CFG g | SAG scale | N | FID (classifier features) | accuracy | seconds |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| setting | CFG g | SAG scale | N | FID (classifier features) | accuracy | seconds |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         g = "-" if r["g"] is None else f"{r['g']:g}"
         s = "-" if not r.get("scale") else f"{r['scale']:g}"
@@ -225,8 +254,7 @@ def plot(rows, path, n, steps, guidance) -> None:
     for mode, pts in lines.items():
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mode)
-    styles = {"none": ("no guidance", "gray"), "cfg": (f"CFG only (g={guidance:g})", "black"),
-              "real": ("real digits (floor)", "green")}
+    styles = {"none": ("no guidance", "gray"), "cfg": (f"CFG only (g={guidance:g})", "black"), "real": ("real digits (floor)", "green")}
     for r in rows:
         if r["key"] in styles:
             label, color = styles[r["key"]]
@@ -246,8 +274,7 @@ def _floats(text):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, help="generated digits per setting (default 1000; quick 200)")
     p.add_argument("--steps", type=int, help="DDIM steps (default 10; quick 8)")
     p.add_argument("--scales", help="comma-separated SAG scales for CFG + SAG (default 0.1,0.25,0.5,0.75,1.0)")
@@ -260,9 +287,19 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default="bench-results")
     a = p.parse_args(argv)
-    run(quick=a.quick, out_dir=a.out, n=a.n, steps=a.steps, scales=_floats(a.scales),
-        sag_only_scales=_floats(a.sag_only_scales), guidance=a.guidance, batch=a.batch, seed=a.seed,
-        jobs=a.jobs, threads=a.threads)
+    run(
+        quick=a.quick,
+        out_dir=a.out,
+        n=a.n,
+        steps=a.steps,
+        scales=_floats(a.scales),
+        sag_only_scales=_floats(a.sag_only_scales),
+        guidance=a.guidance,
+        batch=a.batch,
+        seed=a.seed,
+        jobs=a.jobs,
+        threads=a.threads,
+    )
     return 0
 
 

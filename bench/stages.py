@@ -48,7 +48,11 @@ def gpu_stages() -> list[Stage]:
             "MAX_JOBS=16 $PY setup.py -q build_ext --inplace && $PY -m sagfast.info | tee $R/info_built.txt",
             120,
         ),
-        Stage("gpu_tests", "$PY -m pytest -q -m gpu tests -p no:cacheprovider -rfE --continue-on-collection-errors 2>&1 | tee $R/gpu_tests.txt; exit ${PIPESTATUS[0]}", 150),
+        Stage(
+            "gpu_tests",
+            "$PY -m pytest -q -m gpu tests -p no:cacheprovider -rfE --continue-on-collection-errors 2>&1 | tee $R/gpu_tests.txt; exit ${PIPESTATUS[0]}",
+            150,
+        ),
         Stage("step_b1", step.format(b=1), 70),
         Stage("step_b4", step.format(b=4), 70),
         Stage("half_precision", "$PY -m bench.half_precision --device cuda --out $R", 40),

@@ -26,8 +26,8 @@ import statistics
 import torch
 
 import sagfast
-from sagfast.denoiser import slice_batch
 from bench import common, models
+from sagfast.denoiser import slice_batch
 
 LABELS = {
     "cfg": "(a) CFG only",
@@ -117,14 +117,15 @@ class PipelineRunner:
         return sum(steady) / len(steady)
 
 
-def build_variants(spec, size: int, steps: int, device, dtype, wanted: list | None, log, vae: str = "stub", batch: int = 1) -> tuple[dict, dict, dict]:
+def build_variants(
+    spec, size: int, steps: int, device, dtype, wanted: list | None, log, vae: str = "stub", batch: int = 1
+) -> tuple[dict, dict, dict]:
     """(runners, skipped {name: reason}, info). `vae`: "stub" (never decoded) or "sd" (bench.models)."""
     classes = models.sd_pipeline_classes(spec)
     log(f"building {spec.name} UNet ({device}, {dtype}) ...")
     unet = models.build_unet(spec, device, dtype)
     info = {"unet_params_M": round(models.count_params(unet) / 1e6, 1)}
-    call = dict(models.prompt_kwargs(spec, device, dtype), height=size, width=size, guidance_scale=7.5,
-                num_images_per_prompt=batch)
+    call = dict(models.prompt_kwargs(spec, device, dtype), height=size, width=size, guidance_scale=7.5, num_images_per_prompt=batch)
     runners, skipped = {}, {}
     want = lambda n: wanted is None or n in wanted  # noqa: E731
 
@@ -162,7 +163,9 @@ def build_variants(spec, size: int, steps: int, device, dtype, wanted: list | No
             continue
         runners[name] = PipelineRunner(pipe, call, steps, device, False)
     if want("pag"):
-        runners["pag"] = PipelineRunner(pipe_of(classes["pag"], pag_applied_layers=["mid"]), dict(call, pag_scale=3.0), steps, device, False)
+        runners["pag"] = PipelineRunner(
+            pipe_of(classes["pag"], pag_applied_layers=["mid"]), dict(call, pag_scale=3.0), steps, device, False
+        )
     return runners, skipped, info
 
 
@@ -202,12 +205,24 @@ def run(opts, record: dict, log=common.log) -> dict:
         runners, skipped, info = build_variants(spec, size, steps, device, dtype, opts.variants, log, batch=opts.batch)
         log(f"step: {name} {size}x{size}, {steps} steps, {rounds} rounds + {warmup} warm-up: {list(runners)}")
         samples = common.interleave(runners, rounds, warmup, log)
-        raw[name] = {"samples_s": samples, "first_step_s": {k: r.first_steps for k, r in runners.items()},
-                     "peak_bytes": {k: r.peak_bytes for k, r in runners.items()}, **info}
+        raw[name] = {
+            "samples_s": samples,
+            "first_step_s": {k: r.first_steps for k, r in runners.items()},
+            "peak_bytes": {k: r.peak_bytes for k, r in runners.items()},
+            **info,
+        }
         base = samples.get("cfg") if isinstance(samples.get("cfg"), list) else None
         floor = samples.get("floor") if isinstance(samples.get("floor"), list) else None
         for key in LABELS:
-            row = {"model": name, "batch": opts.batch, "image": f"{size}x{size}", "latent": f"{size // 8}x{size // 8}", "steps": steps, "variant": LABELS[key], "key": key}
+            row = {
+                "model": name,
+                "batch": opts.batch,
+                "image": f"{size}x{size}",
+                "latent": f"{size // 8}x{size // 8}",
+                "steps": steps,
+                "variant": LABELS[key],
+                "key": key,
+            }
             row, summ = common.variant_status(row, key, samples, skipped)
             if summ is None:
                 rows.extend([row] if row is not None else [])
@@ -220,7 +235,7 @@ def run(opts, record: dict, log=common.log) -> dict:
                 min_ms=summ["min"],
                 max_ms=summ["max"],
                 rounds=summ["n"],
-                first_step_ms=statistics.median(runners[key].first_steps[-len(s):]) * 1e3,
+                first_step_ms=statistics.median(runners[key].first_steps[-len(s) :]) * 1e3,
                 status="ok",
             )
             if runners[key].peak_bytes:

@@ -14,6 +14,7 @@ no atomics) and applies the threshold, which gives the SAG mask without another 
 import triton
 import triton.language as tl
 
+
 @triton.jit
 def attention_mass_partial_kernel(
     Q,

@@ -41,11 +41,9 @@ def combine_kernel(
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     m = offs < M
-    term = s1 * (tl.load(POS1 + offs, mask=m, other=0.0).to(tl.float32)
-                 - tl.load(NEG1 + offs, mask=m, other=0.0).to(tl.float32))
+    term = s1 * (tl.load(POS1 + offs, mask=m, other=0.0).to(tl.float32) - tl.load(NEG1 + offs, mask=m, other=0.0).to(tl.float32))
     if NUM_TERMS > 1:
-        term += s2 * (tl.load(POS2 + offs, mask=m, other=0.0).to(tl.float32)
-                      - tl.load(NEG2 + offs, mask=m, other=0.0).to(tl.float32))
+        term += s2 * (tl.load(POS2 + offs, mask=m, other=0.0).to(tl.float32) - tl.load(NEG2 + offs, mask=m, other=0.0).to(tl.float32))
     for k in range(0, chunks):
         o = tl.load(O + k * M + offs, mask=m, other=0.0).to(tl.float32)
         tl.store(OUT + k * M + offs, (o + term).to(OUT.dtype.element_ty), mask=m)

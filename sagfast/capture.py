@@ -35,8 +35,7 @@ def lse_chunked(q, k, scale):
     b, h, n, _ = q.shape
     rows = max(1, (1 << 23) // max(1, b * h * k.shape[2]))
     parts = [
-        torch.logsumexp(torch.matmul(q[:, :, i : i + rows].float(), k.float().transpose(-1, -2)) * scale, dim=-1)
-        for i in range(0, n, rows)
+        torch.logsumexp(torch.matmul(q[:, :, i : i + rows].float(), k.float().transpose(-1, -2)) * scale, dim=-1) for i in range(0, n, rows)
     ]
     return torch.cat(parts, dim=2)
 
@@ -147,9 +146,7 @@ class SAGCaptureProcessor:
         else:
             out, lse = sdpa_with_lse(query, key, value, attn.scale)
         g = self.rows
-        self.mass, self.mask = attention_mass(
-            query[g], key[g], lse[g], attn.scale, backend=self.backend, threshold=self.threshold
-        )
+        self.mass, self.mask = attention_mass(query[g], key[g], lse[g], attn.scale, backend=self.backend, threshold=self.threshold)
 
         hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)

@@ -67,13 +67,25 @@ def _grid(columns: list[tuple[str, list]], row_labels: list[str], cell_w: int, c
 def _digit_columns(guidance: float, sag_scale: float):
     from sagfast.config import SAGConfig
 
-    return [("no\nguidance", 1.0, None), (f"CFG\ng={guidance:g}", guidance, None),
-            (f"CFG+SAG\nexact {sag_scale:g}", guidance, SAGConfig(scale=sag_scale)),
-            (f"CFG+SAG\nbatched {sag_scale:g}", guidance, SAGConfig(scale=sag_scale, mode="batched"))]
+    return [
+        ("no\nguidance", 1.0, None),
+        (f"CFG\ng={guidance:g}", guidance, None),
+        (f"CFG+SAG\nexact {sag_scale:g}", guidance, SAGConfig(scale=sag_scale)),
+        (f"CFG+SAG\nbatched {sag_scale:g}", guidance, SAGConfig(scale=sag_scale, mode="batched")),
+    ]
 
 
-def demo_digits(out: str, steps: int = 20, samples: int = 1, guidance: float = 3.0, sag_scale: float = 0.75,
-                seed: int = 0, scheduler: str = "ddim", threads: int | None = None, log=print) -> dict:
+def demo_digits(
+    out: str,
+    steps: int = 20,
+    samples: int = 1,
+    guidance: float = 3.0,
+    sag_scale: float = 0.75,
+    seed: int = 0,
+    scheduler: str = "ddim",
+    threads: int | None = None,
+    log=print,
+) -> dict:
     """Make the digit demo grid at `out`; returns {"path", "size", "columns": [{"title", "seconds"}]}."""
     from PIL import Image
 
@@ -129,9 +141,20 @@ def _scheduler_class(name: str):
     return getattr(diffusers, names.get(name, name))
 
 
-def demo_sd(model: str, prompts: list[str], out: str, steps: int = 25, guidance: float = 7.5,
-            sag_scale: float = 0.75, seed: int = 0, height: int | None = None, width: int | None = None,
-            negative_prompt: str | None = None, scheduler: str | None = None, log=print) -> dict:
+def demo_sd(
+    model: str,
+    prompts: list[str],
+    out: str,
+    steps: int = 25,
+    guidance: float = 7.5,
+    sag_scale: float = 0.75,
+    seed: int = 0,
+    height: int | None = None,
+    width: int | None = None,
+    negative_prompt: str | None = None,
+    scheduler: str | None = None,
+    log=print,
+) -> dict:
     """CFG vs CFG + SAG on a local Stable Diffusion folder; rows the prompts."""
     from diffusers import DiffusionPipeline
 
@@ -147,16 +170,25 @@ def demo_sd(model: str, prompts: list[str], out: str, steps: int = 25, guidance:
         pipe.scheduler = _scheduler_class(scheduler).from_config(pipe.scheduler.config)
     pipe = pipe.to("cuda" if cuda else "cpu")
     pipe.set_progress_bar_config(disable=True)
-    cols = [(f"CFG\ng={guidance:g}", None), (f"CFG+SAG\nexact {sag_scale:g}", SAGConfig(scale=sag_scale)),
-            (f"CFG+SAG\nbatched {sag_scale:g}", SAGConfig(scale=sag_scale, mode="batched"))]
+    cols = [
+        (f"CFG\ng={guidance:g}", None),
+        (f"CFG+SAG\nexact {sag_scale:g}", SAGConfig(scale=sag_scale)),
+        (f"CFG+SAG\nbatched {sag_scale:g}", SAGConfig(scale=sag_scale, mode="batched")),
+    ]
     columns, times, size = [], [], None
     for title, config in cols:
         sagfast.enable(pipe, config) if config is not None else sagfast.disable(pipe)
         images = []
         t0 = time.perf_counter()
         for i, prompt in enumerate(prompts):
-            kw = dict(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance,
-                      generator=torch.Generator(device="cpu").manual_seed(seed + i), height=height, width=width)
+            kw = dict(
+                prompt=prompt,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=torch.Generator(device="cpu").manual_seed(seed + i),
+                height=height,
+                width=width,
+            )
             if negative_prompt:
                 kw["negative_prompt"] = negative_prompt
             images.append(pipe(**kw).images[0])
@@ -187,22 +219,43 @@ def _demo(p, args) -> None:
     if args.model:
         if not args.prompt:
             p.error("--model needs at least one --prompt")
-        demo_sd(args.model, args.prompt, args.out, steps=args.steps or 25, guidance=args.guidance or 7.5,
-                sag_scale=args.sag_scale, seed=args.seed, height=args.height, width=args.width,
-                negative_prompt=args.negative_prompt, scheduler=args.scheduler)
+        demo_sd(
+            args.model,
+            args.prompt,
+            args.out,
+            steps=args.steps or 25,
+            guidance=args.guidance or 7.5,
+            sag_scale=args.sag_scale,
+            seed=args.seed,
+            height=args.height,
+            width=args.width,
+            negative_prompt=args.negative_prompt,
+            scheduler=args.scheduler,
+        )
     else:
         if args.prompt:
             p.error("--prompt needs --model DIR (the digit model takes no prompt)")
-        demo_digits(args.out, steps=args.steps or 20, samples=args.samples, guidance=args.guidance or 3.0,
-                    sag_scale=args.sag_scale, seed=args.seed, scheduler=args.scheduler or "ddim")
+        demo_digits(
+            args.out,
+            steps=args.steps or 20,
+            samples=args.samples,
+            guidance=args.guidance or 3.0,
+            sag_scale=args.sag_scale,
+            seed=args.seed,
+            scheduler=args.scheduler or "ddim",
+        )
     print(f"total {time.perf_counter() - t0:.1f} s")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="sagfast", description="Self-Attention Guidance for diffusers, fast.")
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="a labelled PNG grid: no guidance / CFG / CFG + SAG",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = sub.add_parser(
+        "demo",
+        help="a labelled PNG grid: no guidance / CFG / CFG + SAG",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     d.add_argument("--out", default="sag_demo.png", help="PNG path (default: sag_demo.png)")
     d.add_argument("--steps", type=int, help="denoising steps (default: 20 digits, 25 SD)")
     d.add_argument("--guidance", type=float, help="CFG scale (default: 3 digits, 7.5 SD)")

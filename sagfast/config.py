@@ -72,7 +72,12 @@ class SAGConfig:
         # Numbers arrive from JSON bodies, numpy and torch: any real number (a 0-d tensor included) is
         # taken and stored as a Python float; NaN and infinity are refused (a NaN scale makes NaN
         # images, a NaN threshold switches SAG off silently).
-        for name, low, low_ok in (("scale", 0.0, True), ("threshold", None, True), ("blur_sigma", 0.0, False), ("random_mask_ratio", 0.0, True)):
+        for name, low, low_ok in (
+            ("scale", 0.0, True),
+            ("threshold", None, True),
+            ("blur_sigma", 0.0, False),
+            ("random_mask_ratio", 0.0, True),
+        ):
             value, why = _real(getattr(self, name))
             if why is None and low is not None and (value < low or (value == low and not low_ok)):
                 why = f"must be {'>=' if low_ok else '>'} {low:g}"

@@ -77,8 +77,9 @@ class ModelWatch:
             # Offloading moves weights between calls; a replay runs no hooks and reads stale addresses.
             why.append(f"the model has accelerate/diffusers hooks (CPU or group offload) on {hooked[:3]}")
         if any(t.numel() and _address(t) == 0 for t in self.tensors):
-            why.append("some weights are tensor subclasses without storage of their own (quantized weights?), "
-                       "whose moves a graph cannot follow")
+            why.append(
+                "some weights are tensor subclasses without storage of their own (quantized weights?), whose moves a graph cannot follow"
+            )
         return why
 
 

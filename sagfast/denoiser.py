@@ -79,7 +79,6 @@ class Step:
         return self.sample.shape[0]
 
 
-
 def predicted_channels(o: torch.Tensor, sample: torch.Tensor) -> int:
     """How many output channels are the prediction SAG reads and guides: a model with learned variance
     (DiT, PixArt, DDPM's "learned_range") outputs 2C, the variance channels pass through untouched."""

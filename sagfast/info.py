@@ -55,16 +55,23 @@ def backend_report(devices) -> list[str]:
                         lines.append(f"      {b.name}: no: " + "; ".join(why))
                     elif b.auto_skip(*inputs):
                         lines.append(f"      {b.name}: only on request: " + "; ".join(b.auto_skip(*inputs)))
-    lines.append("C++ extension (sagfast._C): " + ("; ".join(_cpp.available()) or (
-        "loaded, kernels: " + ", ".join(d for d in ("cpu", "cuda") if _cpp.has_kernel(d)))))
+    lines.append(
+        "C++ extension (sagfast._C): "
+        + ("; ".join(_cpp.available()) or ("loaded, kernels: " + ", ".join(d for d in ("cpu", "cuda") if _cpp.has_kernel(d))))
+    )
     from sagfast.capture import xformers_reasons
 
     for device in devices:
         why = xformers_reasons(torch.empty(0, device=device))
-        lines.append(f"capture layer output + lse on {device.type}: "
-                     + (f"SDPA ({'; '.join(why)})" if why else "xformers when the layer uses xformers, else SDPA"))
-    lines.append("Triton: " + ("; ".join(_triton.available()) or "importable")
-                 + (", interpreter on (TRITON_INTERPRET=1)" if _triton.interpreting() else ""))
+        lines.append(
+            f"capture layer output + lse on {device.type}: "
+            + (f"SDPA ({'; '.join(why)})" if why else "xformers when the layer uses xformers, else SDPA")
+        )
+    lines.append(
+        "Triton: "
+        + ("; ".join(_triton.available()) or "importable")
+        + (", interpreter on (TRITON_INTERPRET=1)" if _triton.interpreting() else "")
+    )
     return lines
 
 

@@ -17,9 +17,9 @@ The ops take the variance-preserving form (`abar`); a flow input is that form sc
 
 from __future__ import annotations
 
-import torch
-
 import dataclasses
+
+import torch
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 FLOW_PREDICTION_TYPES = (None, "flow_prediction")
@@ -58,11 +58,15 @@ def schedule_problems(scheduler) -> list:
         if getattr(scheduler, "sigmas", None) is None or not hasattr(scheduler, "index_for_timestep"):
             problems.append(f"{name} has no sigmas to read the step's noise level from")
         if pred not in FLOW_PREDICTION_TYPES:
-            problems.append(f"{name} is a flow-matching schedule with prediction_type={pred!r}; accepted: the velocity (no prediction_type, or 'flow_prediction')")
+            problems.append(
+                f"{name} is a flow-matching schedule with prediction_type={pred!r}; accepted: the velocity (no prediction_type, or 'flow_prediction')"
+            )
         return problems
     problems = []
     if getattr(scheduler, "alphas_cumprod", None) is None:
-        problems.append(f"{name} has no alphas_cumprod and is not a flow-matching schedule (accepted: DDPM-type schedules and FlowMatch* schedulers)")
+        problems.append(
+            f"{name} has no alphas_cumprod and is not a flow-matching schedule (accepted: DDPM-type schedules and FlowMatch* schedulers)"
+        )
     if pred not in PREDICTION_TYPES:
         problems.append(f"{name} has prediction_type={pred!r}; accepted: {PREDICTION_TYPES}")
     return problems

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 
-import torch
-
 
 class UNetRecorder:
     def __init__(self, unet, attn, scheduler):

@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from components import prompt_embeds, scheduler_config, sd_pipeline
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler
+from recording import recording
 from torch.utils import _pytree as pytree
 
 import sagfast
 from sagfast.api import config_of, guided_call
-from components import prompt_embeds, scheduler_config, sd_pipeline
-from recording import recording
 
 CALL = dict(height=48, width=40, num_inference_steps=3, output_type="latent")
 
@@ -16,15 +16,25 @@ CALL = dict(height=48, width=40, num_inference_steps=3, output_type="latent")
 def run_recorded(pipe, n=1, guidance_scale=7.5, **extra):
     pe, ne = prompt_embeds(n)
     with recording(pipe) as rec:
-        out = pipe(prompt_embeds=pe, negative_prompt_embeds=ne, guidance_scale=guidance_scale,
-                   generator=torch.Generator().manual_seed(0), **CALL, **extra).images
+        out = pipe(
+            prompt_embeds=pe,
+            negative_prompt_embeds=ne,
+            guidance_scale=guidance_scale,
+            generator=torch.Generator().manual_seed(0),
+            **CALL,
+            **extra,
+        ).images
     return out, [c["sample"].shape[0] for c in rec.calls]
 
 
-@pytest.mark.parametrize("guidance_scale, per_step_exact, per_step_batched", [
-    (7.5, [4, 2], [6]),   # B = 2: exact 2B then B; batched one call of 3B
-    (1.0, [2, 2], [4]),   # no CFG: exact B + B; batched one call of 2B
-], ids=["cfg", "nocfg"])
+@pytest.mark.parametrize(
+    "guidance_scale, per_step_exact, per_step_batched",
+    [
+        (7.5, [4, 2], [6]),  # B = 2: exact 2B then B; batched one call of 3B
+        (1.0, [2, 2], [4]),  # no CFG: exact B + B; batched one call of 2B
+    ],
+    ids=["cfg", "nocfg"],
+)
 def test_model_calls_and_batch_sizes_per_step(guidance_scale, per_step_exact, per_step_batched):
     pipe = sagfast.enable(sd_pipeline(), mode="exact")
     _, calls = run_recorded(pipe, n=2, guidance_scale=guidance_scale)
@@ -63,10 +73,10 @@ def test_batched_input_equals_exact_input_when_eps_prev_is_the_current_eps(sched
     shapes = [c["sample"].shape[0] for c in rec.calls]
     assert shapes == [2 * chunks, 2, 2 * chunks + 2]
     exact_degraded = rec.calls[1]["sample"]
-    batched_degraded = rec.calls[2]["sample"][2 * chunks:]
+    batched_degraded = rec.calls[2]["sample"][2 * chunks :]
     assert (batched_degraded - exact_degraded).abs().max().item() <= 1e-5
     # The degraded rows get the guide branch's conditioning.
-    assert torch.equal(rec.calls[2]["kwargs"]["encoder_hidden_states"][2 * chunks:], cond[:2])
+    assert torch.equal(rec.calls[2]["kwargs"]["encoder_hidden_states"][2 * chunks :], cond[:2])
     # Same inputs, same model: the guided outputs agree too (up to batch-size effects of the kernels).
     assert (batched_out - exact_out).abs().max().item() <= 1e-4 * max(1.0, exact_out.abs().max().item())
 

@@ -19,8 +19,27 @@ def _strict(const):
 def test_cli_step_quick_writes_valid_json(tmp_path):
     out = tmp_path / "out"
     cmd = [
-        sys.executable, "-m", "bench", "step", "--quick", "--device", "cpu", "--out", str(out),
-        "--models", "tiny", "--variants", "cfg,floor,sagfast_exact,sagfast_exact_graph", "--steps", "2", "--rounds", "1", "--warmup", "0", "--threads", "1",
+        sys.executable,
+        "-m",
+        "bench",
+        "step",
+        "--quick",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--models",
+        "tiny",
+        "--variants",
+        "cfg,floor,sagfast_exact,sagfast_exact_graph",
+        "--steps",
+        "2",
+        "--rounds",
+        "1",
+        "--warmup",
+        "0",
+        "--threads",
+        "1",
     ]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -49,9 +68,9 @@ def test_cli_step_quick_writes_valid_json(tmp_path):
 
 
 def test_half_precision_bench_runs_and_fp32_matches_diffusers():
-    from bench.half_precision import run, table
-
     import torch
+
+    from bench.half_precision import run, table
 
     result = run(torch.device("cpu"), steps=2, batch=1)
     assert len(result["rows"]) == 8  # 2 schedulers x 2 predictions x (fp16, bf16)

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from components import prompt_embeds, sd_pipeline
 
 import sagfast
-from components import prompt_embeds, sd_pipeline
 
 CALL = dict(height=48, width=40, num_inference_steps=2, output_type="latent")
 

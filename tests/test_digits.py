@@ -5,7 +5,6 @@ the quality benchmark run."""
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -50,8 +49,14 @@ def _accuracy(classifier, images, labels):
 
 def test_shipped_weights_small_and_complete():
     files = {p.name: p.stat().st_size for p in WEIGHTS_DIR.iterdir()}
-    for name in ("digits_unet.safetensors", "digits_unet.json", "digits_class_embedding.safetensors",
-                 "digits_class_embedding.json", "digits_scheduler.json", "digits_classifier.safetensors"):
+    for name in (
+        "digits_unet.safetensors",
+        "digits_unet.json",
+        "digits_class_embedding.safetensors",
+        "digits_class_embedding.json",
+        "digits_scheduler.json",
+        "digits_classifier.safetensors",
+    ):
         assert name in files, f"{name} missing from {WEIGHTS_DIR}"
     total = sum(files.values())
     assert total < 6 * 2**20, f"shipped weights are {total / 2**20:.1f} MiB"
@@ -118,8 +123,9 @@ def test_enable_changes_output_and_scale0_is_plain(guidance):
     assert torch.equal(pipe([0, 8], latents=_noise(2), **kw).images, plain)
     sagfast.enable(pipe, scale=0.75)
     batches = []
-    hook = base.register_forward_pre_hook(lambda m, args, kwargs: batches.append(
-        (args[0] if args else kwargs["sample"]).shape[0]), with_kwargs=True)
+    hook = base.register_forward_pre_hook(
+        lambda m, args, kwargs: batches.append((args[0] if args else kwargs["sample"]).shape[0]), with_kwargs=True
+    )
     try:
         guided = pipe([0, 8], latents=_noise(2), **kw).images
     finally:

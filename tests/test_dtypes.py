@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from components import prompt_embeds, sd_pipeline
 from diffusers.models.attention_processor import Attention
 
 import sagfast
-from components import prompt_embeds, sd_pipeline
 from sagfast.capture import SAGCaptureProcessor
 
 
@@ -31,8 +31,9 @@ def test_capture_mass_is_fp32_for_half_inputs(dtype):
 def test_half_precision_pipeline_runs_on_cpu(dtype, mode):
     pipe = sd_pipeline().to(dtype=dtype)
     pe, ne = prompt_embeds(1)
-    call = dict(prompt_embeds=pe.to(dtype), negative_prompt_embeds=ne.to(dtype), height=48, width=40,
-                num_inference_steps=2, output_type="latent")
+    call = dict(
+        prompt_embeds=pe.to(dtype), negative_prompt_embeds=ne.to(dtype), height=48, width=40, num_inference_steps=2, output_type="latent"
+    )
     plain = pipe(generator=torch.Generator().manual_seed(0), **call).images
     sagfast.enable(pipe, mode=mode)
     out = pipe(generator=torch.Generator().manual_seed(0), **call).images

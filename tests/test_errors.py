@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from components import prompt_embeds, sd_components, sd_pipeline, tiny_unet
 from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
 import sagfast
-from components import prompt_embeds, sd_components, sd_pipeline, tiny_unet
 
 
 @pytest.mark.parametrize(
@@ -91,7 +91,10 @@ def unusable_flow_scheduler():
 def test_scheduler_without_a_usable_noise_schedule():
     pipe = sd_pipeline()
     pipe.scheduler = unusable_flow_scheduler()
-    with pytest.raises(ValueError, match="usable noise schedule: DPMSolverMultistepScheduler is a flow-matching schedule with prediction_type='epsilon'; accepted: the velocity"):
+    with pytest.raises(
+        ValueError,
+        match="usable noise schedule: DPMSolverMultistepScheduler is a flow-matching schedule with prediction_type='epsilon'; accepted: the velocity",
+    ):
         sagfast.enable(pipe)
     assert not sagfast.is_enabled(pipe)
 

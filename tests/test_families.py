@@ -32,8 +32,15 @@ from sagfast.api import config_of, guided_call
 
 def tiny_vae():
     torch.manual_seed(0)
-    return AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
-                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2).eval()
+    return AutoencoderKL(
+        block_out_channels=(16, 32),
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+    ).eval()
 
 
 def ddim():
@@ -42,9 +49,17 @@ def ddim():
 
 def unconditional(pipeline_cls):
     torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                       norm_num_groups=8, attention_head_dim=8).eval()
+    unet = UNet2DModel(
+        sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=8,
+    ).eval()
     scheduler = DDPMScheduler(num_train_timesteps=1000, clip_sample=False) if pipeline_cls is DDPMPipeline else ddim()
     pipe = pipeline_cls(unet=unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
@@ -53,8 +68,17 @@ def unconditional(pipeline_cls):
 
 def dit():
     torch.manual_seed(0)
-    transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=3,
-                                        sample_size=8, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero").eval()
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=3,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_zero",
+    ).eval()
     pipe = DiTPipeline(transformer=transformer, vae=tiny_vae(), scheduler=ddim())
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -62,9 +86,19 @@ def dit():
 
 def pixart():
     torch.manual_seed(0)
-    transformer = PixArtTransformer2DModel(sample_size=8, num_layers=3, patch_size=2, attention_head_dim=8, num_attention_heads=2,
-                                           in_channels=4, out_channels=8, cross_attention_dim=16, caption_channels=24,
-                                           norm_type="ada_norm_single", use_additional_conditions=False).eval()
+    transformer = PixArtTransformer2DModel(
+        sample_size=8,
+        num_layers=3,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        in_channels=4,
+        out_channels=8,
+        cross_attention_dim=16,
+        caption_channels=24,
+        norm_type="ada_norm_single",
+        use_additional_conditions=False,
+    ).eval()
     pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=tiny_vae(), transformer=transformer, scheduler=ddim())
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -80,9 +114,20 @@ def call_kwargs(name, cfg_on):
     e = torch.Generator().manual_seed(1)
     pe, ne = torch.randn(2, 5, 24, generator=e), torch.randn(2, 5, 24, generator=e)
     mask = torch.ones(2, 5, dtype=torch.long)
-    return dict(prompt_embeds=pe, negative_prompt=None, negative_prompt_embeds=ne, prompt_attention_mask=mask, negative_prompt_attention_mask=mask,
-                guidance_scale=4.5 if cfg_on else 1.0, height=32, width=32, use_resolution_binning=False, generator=g,
-                num_inference_steps=steps, output_type="latent")
+    return dict(
+        prompt_embeds=pe,
+        negative_prompt=None,
+        negative_prompt_embeds=ne,
+        prompt_attention_mask=mask,
+        negative_prompt_attention_mask=mask,
+        guidance_scale=4.5 if cfg_on else 1.0,
+        height=32,
+        width=32,
+        use_resolution_binning=False,
+        generator=g,
+        num_inference_steps=steps,
+        output_type="latent",
+    )
 
 
 PIPELINES = {"ddpm": lambda: unconditional(DDPMPipeline), "ddim": lambda: unconditional(DDIMPipeline), "dit": dit, "pixart": pixart}
@@ -108,7 +153,9 @@ class Recorder:
         self.handles = [
             model.register_forward_pre_hook(self.pre, with_kwargs=True),
             model.register_forward_hook(self.post, with_kwargs=True),
-            attn.register_forward_pre_hook(lambda m, a, k: self.hidden.append((a[0] if a else k["hidden_states"]).detach().clone()), with_kwargs=True),
+            attn.register_forward_pre_hook(
+                lambda m, a, k: self.hidden.append((a[0] if a else k["hidden_states"]).detach().clone()), with_kwargs=True
+            ),
         ]
 
     def pre(self, module, args, kwargs):

@@ -3,10 +3,10 @@ bench/gpu_checks.sh runs them on a machine that has one."""
 
 import pytest
 import torch
+from components import prompt_embeds, sd_pipeline
 
 import sagfast
 from sagfast.cuda_graph import graphs_of
-from components import prompt_embeds, sd_pipeline
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -76,8 +76,11 @@ def test_dropin_pipeline_replays_its_graphs_in_the_next_call():
     pipe.set_progress_bar_config(disable=True)
     config = sagfast.SAGConfig(cuda_graph=True)
     pe, ne = prompt_embeds(1)
-    go = lambda: pipe(prompt_embeds=pe.cuda(), negative_prompt_embeds=ne.cuda(), sag_config=config,  # noqa: E731
-                      generator=torch.Generator("cuda").manual_seed(0), **CALL).images
+
+    def go():
+        generator = torch.Generator("cuda").manual_seed(0)
+        return pipe(prompt_embeds=pe.cuda(), negative_prompt_embeds=ne.cuda(), sag_config=config, generator=generator, **CALL).images
+
     first = go()
     graphs = dict(graphs_of(pipe.unet)._graphs)
     assert len(graphs) == 1
@@ -110,6 +113,7 @@ def test_a_failed_capture_leaves_the_other_graphs_capturable():
     pipe = sagfast.enable(cuda_pipe(), mode="batched")
     eager = run(pipe)
     sagfast.enable(pipe, mode="batched", cuda_graph=True)
+
     # A host sync in the first (exact) step only, whose main pass has batch 2B = 2: its capture fails,
     # and the batched step (batch 3) must still be captured from the same pool afterwards.
     def hook(module, args, output):

@@ -19,16 +19,16 @@ import warnings
 
 import pytest
 import torch
+from components import CROSS_DIM, TOKENS, prompt_embeds, sd_pipeline, tiny_unet
 from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from diffusers.models.attention_processor import AttnProcessor
-from torch.utils import _pytree as pytree
 from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sagfast
-from components import CROSS_DIM, TOKENS, prompt_embeds, sd_pipeline, tiny_unet
-from sagfast.cuda_graph import ModelWatch, StepGraphs
 from sagfast.api import guided_call
+from sagfast.cuda_graph import ModelWatch, StepGraphs
 from sagfast.denoiser import GuidedCall, Step
 from sagfast.schedule import alpha_bar, vp_noise
 
@@ -158,12 +158,16 @@ def test_alpha_bar_of_a_device_timestep_waits_for_nothing(scheduler_cls):
     torch.testing.assert_close(host, expected.float().expand(3), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("bad, expected", [
-    (lambda m, a, o: o.sum().item() and None, "aten._local_scalar_dense (a read-back to the host)"),
-    (lambda m, a, o: o * torch.tensor(0.5), "aten.mul mixes host and device tensors"),
-    (lambda m, a, o: o * torch.tensor([0.5]).to(o.device), "aten._to_copy brings a host tensor to the device"),
-    (lambda m, a, o: o * torch.tensor(0.5, device=o.device), "torch.tensor puts host data on the device"),
-], ids=["item", "host-scalar", "host-copy", "host-data"])
+@pytest.mark.parametrize(
+    "bad, expected",
+    [
+        (lambda m, a, o: o.sum().item() and None, "aten._local_scalar_dense (a read-back to the host)"),
+        (lambda m, a, o: o * torch.tensor(0.5), "aten.mul mixes host and device tensors"),
+        (lambda m, a, o: o * torch.tensor([0.5]).to(o.device), "aten._to_copy brings a host tensor to the device"),
+        (lambda m, a, o: o * torch.tensor(0.5, device=o.device), "torch.tensor puts host data on the device"),
+    ],
+    ids=["item", "host-scalar", "host-copy", "host-data"],
+)
 def test_the_watch_catches_a_host_read_and_a_host_tensor(bad, expected):
     pipe = sagfast.enable(sd_pipeline(), backend="torch")
     pipe.unet.mid_block.register_forward_hook(bad)
@@ -187,8 +191,15 @@ def graph_keys(pipe, monkeypatch, n=1, steps=3):
     with monkeypatch.context() as m:
         m.setattr(GuidedCall, "run_step", recording)
         pe, ne = prompt_embeds(n)
-        pipe(prompt_embeds=pe, negative_prompt_embeds=ne, height=48, width=40, num_inference_steps=steps,
-             output_type="latent", generator=torch.Generator().manual_seed(0))
+        pipe(
+            prompt_embeds=pe,
+            negative_prompt_embeds=ne,
+            height=48,
+            width=40,
+            num_inference_steps=steps,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+        )
     return keys
 
 
@@ -240,8 +251,9 @@ def test_model_watch_sees_through_the_capture_switch():
 
 def test_graphs_refuse_an_offloaded_model_once_with_the_reason():
     unet = tiny_unet()
-    unet.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
-                              offload_type="block_level", num_blocks_per_group=1)
+    unet.enable_group_offload(
+        onload_device=torch.device("cpu"), offload_device=torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1
+    )
     graphs = StepGraphs(unet)
     never = lambda inputs: pytest.fail("a refused step must not be captured")  # noqa: E731
     with pytest.warns(RuntimeWarning, match="without a CUDA graph: the model has accelerate/diffusers hooks"):

@@ -8,10 +8,10 @@ import threading
 
 import pytest
 import torch
+from components import prompt_embeds, scheduler_config, sd_components, sd_pipeline
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPAGPipeline, StableDiffusionPipeline
 
 import sagfast
-from components import prompt_embeds, scheduler_config, sd_components, sd_pipeline
 
 CALL = dict(height=48, width=40, num_inference_steps=3, output_type="latent")
 
@@ -173,7 +173,9 @@ def test_the_dropin_leaves_its_components_as_they_were_and_matches_diffusers():
     ours.set_progress_bar_config(disable=True)
     assert dict(components["scheduler"].config) == scheduler_before and dict(components["unet"].config) == unet_before
     pe, ne = prompt_embeds(2)
-    kwargs = dict(prompt_embeds=pe, negative_prompt_embeds=ne, height=64, width=48, num_inference_steps=4, sag_scale=0.75, output_type="latent")
+    kwargs = dict(
+        prompt_embeds=pe, negative_prompt_embeds=ne, height=64, width=48, num_inference_steps=4, sag_scale=0.75, output_type="latent"
+    )
     out = ours(generator=torch.Generator().manual_seed(0), **kwargs).images
     assert dict(components["scheduler"].config) == scheduler_before
     assert dict(components["unet"].attn_processors) == processors

@@ -1,11 +1,11 @@
 """The paper's masking ablation: global blur ("blur guidance") and a random mask."""
 
 import torch
+from components import prompt_embeds, sd_pipeline
 from diffusers.pipelines.deprecated.stable_diffusion_sag.pipeline_stable_diffusion_sag import gaussian_blur_2d
+from recording import recording
 
 import sagfast
-from components import prompt_embeds, sd_pipeline
-from recording import recording
 
 CALL = dict(height=48, width=40, num_inference_steps=2, output_type="latent")
 

@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-
 import torch
 
 from sagfast.ops import _cpp, _triton
@@ -36,9 +35,7 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.skipif(
-    not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc/self/clear_refs (peak RSS reset)"
-)
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc/self/clear_refs (peak RSS reset)")
 def test_attention_mass_peak_memory_is_linear_in_n():
     cpu = torch.empty(0)  # measured on CPU tensors, also on a GPU machine
     why_not = {"triton": _triton.available() or _triton.device_reasons(cpu), "cpp": _cpp.available() or _cpp.device_reasons(cpu)}
@@ -49,7 +46,11 @@ def test_attention_mass_peak_memory_is_linear_in_n():
     env["PYTHONPATH"] = os.pathsep.join([REPO, env.get("PYTHONPATH", "")])
     done = subprocess.run(
         [sys.executable, "-c", WORKER, json.dumps([B, H, N, D]), "map", *backends],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     peaks = json.loads(done.stdout.strip().splitlines()[-1])

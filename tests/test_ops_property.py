@@ -10,9 +10,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_ops_backends import DEVICE, TOL, WHY_NOT
 
 from sagfast import ops
-from test_ops_backends import DEVICE, TOL, WHY_NOT
 
 HERE = [name for name, why in WHY_NOT.items() if not why]
 pytestmark = [pytest.mark.skipif(not HERE, reason="no backend besides the reference runs here")]

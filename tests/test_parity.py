@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from components import prompt_embeds, sd_components
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -16,7 +17,6 @@ from diffusers.pipelines.deprecated.stable_diffusion_sag.pipeline_stable_diffusi
 )
 
 import sagfast
-from components import prompt_embeds, sd_components
 
 SCHEDULERS = [DDIMScheduler, DDPMScheduler, PNDMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler, DEISMultistepScheduler]
 # 2 prompts x 2 images per prompt, non-square 64x48 pixels -> 32x24 latent -> 16x12 mid-block map.
@@ -52,8 +52,10 @@ def test_parity_with_diffusers(scheduler_cls, prediction_type, guidance_scale):
     tol = tolerance(ref)
     diff_enabled = (enabled - ref).abs().max().item()
     diff_dropin = (dropin - ref).abs().max().item()
-    print(f"{scheduler_cls.__name__} {prediction_type} g={guidance_scale}: enable {diff_enabled:.3g}, "
-          f"drop-in {diff_dropin:.3g}, tol {tol:.3g}, max|ref| {ref.abs().max().item():.3g}")
+    print(
+        f"{scheduler_cls.__name__} {prediction_type} g={guidance_scale}: enable {diff_enabled:.3g}, "
+        f"drop-in {diff_dropin:.3g}, tol {tol:.3g}, max|ref| {ref.abs().max().item():.3g}"
+    )
     assert diff_enabled <= tol
     assert diff_dropin <= tol
     # SAG really acted: the reference is far from the unguided result.

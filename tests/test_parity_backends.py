@@ -9,13 +9,13 @@ import functools
 
 import pytest
 import torch
+from components import prompt_embeds, sd_components
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 from diffusers.pipelines.deprecated.stable_diffusion_sag.pipeline_stable_diffusion_sag import (
     StableDiffusionSAGPipeline as DiffusersSAG,
 )
 
 import sagfast
-from components import prompt_embeds, sd_components
 from sagfast import ops
 from sagfast.ops import _cpp, _triton
 
@@ -26,9 +26,7 @@ WHY_NOT = {
     "triton": _triton.available() or _triton.device_reasons(_CPU),
     "cpp": _cpp.available() or _cpp.device_reasons(_CPU),
 }
-BACKENDS = ["torch"] + [
-    pytest.param(n, marks=pytest.mark.skipif(bool(w), reason="; ".join(w))) for n, w in WHY_NOT.items()
-]
+BACKENDS = ["torch"] + [pytest.param(n, marks=pytest.mark.skipif(bool(w), reason="; ".join(w))) for n, w in WHY_NOT.items()]
 CASES = [
     (DDIMScheduler, "epsilon", 7.5),
     (DPMSolverMultistepScheduler, "v_prediction", 1.0),

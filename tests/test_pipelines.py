@@ -2,6 +2,7 @@
 img2img, inpaint."""
 
 import torch
+from components import TOKENS, prompt_embeds, scheduler_config, sd_components, tiny_unet, tiny_vae
 from diffusers import (
     ControlNetModel,
     EulerDiscreteScheduler,
@@ -10,10 +11,9 @@ from diffusers import (
     StableDiffusionInpaintPipeline,
     StableDiffusionXLPipeline,
 )
+from recording import recording
 
 import sagfast
-from components import TOKENS, prompt_embeds, scheduler_config, sd_components, tiny_unet, tiny_vae
-from recording import recording
 
 POOLED = 32
 
@@ -97,8 +97,16 @@ def test_inpaint_with_a_nine_channel_unet_runs_with_sag():
     pe, ne = prompt_embeds(1)
     mask = torch.zeros(1, 1, 64, 48)
     mask[..., 16:48, 8:40] = 1
-    call = dict(prompt_embeds=pe, negative_prompt_embeds=ne, image=_image(), mask_image=mask, height=64, width=48,
-                num_inference_steps=3, output_type="latent")
+    call = dict(
+        prompt_embeds=pe,
+        negative_prompt_embeds=ne,
+        image=_image(),
+        mask_image=mask,
+        height=64,
+        width=48,
+        num_inference_steps=3,
+        output_type="latent",
+    )
     main, degraded = first_step_calls_with_sag(pipe, call)
     # The degraded input re-noises the 4 latent channels and keeps the guide rows' mask + masked image.
     assert degraded["sample"].shape == (1, 9, 32, 24)
@@ -118,8 +126,15 @@ def test_controlnet_residuals_are_sliced_for_the_degraded_pass():
     pipe = StableDiffusionControlNetPipeline(**comps)
     pipe.set_progress_bar_config(disable=True)
     pe, ne = prompt_embeds(1)
-    call = dict(prompt_embeds=pe, negative_prompt_embeds=ne, image=(_image() + 1) / 2, height=64, width=48,
-                num_inference_steps=2, output_type="latent")
+    call = dict(
+        prompt_embeds=pe,
+        negative_prompt_embeds=ne,
+        image=(_image() + 1) / 2,
+        height=64,
+        width=48,
+        num_inference_steps=2,
+        output_type="latent",
+    )
     main, degraded = first_step_calls_with_sag(pipe, call)
     assert main["sample"].shape[0] == 2 and degraded["sample"].shape[0] == 1
     # The guide branch (unconditional) gets its own rows of every residual the ControlNet computed.

@@ -125,10 +125,16 @@ def test_combine_ref_adds_the_sag_term_to_every_chunk():
     [
         (lambda: ops.degrade_ref(torch.randn(1, 4, 8, 8), torch.ones(2, 4, 4), torch.randn(1, 4, 8, 8), torch.ones(1)), "mask must be"),
         (lambda: ops.degrade_ref(torch.randn(1, 4, 8, 8), torch.ones(1, 4, 4), torch.randn(1, 4, 8, 9), torch.ones(1)), "eps must have"),
-        (lambda: ops.degrade_ref(torch.randn(1, 4, 8, 8), torch.ones(1, 4, 4), torch.randn(1, 4, 8, 8), torch.tensor(0.5)), "abar must be a"),
+        (
+            lambda: ops.degrade_ref(torch.randn(1, 4, 8, 8), torch.ones(1, 4, 4), torch.randn(1, 4, 8, 8), torch.tensor(0.5)),
+            "abar must be a",
+        ),
         (lambda: ops.attention_mass_ref(torch.randn(1, 2, 8, 4), torch.randn(1, 2, 9, 4), torch.randn(1, 2, 8), 1.0), "one shape"),
         (lambda: ops.combine_ref(torch.randn(5, 4), torch.randn(2, 4), torch.randn(2, 4), 1.0), r"o must be \[n\*B"),
-        (lambda: ops.attention_mass(torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8), 1.0, backend="nope"), "unknown backend 'nope'"),
+        (
+            lambda: ops.attention_mass(torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8), 1.0, backend="nope"),
+            "unknown backend 'nope'",
+        ),
     ],
 )
 def test_op_input_errors(call, message):

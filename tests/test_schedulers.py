@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from components import prompt_embeds, scheduler_config, sd_components
 from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
@@ -13,10 +14,9 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 from diffusers.pipelines.deprecated.stable_diffusion_sag.pipeline_stable_diffusion_sag import gaussian_blur_2d
+from recording import recording
 
 import sagfast
-from components import prompt_embeds, scheduler_config, sd_components
-from recording import recording
 
 
 def karras_dpmpp_2m(config):

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from components import prompt_embeds, sd_pipeline
 
 import sagfast
-from components import prompt_embeds, sd_pipeline
 
 CALL = dict(height=48, width=40, num_inference_steps=2, output_type="latent")
 
@@ -192,8 +192,9 @@ def test_group_offload_runs_with_sag_and_survives_disable():
     # pipeline already, in accelerate's post_forward.)
     reference, plain = run(sagfast.enable(sd_pipeline())), run(sd_pipeline())
     pipe = sd_pipeline()
-    pipe.unet.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
-                                   offload_type="block_level", num_blocks_per_group=1)
+    pipe.unet.enable_group_offload(
+        onload_device=torch.device("cpu"), offload_device=torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1
+    )
     sagfast.enable(pipe)
     assert torch.equal(run(pipe), reference)
     sagfast.disable(pipe)

@@ -8,7 +8,6 @@ Transformer2DModel that holds it.
 
 from __future__ import annotations
 
-import torch
 from diffusers.models.attention_processor import Attention
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel, UNet2DConditionOutput
 

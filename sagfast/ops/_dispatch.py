@@ -70,9 +70,7 @@ def choose(name: str, backends: Sequence[Backend], requested: str, inputs: Seque
     raise BackendUnsupported(f"{name}: no backend takes these inputs: " + " | ".join(refused))
 
 
-def dispatch(
-    name: str, backends: Sequence[Backend], requested: str, inputs: Sequence, key: Hashable = None
-) -> Callable:
+def dispatch(name: str, backends: Sequence[Backend], requested: str, inputs: Sequence, key: Hashable = None) -> Callable:
     """`run` of the chosen backend. With a `key`, the choice is cached per (name, requested, key);
     refusals are never cached (they raise every time, with the reasons)."""
     if key is None:

@@ -86,9 +86,7 @@ def kernels(name: str):
 
     folder = pathlib.Path(sagfast.__file__).resolve().parent.parent / "kernels"
     if "sagfast.kernels" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "sagfast.kernels", folder / "__init__.py", submodule_search_locations=[str(folder)]
-        )
+        spec = importlib.util.spec_from_file_location("sagfast.kernels", folder / "__init__.py", submodule_search_locations=[str(folder)])
         if spec is None:
             raise ModuleNotFoundError(f"sagfast.kernels is not installed and {folder} has no kernels")
         module = importlib.util.module_from_spec(spec)

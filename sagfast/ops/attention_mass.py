@@ -88,7 +88,9 @@ def _triton_blocks(n: int, d: int, device: torch.device) -> tuple[int, int, int]
 
 
 @torch.library.custom_op("sagfast::attention_mass_triton", mutates_args=())
-def attention_mass_triton(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_mass_triton(
+    q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, scale: float, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(mass [B, N] fp32, mask [B, N] bool = mass > threshold) with the Triton kernels."""
     import triton
 
@@ -99,17 +101,27 @@ def attention_mass_triton(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, s
     lowp = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
     with _triton.on_device(q):
         kern.attention_mass_partial_kernel[(triton.cdiv(n, block_n), b * h)](
-            q, k, lse, part,
-            *q.stride(), *k.stride(), *lse.stride(), *part.stride(),
-            h, n, d, float(scale) * LOG2E,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, LOWP_DOT=lowp,
+            q,
+            k,
+            lse,
+            part,
+            *q.stride(),
+            *k.stride(),
+            *lse.stride(),
+            *part.stride(),
+            h,
+            n,
+            d,
+            float(scale) * LOG2E,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_D=block_d,
+            LOWP_DOT=lowp,
         )
         mass = torch.empty(b, n, dtype=torch.float32, device=q.device)
         mask = torch.empty(b, n, dtype=torch.bool, device=q.device)
         block = min(1024, max(16, _triton.next_pow2(n)))
-        kern.attention_mass_reduce_kernel[(triton.cdiv(n, block), b)](
-            part, mass, mask, *part.stride(), h, n, float(threshold), BLOCK=block
-        )
+        kern.attention_mass_reduce_kernel[(triton.cdiv(n, block), b)](part, mass, mask, *part.stride(), h, n, float(threshold), BLOCK=block)
     return mass, mask
 
 

@@ -23,9 +23,7 @@ def check_combine_inputs(o, guide, degraded, extra_terms=()) -> None:
         raise ValueError(f"guide and degraded must have one shape; got {tuple(guide.shape)} and {tuple(degraded.shape)}")
     b = guide.shape[0]
     if o.dim() != guide.dim() or o.shape[1:] != guide.shape[1:] or b == 0 or o.shape[0] % b:
-        raise ValueError(
-            f"o must be [n*B, ...] with guide's trailing shape; got o {tuple(o.shape)}, guide {tuple(guide.shape)}"
-        )
+        raise ValueError(f"o must be [n*B, ...] with guide's trailing shape; got o {tuple(o.shape)}, guide {tuple(guide.shape)}")
     for term in extra_terms:
         if len(term) != 3 or term[1].shape != guide.shape or term[2].shape != guide.shape:
             raise ValueError("each extra term must be (scale, positive, negative) with guide's shape")
@@ -96,9 +94,18 @@ def combine_triton(o: torch.Tensor, pos: list[torch.Tensor], neg: list[torch.Ten
     block = 8192 if o.device.type == "cpu" else 1024
     with _triton.on_device(oc):
         kern.combine_kernel[(triton.cdiv(m, block),)](
-            oc, pos[0], neg[0], pos[1] if two else pos[0], neg[1] if two else neg[0], out,
-            m, oc.numel() // max(1, m), float(scales[0]), float(scales[1]) if two else 0.0,
-            NUM_TERMS=len(pos), BLOCK=block,
+            oc,
+            pos[0],
+            neg[0],
+            pos[1] if two else pos[0],
+            neg[1] if two else neg[0],
+            out,
+            m,
+            oc.numel() // max(1, m),
+            float(scales[0]),
+            float(scales[1]) if two else 0.0,
+            NUM_TERMS=len(pos),
+            BLOCK=block,
         )
     return out
 

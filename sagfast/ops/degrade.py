@@ -1,8 +1,8 @@
 """Degrade: blur x0 where the mask is set, then re-noise it to the step's noise level.
 
-    x0b = GaussianBlur(x0)                        (separable, reflect padding)
-    x0d = M * x0b + (1 - M) * x0                  (M: low-res mask upsampled by index)
-    xd  = sqrt(abar) * x0d + sqrt(1 - abar) * eps
+x0b = GaussianBlur(x0)                        (separable, reflect padding)
+x0d = M * x0b + (1 - M) * x0                  (M: low-res mask upsampled by index)
+xd  = sqrt(abar) * x0d + sqrt(1 - abar) * eps
 """
 
 from __future__ import annotations
@@ -132,10 +132,26 @@ def degrade_triton(
     grid = (triton.cdiv(rows, block_r), triton.cdiv(wid, block_w))
     with _triton.on_device(x0):
         kern.degrade_kernel[grid](
-            x0, m, eps, abar.contiguous(), out,
-            *x0.stride(), *m.stride(), *eps.stride(), *out.stride(),
-            c, hgt, wid, rows, m.shape[1], m.shape[2], float(sigma),
-            KSIZE=int(kernel_size), KPAD=max(2, _triton.next_pow2(kernel_size)), BLOCK_R=block_r, BLOCK_W=block_w,
+            x0,
+            m,
+            eps,
+            abar.contiguous(),
+            out,
+            *x0.stride(),
+            *m.stride(),
+            *eps.stride(),
+            *out.stride(),
+            c,
+            hgt,
+            wid,
+            rows,
+            m.shape[1],
+            m.shape[2],
+            float(sigma),
+            KSIZE=int(kernel_size),
+            KPAD=max(2, _triton.next_pow2(kernel_size)),
+            BLOCK_R=block_r,
+            BLOCK_W=block_w,
         )
     return out
 
