@@ -1,18 +1,20 @@
 """The `sagfast` command.
 
     sagfast demo [--out sag_demo.png] [--steps 20]
-        The embedded digit model: a labelled PNG grid, rows the digits 0-9, columns no guidance, CFG,
-        CFG + SAG (exact) and CFG + SAG (batched). Every column starts from the same noise; the time of
-        each column is printed.
+        The two embedded digit models, one panel each (the UNet, then the flow-matching DiT): a
+        labelled grid, rows the digits 0-9, columns no guidance, CFG, CFG + SAG (exact), CFG + SAG
+        (batched), then where SAG acts: the mask SAG blurs at the middle step (red, over the exact
+        column's digit) and |CFG+SAG - CFG| amplified 4x. Every column starts from the same noise; the
+        time of each column is printed.
 
     sagfast demo --model DIR --prompt "a photo of a cat" [--prompt ...]
         The same with a local diffusers Stable Diffusion folder (SD 1.x / 2.x / XL, local files only):
         rows the prompts, columns CFG, CFG + SAG (exact) and CFG + SAG (batched).
 
 Grid geometry (digit demo): each cell is `--samples` digits side by side, each 32x32 upscaled by 3
-(96 px), 4 px gaps, a 36 px label column on the left and a 40 px header (two-line column titles).
-So the PNG is `36 + columns * (samples * 96 + 4)` by `40 + 10 * (96 + 4)` pixels: 436 x 1040 for the
-4 columns and 1 sample.
+(96 px), 4 px gaps, a 36 px label column on the left and a 40 px header (two-line column titles); a
+panel is `36 + 6 * (samples * 96 + 4)` by `40 + 10 * (96 + 4)` pixels (636 x 1040 for 1 sample), and
+the two panels stand one above the other under a 24 px title bar each: 636 x 2128.
 """
 
 from __future__ import annotations
@@ -30,10 +32,20 @@ LEFT = 36
 TOP = 40
 
 
+TITLE = 24
+DIGIT_MODELS = ("unet", "dit")
+
+
 def digit_grid_size(columns: int, samples: int = 1) -> tuple[int, int]:
-    """(width, height) of the digit demo's PNG."""
+    """(width, height) of one panel of the digit demo."""
     cell = 32 * DIGIT_ZOOM
     return LEFT + columns * (samples * cell + GAP), TOP + 10 * (cell + GAP)
+
+
+def digit_demo_size(samples: int = 1) -> tuple[int, int]:
+    """(width, height) of the digit demo's PNG: one 6-column panel per model, each under a title bar."""
+    width, height = digit_grid_size(6, samples)
+    return width, len(DIGIT_MODELS) * (TITLE + height)
 
 
 def _font():
@@ -75,6 +87,114 @@ def _digit_columns(guidance: float, sag_scale: float):
     ]
 
 
+def _mask_overlay(digit, mask, cell: int):
+    """The digit (PIL "L") in grey with the SAG mask ([h, w] bool) in red over it, `cell` px square."""
+    import numpy as np
+    from PIL import Image
+
+    grey = np.asarray(digit.resize((cell, cell), Image.NEAREST), dtype=np.float32)
+    m = mask.float()[None, None]
+    m = torch.nn.functional.interpolate(m, size=(cell, cell), mode="nearest")[0, 0].numpy()
+    rgb = np.stack([grey, grey, grey], axis=-1) * 0.6 + 100
+    rgb[..., 0] = np.where(m > 0, 255, rgb[..., 0])
+    rgb[..., 1:] = np.where(m[..., None] > 0, rgb[..., 1:] * 0.5, rgb[..., 1:])
+    return Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
+
+
+def _difference(a, b, cell: int, gain: float = 4.0):
+    """|a - b| of two PIL "L" digits, amplified `gain` times, dark on white, `cell` px square."""
+    import numpy as np
+    from PIL import Image
+
+    d = np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)) * gain
+    return Image.fromarray((255 - d.clip(0, 255)).astype(np.uint8)).resize((cell, cell), Image.NEAREST)
+
+
+def _digit_panel(model: str, steps, samples, guidance, sag_scale, seed, scheduler, log):
+    """(title, panel image, column timings) of one embedded model."""
+    from PIL import Image
+
+    import sagfast
+    from sagfast.api import ACTIVE_CALL
+    from sagfast.digits import load_dit_pipeline, load_pipeline
+
+    if model == "unet":
+        pipe, title = load_pipeline(scheduler=_scheduler_class(scheduler), progress=False), "UNet (v-prediction, DDIM)"
+    else:
+        pipe, title = load_dit_pipeline(), "DiT (flow matching, Euler)"
+        pipe.set_progress_bar_config(disable=True)
+    labels = [d for d in range(10) for _ in range(samples)]
+    noise = torch.randn(len(labels), 1, 32, 32, generator=torch.Generator().manual_seed(seed))
+    cell = 32 * DIGIT_ZOOM
+    middle = steps // 2
+    masks = {}
+
+    def keep_middle_mask(pipe, i, t, kwargs):
+        call = ACTIVE_CALL.get()
+        if i == middle and call is not None and call.last_mask is not None:
+            masks["mask"] = call.last_mask.clone()
+        return {}
+
+    columns, times, results = [], [], {}
+    for name, g, config in _digit_columns(guidance, sag_scale):
+        if config is None:
+            sagfast.disable(pipe)
+        else:
+            sagfast.enable(pipe, config)
+        t0 = time.perf_counter()
+        out = pipe(
+            labels,
+            num_inference_steps=steps,
+            guidance_scale=g,
+            latents=noise.clone(),
+            output_type="pil",
+            callback_on_step_end=keep_middle_mask,
+        )
+        dt = time.perf_counter() - t0
+        label = f"{model}: " + name.replace("\n", " ")
+        times.append({"title": label, "seconds": round(dt, 3)})
+        log(f"{label:>28}: {dt:6.2f} s  ({len(labels)} digits, {steps} steps)")
+        results[name] = [img.convert("L") for img in out.images]
+        if name.startswith("CFG+SAG\nexact"):
+            results["mask"] = masks.get("mask")
+    sagfast.disable(pipe)
+    exact = next(k for k in results if k.startswith("CFG+SAG\nexact"))
+    cfg = next(k for k in results if k.startswith("CFG\n"))
+    mask = results.pop("mask")
+    for name, imgs in results.items():
+        columns.append((name, [imgs[d * samples : (d + 1) * samples] for d in range(10)], "digit"))
+    columns.append(
+        (
+            f"SAG mask\nstep {middle + 1}/{steps}",
+            [[(results[exact][i], mask[i]) for i in range(d * samples, (d + 1) * samples)] for d in range(10)],
+            "mask",
+        )
+    )
+    columns.append(
+        (
+            "|SAG - CFG|\nx4",
+            [[(results[exact][i], results[cfg][i]) for i in range(d * samples, (d + 1) * samples)] for d in range(10)],
+            "diff",
+        )
+    )
+    rendered = []
+    for name, rows, kind in columns:
+        cells = []
+        for row in rows:
+            strip = Image.new("RGB", (samples * cell, cell), "white")
+            for k, item in enumerate(row):
+                if kind == "digit":
+                    img = item.resize((cell, cell), Image.NEAREST)
+                elif kind == "mask":
+                    img = _mask_overlay(*item, cell)
+                else:
+                    img = _difference(*item, cell)
+                strip.paste(img.convert("RGB"), (k * cell, 0))
+            cells.append(strip)
+        rendered.append((name, cells))
+    return title, _grid(rendered, [str(d) for d in range(10)], samples * cell, cell), times
+
+
 def demo_digits(
     out: str,
     steps: int = 20,
@@ -86,42 +206,29 @@ def demo_digits(
     threads: int | None = None,
     log=print,
 ) -> dict:
-    """Make the digit demo grid at `out`; returns {"path", "size", "columns": [{"title", "seconds"}]}."""
-    from PIL import Image
-
-    import sagfast
-    from sagfast.digits import load_pipeline
+    """Make the digit demo at `out` (one panel per embedded model); returns {"path", "size", "columns":
+    [{"title", "seconds"}]}."""
+    from PIL import Image, ImageDraw
 
     if threads:
         torch.set_num_threads(threads)
-    pipe = load_pipeline(scheduler=_scheduler_class(scheduler), progress=False)
-    labels = [d for d in range(10) for _ in range(samples)]
-    noise = torch.randn(len(labels), 1, 32, 32, generator=torch.Generator().manual_seed(seed))
-    cell = 32 * DIGIT_ZOOM
-    columns, times = [], []
-    for title, g, config in _digit_columns(guidance, sag_scale):
-        if config is None:
-            sagfast.disable(pipe)
-        else:
-            sagfast.enable(pipe, config)
-        t0 = time.perf_counter()
-        imgs = pipe(labels, num_inference_steps=steps, guidance_scale=g, latents=noise.clone(), output_type="pil").images
-        dt = time.perf_counter() - t0
-        name = title.replace("\n", " ")
-        times.append({"title": name, "seconds": round(dt, 3)})
-        log(f"{name:>22}: {dt:6.2f} s  ({len(labels)} digits, {steps} steps)")
-        rows = []
-        for d in range(10):
-            row = Image.new("L", (samples * cell, cell), 255)
-            for k in range(samples):
-                row.paste(imgs[d * samples + k].resize((cell, cell), Image.NEAREST), (k * cell, 0))
-            rows.append(row)
-        columns.append((title, rows))
-    sagfast.disable(pipe)
-    grid = _grid(columns, [str(d) for d in range(10)], samples * cell, cell)
-    grid.save(out)
-    log(f"wrote {out} ({grid.width}x{grid.height})")
-    return {"path": out, "size": grid.size, "columns": times}
+    panels, times = [], []
+    for model in DIGIT_MODELS:
+        title, panel, t = _digit_panel(model, steps, samples, guidance, sag_scale, seed, scheduler, log)
+        panels.append((title, panel))
+        times += t
+    width = max(p.width for _, p in panels)
+    canvas = Image.new("RGB", (width, sum(TITLE + p.height for _, p in panels)), "white")
+    draw = ImageDraw.Draw(canvas)
+    y = 0
+    for title, panel in panels:
+        draw.rectangle((0, y, width, y + TITLE - 2), fill=(230, 230, 230))
+        draw.text((6, y + 5), title, fill="black", font=_font())
+        canvas.paste(panel, (0, y + TITLE))
+        y += TITLE + panel.height
+    canvas.save(out)
+    log(f"wrote {out} ({canvas.width}x{canvas.height})")
+    return {"path": out, "size": canvas.size, "columns": times}
 
 
 def _scheduler_class(name: str):

@@ -103,6 +103,8 @@ class GuidedCall:
         self.generator = None
         self.previous: dict = {}  # batched mode, eager: state key -> Previous
         self.seen: set = set()  # state keys this call has evaluated (batched mode starts exact)
+        self.last_mask = None
+        """The [guide rows, h, w] mask of the latest main pass (what the demo draws)."""
         self.graphs = graphs_of(self.model) if config.cuda_graph else None
         self.denoiser = GuidedDenoiser(self)
 
@@ -255,7 +257,8 @@ class GuidedCall:
         finally:
             capture.disarm()
         if cfg.mask == "attention":
-            return o, capture.mask(self.layer_name)
+            self.last_mask = capture.mask(self.layer_name)
+            return o, self.last_mask
         hw = capture.map_size(self.layer_name)
         guide_batch = guide.stop - guide.start
         if cfg.mask == "global":

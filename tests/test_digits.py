@@ -149,22 +149,32 @@ def test_sag_with_euler_scheduler():
 
 
 def test_demo_writes_png_of_documented_size(tmp_path, capsys):
-    from sagfast.cli import digit_grid_size, main
+    from sagfast.cli import digit_demo_size, digit_grid_size, main
 
     out = tmp_path / "demo.png"
     assert main(["demo", "--out", str(out), "--steps", "2"]) == 0
     img = Image.open(out)
     img.verify()
     img = Image.open(out)
-    # columns: no guidance, CFG, CFG + SAG exact, CFG + SAG batched
-    assert img.size == digit_grid_size(4) == (36 + 4 * 100, 1040) == (436, 1040)
+    # Two panels (UNet, DiT), each under a 24 px title bar, with 6 columns: no guidance, CFG,
+    # CFG + SAG exact, CFG + SAG batched, the SAG mask over the digit, |SAG - CFG| x4.
+    assert img.size == digit_demo_size() == (digit_grid_size(6)[0], 2 * (24 + digit_grid_size(6)[1])) == (636, 2128)
     assert img.mode == "RGB"
     printed = capsys.readouterr().out
-    assert "no guidance" in printed and "CFG" in printed and "exact" in printed and "batched" in printed
-    assert " s " in printed
-    # the cells are not blank: the digit columns differ from the white background
-    arr = np.asarray(img.convert("L"), dtype=np.float32)
-    assert arr[40:, 36:].std() > 20
+    for model in ("unet", "dit"):
+        for column in ("no guidance", "CFG g=3", "CFG+SAG exact", "CFG+SAG batched"):
+            assert f"{model}: {column}" in printed
+    arr = np.asarray(img, dtype=np.float32)
+    cell, left, top = 96, 36, 40
+    for panel in range(2):
+        y0 = panel * (24 + 1040) + 24 + top
+        digits = arr[y0 : y0 + 10 * 100, left : left + 4 * 100].mean(axis=-1)
+        assert digits.std() > 20  # the digit columns are not blank
+        mask = arr[y0 : y0 + 10 * 100, left + 4 * 100 : left + 4 * 100 + cell]
+        red = (mask[..., 0] == 255) & (mask[..., 1] < mask[..., 0] - 60)
+        assert red.any() and not red.all()  # the mask marks some pixels of the map, not all
+        diff = arr[y0 : y0 + 10 * 100, left + 5 * 100 : left + 5 * 100 + cell].mean(axis=-1)
+        assert diff.min() < 255  # SAG changed some pixels (dark on white; 2 steps change little)
 
 
 def test_demo_rejects_prompt_without_model(tmp_path):
