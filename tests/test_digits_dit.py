@@ -210,3 +210,29 @@ def test_training_script_steps3(tmp_path, monkeypatch):
     pipe = load_dit_pipeline(weights_dir=tmp_path / "a", progress=False)
     out = pipe([5, NULL], num_inference_steps=1).images
     assert out.shape == (2, 1, 32, 32) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("guidance", [3.0, 1.0], ids=["cfg", "nocfg"])
+def test_sag_exact_and_batched_run_and_change_the_output(guidance):
+    import sagfast
+
+    pipe = load_dit_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    labels = [3, 8] if guidance > 1 else [10, 10]  # without CFG: the null class, unconditional sampling
+    kwargs = dict(num_inference_steps=6, guidance_scale=guidance, output_type="latent")
+    plain = pipe(labels, latents=_noise(2), **kwargs).images
+    calls = {}
+    for mode in ("exact", "batched"):
+        sagfast.enable(pipe, scale=0.75, mode=mode)
+        recorded, handle = _record_calls(pipe.transformer)
+        try:
+            out = pipe(labels, latents=_noise(2), **kwargs).images
+        finally:
+            handle.remove()
+        calls[mode] = [batch for batch, _, _ in recorded]
+        assert torch.isfinite(out).all() and (out - plain).abs().max() > 1e-2
+    full = 4 if guidance > 1 else 2
+    assert calls["exact"] == [full, 2] * 6
+    assert calls["batched"] == [full, 2] + [full + 2] * 5  # the first step (sigma = 1) exact, then one call
+    sagfast.disable(pipe)
+    assert torch.equal(pipe(labels, latents=_noise(2), **kwargs).images, plain)
