@@ -85,6 +85,19 @@ def xformers_with_lse(q, k, v, scale: float):
     return out.transpose(1, 2), lse[:, :, : q.shape[2]].float()
 
 
+def heads_qkv(attn, hidden_states: torch.Tensor):
+    """(q, k, v as [B, H, N, D], D) of a diffusers attention layer's projections, norms applied."""
+    batch = hidden_states.shape[0]
+    query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    head_dim = key.shape[-1] // attn.heads
+    query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value, head_dim
+
+
 class SAGCaptureProcessor:
     """Self-attention processor that also records the attention mass of the guide rows: the first
     `guide` rows (an int) or the rows of `guide` (a slice).
@@ -129,17 +142,7 @@ class SAGCaptureProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value, head_dim = heads_qkv(attn, hidden_states)
 
         if self.xformers and not xformers_reasons(query):
             out, lse = xformers_with_lse(query, key, value, attn.scale)
@@ -305,15 +308,7 @@ class JointCaptureProcessor(SAGCaptureProcessor):
 
         residual = hidden_states
         batch = hidden_states.shape[0]
-        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value, head_dim = heads_qkv(attn, hidden_states)
         n_image = query.shape[2]
         if encoder_hidden_states is not None:
             eq = attn.add_q_proj(encoder_hidden_states).view(batch, -1, attn.heads, head_dim).transpose(1, 2)

@@ -12,8 +12,8 @@ degraded input.
 import pytest
 import torch
 import torch.nn.functional as F
+from components import tiny_vae
 from diffusers import (
-    AutoencoderKL,
     DDIMPipeline,
     DDIMScheduler,
     DDPMPipeline,
@@ -28,19 +28,6 @@ from diffusers.pipelines.deprecated.stable_diffusion_sag.pipeline_stable_diffusi
 
 import sagfast
 from sagfast.api import config_of, guided_call
-
-
-def tiny_vae():
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        block_out_channels=(16, 32),
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-    ).eval()
 
 
 def ddim():

@@ -16,8 +16,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from components import tiny_vae
 from diffusers import (
-    AutoencoderKL,
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
@@ -37,19 +37,6 @@ from sagfast.capture import FluxCaptureProcessor, JointCaptureProcessor, RotaryC
 from sagfast.schedule import x0_eps
 
 TXT, JOINT, POOLED = 5, 12, 10
-
-
-def tiny_vae():
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        block_out_channels=(16, 32),
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-    ).eval()
 
 
 def sd3(scheduler=None):
