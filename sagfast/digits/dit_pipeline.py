@@ -20,9 +20,9 @@ import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
-from diffusers.utils.torch_utils import randn_tensor
 
 from sagfast.digits.models import NULL_CLASS, NUM_CLASSES
+from sagfast.digits.pipeline import initial_latents
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -112,12 +112,7 @@ class DigitDiTPipeline(DiffusionPipeline):
 
         size = self.sample_size
         shape = (batch, self.transformer.config.in_channels, size, size)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        else:
-            if tuple(latents.shape) != shape:
-                raise ValueError(f"latents must have shape {shape}; got {tuple(latents.shape)}")
-            latents = latents.to(device=device, dtype=dtype)
+        latents = initial_latents(shape, latents, generator, device, dtype)
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps

@@ -24,6 +24,15 @@ from sagfast.digits.models import NUM_CLASSES, ClassEmbedding
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
+def initial_latents(shape: tuple, latents, generator, device, dtype) -> torch.Tensor:
+    """The initial noise of a digit pipeline: `latents` checked against `shape`, else drawn."""
+    if latents is None:
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+    if tuple(latents.shape) != shape:
+        raise ValueError(f"latents must have shape {shape}; got {tuple(latents.shape)}")
+    return latents.to(device=device, dtype=dtype)
+
+
 @dataclass
 class DigitPipelineOutput(BaseOutput):
     """`images`: a list of PIL "L" images, a [B, 32, 32, 1] numpy array or a [B, 1, 32, 32] tensor in
@@ -109,12 +118,7 @@ class DigitDiffusionPipeline(DiffusionPipeline):
 
         size = self.sample_size
         shape = (batch, self.unet.config.in_channels, size, size)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        else:
-            if tuple(latents.shape) != shape:
-                raise ValueError(f"latents must have shape {shape}; got {tuple(latents.shape)}")
-            latents = latents.to(device=device, dtype=dtype)
+        latents = initial_latents(shape, latents, generator, device, dtype)
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
