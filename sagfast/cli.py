@@ -1,6 +1,6 @@
 """The `sagfast` command.
 
-    sagfast demo [--out sag_demo.png] [--steps 20]
+    sagfast demo [--out sag_demo.png] [--steps 15]
         The two embedded digit models, one panel each (the UNet, then the flow-matching DiT): a
         labelled grid, rows the digits 0-9, columns no guidance, CFG, CFG + SAG (exact), CFG + SAG
         (batched), then where SAG acts: the mask SAG blurs at the middle step (red, over the exact
@@ -197,7 +197,7 @@ def _digit_panel(model: str, steps, samples, guidance, sag_scale, seed, schedule
 
 def demo_digits(
     out: str,
-    steps: int = 20,
+    steps: int = 15,
     samples: int = 1,
     guidance: float = 3.0,
     sag_scale: float = 0.75,
@@ -344,7 +344,7 @@ def _demo(p, args) -> None:
             p.error("--prompt needs --model DIR (the digit model takes no prompt)")
         demo_digits(
             args.out,
-            steps=args.steps or 20,
+            steps=args.steps or 15,
             samples=args.samples,
             guidance=args.guidance or 3.0,
             sag_scale=args.sag_scale,
@@ -364,7 +364,7 @@ def main(argv=None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     d.add_argument("--out", default="sag_demo.png", help="PNG path (default: sag_demo.png)")
-    d.add_argument("--steps", type=int, help="denoising steps (default: 20 digits, 25 SD)")
+    d.add_argument("--steps", type=int, help="denoising steps (default: 15 digits, 25 SD)")
     d.add_argument("--guidance", type=float, help="CFG scale (default: 3 digits, 7.5 SD)")
     d.add_argument("--sag-scale", type=float, default=0.75, help="SAG scale (default 0.75)")
     d.add_argument("--seed", type=int, default=0)

@@ -222,12 +222,29 @@ def test_quality_benchmark_smoke(tmp_path):
     record = run(out_dir=tmp_path, n=20, steps=2, scales=(0.5,), sag_only_scales=(0.5,), batch=20, log=lambda *a: None)
     keys = [r["key"] for r in record["rows"]]
     assert keys[:3] == ["real", "none", "cfg"] and "sag_only_0.5" in keys and "cfg_sag_exact_0.5" in keys
+    assert "uncond" in keys and "uncond_sag_0.5" in keys
     for r in record["rows"]:
-        assert np.isfinite(r["fid"]) and r["fid"] >= 0 and 0 <= r["accuracy"] <= 1
+        assert np.isfinite(r["fid"]) and r["fid"] >= 0 and 0 <= r["confident"] <= 1
+        if r["key"].startswith("uncond"):  # no digit requested: accuracy blank
+            assert r["accuracy"] is None
+        else:
+            assert 0 <= r["accuracy"] <= 1
     saved = json.loads((tmp_path / "quality.json").read_text())
-    assert saved["rows"] == record["rows"]
+    assert saved["rows"] == record["rows"] and saved["model"] == "unet"
     assert Image.open(tmp_path / "quality.png").size[0] > 100
-    assert "| CFG + SAG exact |" in (tmp_path / "quality.md").read_text()
+    md = (tmp_path / "quality.md").read_text()
+    assert "| CFG + SAG exact |" in md and "| unconditional + SAG (exact) |" in md
+
+
+def test_quality_benchmark_dit_unconditional_smoke(tmp_path):
+    from bench.quality import run
+
+    record = run(out_dir=tmp_path, model="dit", rows="uncond", n=10, steps=2, scales=(0.5,), batch=10, log=lambda *a: None)
+    assert [r["key"] for r in record["rows"]] == ["real", "uncond", "uncond_sag_0.5"]
+    assert record["scheduler"] == "FlowMatchEulerDiscreteScheduler"
+    assert all(np.isfinite(r["fid"]) for r in record["rows"])
+    assert json.loads((tmp_path / "quality_dit.json").read_text())["model"] == "dit"
+    assert (tmp_path / "quality_dit.md").exists() and (tmp_path / "quality_dit.png").exists()
 
 
 def test_demo_with_stable_diffusion_folder(tmp_path, monkeypatch):
