@@ -29,8 +29,16 @@ class Family:
         """Whether `pipeline_class` is one of this family's pipelines (or a subclass of one)."""
         return any(cls.__name__ in self.pipelines for cls in pipeline_class.__mro__)
 
+    model_class: str = ""
+    """The class name of the denoiser this family knows (a subclass of it is accepted)."""
+
     def problems(self, pipe) -> list[str]:
-        """Why this family cannot guide `pipe` as it is (empty when it can)."""
+        """Why this family cannot guide `pipe` as it is (empty when it can): by default, a denoiser
+        that is not a `model_class` (a torch.compile'd one is checked through `_orig_mod`)."""
+        model = getattr(pipe, self.attribute, None)
+        model = getattr(model, "_orig_mod", model)
+        if not any(cls.__name__ == self.model_class for cls in type(model).__mro__):
+            return [f"its `{self.attribute}` is a {type(model).__name__}, not a {self.model_class}"]
         return []
 
     def check_scheduler(self, scheduler) -> None:

@@ -17,6 +17,7 @@ from sagfast.families.base import PatchTransformerFamily
 class DiTFamily(PatchTransformerFamily):
     name = "DiT"
     pipelines = ("DiTPipeline",)
+    model_class = "DiTTransformer2DModel"
 
     def guide_chunk(self, chunks: int) -> int:
         return chunks - 1  # [cond, uncond]: the guide branch is uncond, the last chunk
@@ -29,3 +30,4 @@ class DigitDiTFamily(PatchTransformerFamily):
 
     name = "digit DiT"
     pipelines = ("DigitDiTPipeline",)
+    model_class = "DiTTransformer2DModel"

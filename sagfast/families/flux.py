@@ -91,14 +91,15 @@ def double_stream_layers(model) -> list[str]:
 class FluxFamily(Family):
     name = "Flux"
     attribute = "transformer"
+    model_class = "FluxTransformer2DModel"
     pipelines = ("FluxPipeline",)
     sample_argument = "hidden_states"
 
     def problems(self, pipe) -> list[str]:
-        model = getattr(pipe, "transformer", None)
-        model = getattr(model, "_orig_mod", model)
-        if type(model).__name__ != "FluxTransformer2DModel":
-            return [f"its `transformer` is a {type(model).__name__}, not a FluxTransformer2DModel"]
+        problems = super().problems(pipe)
+        if problems:
+            return problems
+        model = getattr(pipe.transformer, "_orig_mod", pipe.transformer)
         if model.config.patch_size != 1 or model.config.in_channels % 4:
             return [
                 f"its transformer takes patch_size={model.config.patch_size}, in_channels={model.config.in_channels}; "

@@ -16,3 +16,4 @@ from sagfast.families.base import PatchTransformerFamily
 class PixArtFamily(PatchTransformerFamily):
     name = "PixArt"
     pipelines = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
+    model_class = "PixArtTransformer2DModel"

@@ -26,15 +26,9 @@ from sagfast.families.base import Family, transformer_block_layer
 class SD3Family(Family):
     name = "Stable Diffusion 3"
     attribute = "transformer"
+    model_class = "SD3Transformer2DModel"
     pipelines = ("StableDiffusion3Pipeline",)
     sample_argument = "hidden_states"
-
-    def problems(self, pipe) -> list[str]:
-        model = getattr(pipe, "transformer", None)
-        model = getattr(model, "_orig_mod", model)
-        if type(model).__name__ != "SD3Transformer2DModel":
-            return [f"its `transformer` is a {type(model).__name__}, not an SD3Transformer2DModel"]
-        return []
 
     def cfg_chunks(self, pipe, arguments: dict) -> int:
         if arguments.get("skip_guidance_layers") is not None:

@@ -9,7 +9,7 @@ Transformer2DModel that holds it.
 from __future__ import annotations
 
 from diffusers.models.attention_processor import Attention
-from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel, UNet2DConditionOutput
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from sagfast.families.base import Family, layer_error
 
@@ -19,6 +19,7 @@ MID_LAYER = "mid_block.attentions.0.transformer_blocks.0.attn1"
 class UNetFamily(Family):
     name = "Stable Diffusion UNet"
     attribute = "unet"
+    model_class = "UNet2DConditionModel"
     pipelines = (
         "StableDiffusionPipeline",
         "StableDiffusionImg2ImgPipeline",
@@ -34,13 +35,6 @@ class UNetFamily(Family):
         "StableDiffusionXLControlNetInpaintPipeline",
         "DigitDiffusionPipeline",
     )
-
-    def problems(self, pipe) -> list[str]:
-        model = getattr(pipe, "unet", None)
-        model = getattr(model, "_orig_mod", model)  # a torch.compile'd UNet
-        if not isinstance(model, UNet2DConditionModel):
-            return [f"its `unet` is a {type(model).__name__}, not a UNet2DConditionModel"]
-        return []
 
     def resolve_layer(self, model, layers: str):
         model = getattr(model, "_orig_mod", model)

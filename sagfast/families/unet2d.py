@@ -9,7 +9,7 @@ on the 4-D feature map: the map's (h, w) is its own input's.
 from __future__ import annotations
 
 from diffusers.models.attention_processor import Attention
-from diffusers.models.unets.unet_2d import UNet2DModel, UNet2DOutput
+from diffusers.models.unets.unet_2d import UNet2DOutput
 
 from sagfast.families.base import Family, layer_error
 
@@ -19,14 +19,8 @@ MID_LAYER = "mid_block.attentions.0"
 class UnconditionalUNetFamily(Family):
     name = "unconditional UNet"
     attribute = "unet"
+    model_class = "UNet2DModel"
     pipelines = ("DDPMPipeline", "DDIMPipeline", "LDMPipeline")
-
-    def problems(self, pipe) -> list[str]:
-        model = getattr(pipe, "unet", None)
-        model = getattr(model, "_orig_mod", model)
-        if not isinstance(model, UNet2DModel):
-            return [f"its `unet` is a {type(model).__name__}, not a UNet2DModel"]
-        return []
 
     def cfg_chunks(self, pipe, arguments: dict) -> int:
         return 1
