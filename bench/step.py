@@ -27,7 +27,7 @@ import torch
 
 import sagfast
 from bench import common, models
-from sagfast.denoiser import slice_batch
+from sagfast.batch import slice_batch
 
 LABELS = {
     "cfg": "(a) CFG only",

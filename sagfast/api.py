@@ -2,7 +2,8 @@
 
 `enable(pipe)` keeps `pipe.unet` the user's own model object. It checks everything first, then:
 
-1. installs the capture on the model once (a dormant processor switch and a map hook, sagfast.capture),
+1. installs the capture on the model once (a dormant processor switch on the capture layer and on
+   PAG's layers, and a map hook, sagfast.capture),
 2. stores the SAGConfig in the pipeline (`pipe.__dict__`, plain data: it copies and pickles), and
 3. gives the pipeline a subclass of its own class, with the same name, whose `__call__` runs the call
    as a `GuidedCall` (sagfast.denoiser) and whose denoiser attribute (`unet`) is the call's guided
@@ -70,7 +71,7 @@ def guided_call(pipe, config: SAGConfig, arguments: dict | None = None):
     model = call.model
     with _LOCK:
         # Again at each call: a processor set since `enable` (set_attn_processor) is wrapped anew.
-        capture.install(call.capture.attn, call.capture.owner)
+        capture.install(call.capture.attn, call.capture.owner, call.capture.perturbed)
         _RUNNING[id(model)] = _RUNNING.get(id(model), 0) + 1
     call_token = ACTIVE_CALL.set(call)
     capture_token = capture.ACTIVE.set(call.capture)
@@ -182,8 +183,9 @@ def enable(pipe, config: SAGConfig | None = None, **overrides):
         raise ValueError(f"{type(pipe).__name__} has no scheduler")
     family.check_scheduler(scheduler)
     _, attn, owner, _ = family.resolve_layer(model, config.layers)
+    perturbed = family.pag_layers(model, config.pag_layers) if config.pag_scale > 0 else ()
     with _LOCK:
-        capture.install(attn, owner)
+        capture.install(attn, owner, perturbed)
         pipe.__dict__[CONFIG_KEY] = config
         if not isinstance(pipe, GuidedPipelineMixin):
             pipe.__class__ = guided_class(type(pipe))

@@ -28,6 +28,7 @@ from diffusers.models.attention_processor import Attention
 
 from sagfast.ops import attention_mass
 from sagfast.ops.mask import to_map
+from sagfast.perturb import split_rows
 
 
 def lse_chunked(q, k, scale):
@@ -202,6 +203,15 @@ class Capture:
         self.armed = False
         self.processor = None
         self.hw = None
+        self.perturbed = frozenset()
+        """PAG: the attention modules this call perturbs (its `pag_layers`)."""
+        self.perturb_processor = None
+        """PAG: the family's perturbed attention (sagfast.perturb), with a processor's signature."""
+        self.perturb_rows = None
+        """PAG: the batch rows of the running model call that are perturbed, or None."""
+
+    def perturbs(self, attn) -> bool:
+        return self.perturb_rows is not None and attn in self.perturbed
 
     def arm(self, guide_rows: slice, record_mass: bool, hw=None) -> None:
         """Before the main pass: record (h, w) (unless the call's inputs gave it: `hw`), and the mass
@@ -234,6 +244,25 @@ class CaptureSwitch:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         capture = ACTIVE.get()
+        if capture is not None and capture.perturbs(attn):
+            # PAG's perturbed rows through the family's perturbed attention, the others as below.
+            return split_rows(
+                capture.perturb_rows,
+                self.plain,
+                capture.perturb_processor,
+                attn,
+                hidden_states,
+                encoder_hidden_states,
+                attention_mask,
+                temb,
+                *args,
+                **kwargs,
+            )
+        return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+
+    def plain(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        """The layer's unperturbed rows: the armed call's capture processor, else the wrapped one."""
+        capture = ACTIVE.get()
         if capture is not None and capture.armed and capture.attn is attn and capture.processor is not None:
             return capture.processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         if temb is not None:
@@ -252,11 +281,12 @@ class MapHook:
                 capture.hw = tuple(hidden.shape[-2:])
 
 
-def install(attn: Attention, owner: torch.nn.Module) -> None:
-    """Put the switch on `attn` and the map hook on `owner`, unless they are there already (a
-    processor set since, by `set_attn_processor` say, is wrapped anew)."""
-    if not isinstance(attn.processor, CaptureSwitch):
-        attn.set_processor(switch_for(attn)(attn.processor))
+def install(attn: Attention, owner: torch.nn.Module, perturbed=()) -> None:
+    """Put the switch on `attn` and on the PAG layers `perturbed` and the map hook on `owner`, unless
+    they are there already (a processor set since, by `set_attn_processor` say, is wrapped anew)."""
+    for layer in (attn, *perturbed):
+        if not isinstance(layer.processor, CaptureSwitch):
+            layer.set_processor(switch_for(layer)(layer.processor))
     if not any(isinstance(h, MapHook) for h in owner._forward_pre_hooks.values()):
         owner.register_forward_pre_hook(MapHook(), with_kwargs=True)
 

@@ -11,6 +11,8 @@ import torch
 MODES = ("exact", "batched")
 BACKENDS = ("auto", "triton", "cpp", "torch")
 MASKS = ("attention", "global", "random")
+PAG_PASSES = ("main", "degraded")
+FULL = (0.0, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +69,42 @@ class SAGConfig:
     random_mask_ratio: float = 0.4
     """Fraction of map pixels blurred when mask="random"."""
 
+    pag_scale: float = 0.0
+    """Perturbed-Attention Guidance (Ahn et al. 2024) scale `s_pag` in `+ s_pag * (o_cond - o_perturbed)`:
+    the perturbed pass runs the conditional rows with the self-attention of `pag_layers` replaced by
+    the identity. 0 (the default) is off; diffusers' PAG pipelines default to 3.0. `scale=0,
+    pag_scale=3.0` is PAG alone. Costs B more rows per step (in the main call, or the degraded one:
+    `exact_pag_pass`)."""
+
+    pag_layers: tuple = ("mid",)
+    """Where PAG perturbs: diffusers' `pag_applied_layers` identifiers, matched against the names of the
+    model's self-attention layers exactly as diffusers matches them (a regular-expression search in
+    each name: "mid", "down_blocks.1", "up_blocks.0.attentions.0", "transformer_blocks.1"; note that
+    "transformer_blocks.1" also finds "transformer_blocks.10", in diffusers too). A string is one
+    identifier. Checked when a pipeline is enabled with pag_scale > 0."""
+
+    pag_adaptive_scale: float = 0.0
+    """diffusers' adaptive PAG: the scale at timestep t is `max(pag_scale - pag_adaptive_scale * (1000 - t), 0)`,
+    so PAG fades out as t falls (and its pass is skipped once the scale reaches 0). 0: constant."""
+
+    exact_pag_pass: str = "main"
+    """Where the perturbed rows go in exact mode when SAG and PAG are both on (two calls a step either
+    way): "main" runs [main batch, perturbed] then [degraded] (3B then B rows), "degraded" runs [main
+    batch] then [degraded, perturbed] (2B then 2B: a lower activation peak, and the second call is no
+    longer a small one). bench `step` measures both."""
+
+    cfg_interval: tuple = (0.0, 1.0)
+    """Guidance interval of CFG (Kynkaanniemi et al. 2024) as fractions of the call's denoising steps:
+    step i of N is guided when `start <= i / N < stop`. Outside it only the conditional rows are run
+    and returned for both CFG halves, so the pipeline's CFG line gives the conditional prediction at
+    half the batch."""
+
+    sag_interval: tuple = (0.0, 1.0)
+    """Steps with SAG (as `cfg_interval`); outside it no degraded rows are run."""
+
+    pag_interval: tuple = (0.0, 1.0)
+    """Steps with PAG (as `cfg_interval`); outside it no perturbed rows are run."""
+
     def __post_init__(self):
         problems = []
         # Numbers arrive from JSON bodies, numpy and torch: any real number (a 0-d tensor included) is
@@ -87,6 +125,27 @@ class SAGConfig:
                 problems.append(f"{name} {why}, got {getattr(self, name)!r}")
             else:
                 object.__setattr__(self, name, value)
+        for name in ("pag_scale", "pag_adaptive_scale"):
+            value, why = _real(getattr(self, name))
+            if why is None and value < 0:
+                why = "must be >= 0"
+            if why is not None:
+                problems.append(f"{name} {why}, got {getattr(self, name)!r}")
+            else:
+                object.__setattr__(self, name, value)
+        for name in ("cfg_interval", "sag_interval", "pag_interval"):
+            interval, why = _interval(getattr(self, name))
+            if why is not None:
+                problems.append(f"{name} {why}, got {getattr(self, name)!r}")
+            else:
+                object.__setattr__(self, name, interval)
+        layers = (self.pag_layers,) if isinstance(self.pag_layers, str) else self.pag_layers
+        if isinstance(layers, (list, tuple)) and layers and all(isinstance(x, str) and x for x in layers):
+            object.__setattr__(self, "pag_layers", tuple(layers))
+        else:
+            problems.append(f'pag_layers must be a non-empty string or list of strings ("mid", "up_blocks.0"), got {self.pag_layers!r}')
+        if self.exact_pag_pass not in PAG_PASSES:
+            problems.append(f"exact_pag_pass must be one of {PAG_PASSES}, got {self.exact_pag_pass!r}")
         if self.mode not in MODES:
             problems.append(f"mode must be one of {MODES}, got {self.mode!r}")
         k = self.blur_kernel_size
@@ -105,6 +164,22 @@ class SAGConfig:
         if problems:
             raise ValueError("invalid SAGConfig: " + "; ".join(problems))
 
+    def pag_scale_at(self, timestep: float) -> float:
+        """PAG's scale at `timestep` (diffusers' adaptive rule when `pag_adaptive_scale` > 0)."""
+        if self.pag_adaptive_scale == 0:
+            return self.pag_scale
+        return max(self.pag_scale - self.pag_adaptive_scale * (1000 - timestep), 0.0)
+
+    @property
+    def has_intervals(self) -> bool:
+        """Whether any term is limited to part of the steps (the step index must then be known)."""
+        return any(i != FULL for i in (self.cfg_interval, self.sag_interval, self.pag_interval))
+
+    @property
+    def guides(self) -> bool:
+        """Whether this config changes anything at all (else the model is called as it is)."""
+        return self.scale > 0 or self.pag_scale > 0 or self.cfg_interval != FULL
+
 
 def _real(value) -> tuple:
     """(value as a finite Python float, None), or (None, why it is not one)."""
@@ -118,3 +193,15 @@ def _real(value) -> tuple:
     if not math.isfinite(value):
         return None, "must be finite"
     return value, None
+
+
+def _interval(value) -> tuple:
+    """((start, stop) as Python floats, None), or (None, why it is not a guidance interval)."""
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        return None, "must be (start, stop), two fractions of the denoising steps"
+    (start, why_start), (stop, why_stop) = _real(value[0]), _real(value[1])
+    if why_start or why_stop:
+        return None, f"start and stop {why_start or why_stop}"
+    if not 0.0 <= start <= stop <= 1.0:
+        return None, "must have 0 <= start <= stop <= 1"
+    return (start, stop), None

@@ -26,33 +26,12 @@ import inspect
 import torch
 
 from sagfast import ops
+from sagfast.batch import gather_batch, slice_batch
 from sagfast.capture import Capture
 from sagfast.config import SAGConfig
 from sagfast.cuda_graph import graphs_of
 from sagfast.ops.degrade import check_blur_size
-from sagfast.schedule import Noise, noise_of, prediction_of, x0_eps
-
-
-def _map_batched(value, full: int, fn):
-    """`value` (tensors in nested dicts, lists, tuples) with `fn` applied to every tensor whose batch
-    dim is `full`; everything else (scalars, unbatched tensors) as it is."""
-    if torch.is_tensor(value):
-        return fn(value) if value.dim() >= 1 and value.shape[0] == full else value
-    if isinstance(value, dict):
-        return {k: _map_batched(v, full, fn) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_map_batched(v, full, fn) for v in value)
-    return value
-
-
-def slice_batch(value, full: int, rows: slice):
-    """`value` with every tensor whose batch dim is `full` cut to its rows `rows`."""
-    return _map_batched(value, full, lambda t: t[rows])
-
-
-def extend_batch(value, full: int, rows: slice):
-    """`value` with every tensor whose batch dim is `full` followed by its own rows `rows`."""
-    return _map_batched(value, full, lambda t: torch.cat([t, t[rows]]))
+from sagfast.schedule import Noise, evaluation_index, noise_of, prediction_of, x0_eps
 
 
 @dataclasses.dataclass
@@ -70,9 +49,20 @@ class Step:
     b: int
     guide: slice
     """The guide branch's rows of the batch: uncond under CFG, else cond."""
+    cond: slice
+    """The conditional branch's rows (what PAG perturbs)."""
     noise: Noise
     prediction_type: str
     state_key: tuple
+    sag: bool
+    """Whether this step runs SAG's degraded rows."""
+    pag_scale: float | torch.Tensor
+    """PAG's scale at this step; 0 when this step runs no perturbed rows. A 0-d tensor in a CUDA graph
+    of adaptive PAG (one graph serves every step's scale)."""
+
+    @property
+    def pag(self) -> bool:
+        return torch.is_tensor(self.pag_scale) or self.pag_scale > 0
 
     @property
     def full(self) -> int:
@@ -87,8 +77,8 @@ def predicted_channels(o: torch.Tensor, sample: torch.Tensor) -> int:
 
 class GuidedCall:
     """One call of an enabled pipeline: its config, the call's arguments (defaults applied), capture
-    and state. Made when the call starts (the scheduler and the capture layer are checked then, once),
-    dropped when it ends."""
+    and state. Made when the call starts (the scheduler, the capture layer and the PAG layers are
+    checked then, once), dropped when it ends."""
 
     def __init__(self, pipe, config: SAGConfig, family, arguments: dict):
         self.pipe = pipe
@@ -99,34 +89,76 @@ class GuidedCall:
         self.arguments = arguments
         self.layer_name, attn, owner, patch = family.resolve_layer(self.model, config.layers)
         self.capture = Capture(attn, owner, patch, config.backend, config.threshold, family.capture_processor)
+        if config.pag_scale > 0:
+            self.capture.perturbed = frozenset(family.pag_layers(self.model, config.pag_layers))
+            self.capture.perturb_processor = family.perturbed_attention
         self.seed = _seed_of(arguments.get("generator"))
         self.generator = None
         self.previous: dict = {}  # batched mode, eager: state key -> Previous
-        self.seen: set = set()  # state keys this call has evaluated (batched mode starts exact)
+        self.last_sag = None
+        """Batched mode: the state key of the previous evaluation when it ran SAG (its eps and mask are
+        then this step's eps_prev and mask), else None: the next SAG step is exact."""
+        self.first_index = None
+        """Where the call's first evaluation is in the scheduler's timesteps (img2img starts mid-way)."""
         self.last_mask = None
         """The [guide rows, h, w] mask of the latest main pass (what the demo draws)."""
         self.graphs = graphs_of(self.model) if config.cuda_graph else None
         self.denoiser = GuidedDenoiser(self)
 
+    def fraction(self, timestep) -> float:
+        """i / N for this evaluation: step i of the N steps this call runs, counted as diffusers' guiders
+        count them (both evaluations of a Heun-type step are that step)."""
+        scheduler = self.pipe.scheduler
+        index = evaluation_index(scheduler, timestep)
+        if self.first_index is None:
+            self.first_index = index
+        order = max(1, int(getattr(scheduler, "order", 1)))
+        steps = max(1, -(-(len(scheduler.timesteps) - self.first_index) // order))
+        return ((index - self.first_index) // order) / steps
+
     def step(self, call: dict) -> torch.Tensor:
-        cfg, pipe = self.config, self.pipe
-        sample = call.pop(self.family.sample_argument)
-        chunks = self.family.cfg_chunks(pipe, self.arguments)
+        """The guided prediction for one model call of the pipeline (`call`: the model's arguments)."""
+        cfg, fam = self.config, self.family
+        sample = call.pop(fam.sample_argument)
+        chunks = fam.cfg_chunks(self.pipe, self.arguments)
         full = sample.shape[0]
         if full % chunks:
             raise ValueError(f"CFG is on but the model input batch {full} is not [uncond, cond] (odd size)")
         b = full // chunks
-        g = self.family.guide_chunk(chunks) * b
-        scheduler = pipe.scheduler
-        noise = noise_of(scheduler, call[self.family.timestep_argument], b, sample.device)
-        image = self.family.to_image(sample, call)
-        check_blur_size(image.shape[-2], image.shape[-1], cfg.blur_kernel_size)
+        timestep = call[fam.timestep_argument]
+        f = self.fraction(timestep) if cfg.has_intervals else 0.0
+        pag_scale = 0.0
+        if cfg.pag_scale > 0 and _within(cfg.pag_interval, f):
+            pag_scale = cfg.pag_scale_at(_first(timestep)) if cfg.pag_adaptive_scale else cfg.pag_scale
+        sag = cfg.scale > 0 and _within(cfg.sag_interval, f)
+        if chunks == 2 and not _within(cfg.cfg_interval, f):
+            # CFG outside its interval: the cond rows alone, returned for both halves, so that the
+            # pipeline's CFG line o_u + g * (o_c - o_u) gives the guided cond prediction.
+            rows = slice(fam.cond_chunk(2) * b, fam.cond_chunk(2) * b + b)
+            out = self.guided_rows(sample[rows], slice_batch(call, full, rows), 1, sag, pag_scale)
+            return torch.cat([out, out])
+        return self.guided_rows(sample, call, chunks, sag, pag_scale)
+
+    def guided_rows(self, sample, call: dict, chunks: int, sag: bool, pag_scale: float) -> torch.Tensor:
+        """The guided prediction of a batch of `chunks` CFG chunks with the terms this step runs."""
+        cfg, fam = self.config, self.family
+        if not sag and not pag_scale > 0:
+            self.last_sag = None
+            return self.model(sample, **call, return_dict=False)[0]
+        full = sample.shape[0]
+        b = full // chunks
+        g, c = fam.guide_chunk(chunks) * b, fam.cond_chunk(chunks) * b
+        scheduler = self.pipe.scheduler
+        noise = noise_of(scheduler, call[fam.timestep_argument], b, sample.device)
+        if sag:
+            image = fam.to_image(sample, call)
+            check_blur_size(image.shape[-2], image.shape[-1], cfg.blur_kernel_size)
         state_key = (tuple(sample.shape), sample.dtype, sample.device, chunks)
         store = self.graphs.state if self.graphs is not None else self.previous
-        batched = cfg.mode == "batched" and state_key in self.seen and state_key in store
-        self.seen.add(state_key)
+        batched = cfg.mode == "batched" and sag and self.last_sag == state_key and state_key in store
+        self.last_sag = state_key if sag else None
         variant = "batched" if batched else "exact"
-        step = Step(sample, call, b, slice(g, g + b), noise, prediction_of(scheduler), state_key)
+        step = Step(sample, call, b, slice(g, g + b), slice(c, c + b), noise, prediction_of(scheduler), state_key, sag, pag_scale)
         out = None
         if self.graphs is not None:
             out = self._graphed(variant, step, store)
@@ -143,7 +175,7 @@ class GuidedCall:
         why = []
         if step.sample.device.type != "cuda":
             why.append(f"CUDA graphs need CUDA tensors, got {step.sample.device.type}")
-        if self.config.mask == "random":
+        if self.config.mask == "random" and step.sag:
             why.append('mask="random" draws from a generator the graph does not own')
         if why:
             self.graphs.clear()  # e.g. the pipeline moved to the CPU: free the GPU memory of its graphs
@@ -153,42 +185,53 @@ class GuidedCall:
         inputs, state = self.graph_inputs(step, store)
 
         def fn(inp):
-            s = dataclasses.replace(step, sample=inp["sample"], call=inp["call"], noise=Noise(*inp["noise"]))
+            s = dataclasses.replace(step, sample=inp["sample"], call=inp["call"], noise=Noise(*inp["noise"]), pag_scale=inp["pag_scale"])
             return self.run_step(variant, s, store)
 
         return self.graphs.run(self.graph_variant(variant, step), fn, inputs, state)
 
     def graph_variant(self, variant: str, step: Step) -> tuple:
-        """What a graph of this step bakes in besides its inputs: the config, CFG, the prediction type, and
-        the map size where the call's inputs give it (Flux: token grids 4x8 and 8x4 pack to one shape)."""
+        """What a graph of this step bakes in besides its inputs: the config, the terms the step runs,
+        CFG, the prediction type, and the map size where the call's inputs give it (Flux: token grids
+        4x8 and 8x4 pack to one shape)."""
         guide = (step.guide.start, step.guide.stop)  # a slice is unhashable before Python 3.12
-        return (variant, self.config, step.state_key[-1], guide, step.prediction_type, self.family.map_size(step.call))
+        terms = (step.sag, step.pag)
+        return (variant, terms, self.config, step.state_key[-1], guide, step.prediction_type, self.family.map_size(step.call))
 
     def graph_inputs(self, step: Step, store: dict):
         """(inputs, state) of the graphed step: what is copied into static buffers before each replay,
         and the persistent batched-mode buffers the step reads and writes in place."""
-        # The timestep enters the graph as a device tensor, so one graph serves every step.
-        call = dict(step.call, timestep=torch.as_tensor(step.call["timestep"], device=step.sample.device))
+        device = step.sample.device
+        # The timestep enters the graph as a device tensor, so one graph serves every step; so does an
+        # adaptive PAG scale (a constant one is part of the config the graph is keyed by).
+        call = dict(step.call, timestep=torch.as_tensor(step.call["timestep"], device=device))
+        pag_scale = step.pag_scale
+        if self.config.pag_adaptive_scale and step.pag:
+            pag_scale = torch.as_tensor(pag_scale, dtype=torch.float32, device=device)
         n = step.noise
-        inputs = {"sample": step.sample, "call": call, "noise": (n.a, n.b, n.abar, n.scale)}
+        inputs = {"sample": step.sample, "call": call, "noise": (n.a, n.b, n.abar, n.scale), "pag_scale": pag_scale}
         previous = store.get(step.state_key)
-        return inputs, ((previous.eps, previous.mask) if previous is not None else ())
+        return inputs, ((previous.eps, previous.mask) if previous is not None and step.sag else ())
 
     def _exact_step(self, step: Step, store: dict) -> torch.Tensor:
-        """Main pass, then the degraded pass built from this step's own eps and mask."""
+        """Main pass, then (SAG) the degraded pass built from this step's own eps and mask. PAG's
+        perturbed rows go with the main pass, or with the degraded one (`exact_pag_pass`)."""
         fam, guide = self.family, step.guide
-        o, mask = self._main_pass(step.sample, step.call, guide)
+        late_pag = step.pag and step.sag and self.config.exact_pag_pass == "degraded"
+        out = self._pass(step, main=True, perturbed=step.pag and not late_pag)
+        o = out["main"]
         image, o_image = fam.to_image(step.sample, step.call), fam.to_image(o, step.call)
         c = predicted_channels(o_image, image)
-        x0, eps = x0_eps(image[guide, :c], o_image[guide, :c], step.noise, step.prediction_type)
-        xd = self._model_input(self._degrade(x0, mask, eps, step.noise), image[guide], step)
-        o_deg = self.model(xd, **slice_batch(step.call, step.full, guide), return_dict=False)[0]
-        self._remember(step, store, eps, mask)
-        return self._combine(o, o_deg, guide, c if o_image is o else None)
+        if step.sag:
+            x0, eps = x0_eps(image[guide, :c], o_image[guide, :c], step.noise, step.prediction_type)
+            xd = self._model_input(self._degrade(x0, out["mask"], eps, step.noise), image[guide], step)
+            out.update(self._pass(step, degraded=xd, perturbed=late_pag))
+            self._remember(step, store, eps, out["mask"])
+        return self._combine(o, out.get("degraded"), out.get("perturbed"), step, c if o_image is o else None)
 
     def _batched_step(self, step: Step, previous: Previous, store: dict) -> torch.Tensor:
-        """One model call on [main batch, degraded], the degraded input built from the current x and the
-        previous evaluation's eps and mask (docs/design.md, "One call per step"):
+        """One model call on [main batch, perturbed (PAG), degraded], the degraded input built from the
+        current x and the previous evaluation's eps and mask (docs/design.md, "One call per step"):
 
             x0' = (x - b * eps_prev) / a
             xd  = a * Degrade(x0'; M_prev) + b * eps_prev  =  x - a * M_prev * (x0' - Blur(x0'))
@@ -196,7 +239,7 @@ class GuidedCall:
         which is the exact-mode input whenever eps_prev equals this step's eps. Where a = 0 (flow
         matching's first step, sigma = 1) it is x itself: no division by zero is taken.
         """
-        fam, guide, full, noise = self.family, step.guide, step.full, step.noise
+        fam, guide, noise = self.family, step.guide, step.noise
         image = fam.to_image(step.sample, step.call)
         c = previous.eps.shape[1]
         x = image[guide, :c]
@@ -204,13 +247,65 @@ class GuidedCall:
         safe = Noise(torch.where(noise.a > 0, noise.a, torch.ones_like(noise.a)), noise.b, noise.abar, noise.scale)
         x0_prev, _ = x0_eps(x, previous.eps, safe, "epsilon")  # eps is eps whatever the model predicts
         xd = torch.where(a > 0, self._degrade(x0_prev, previous.mask, previous.eps, noise), x.float())
-        batch = torch.cat([step.sample, self._model_input(xd, image[guide], step)])
-        o_all, mask = self._main_pass(batch, extend_batch(step.call, full, guide), guide)
-        o, o_deg = o_all[:full], o_all[full:]
+        out = self._pass(step, main=True, perturbed=step.pag, degraded=self._model_input(xd, image[guide], step))
+        o = out["main"]
         o_image = fam.to_image(o, step.call)
         _, eps = x0_eps(x, o_image[guide, :c], noise, step.prediction_type)
-        self._remember(step, store, eps, mask)
-        return self._combine(o, o_deg, guide, c if o_image is o else None)
+        self._remember(step, store, eps, out["mask"])
+        return self._combine(o, out["degraded"], out.get("perturbed"), step, c if o_image is o else None)
+
+    def _pass(self, step: Step, main: bool = False, perturbed: bool = False, degraded: torch.Tensor | None = None) -> dict:
+        """One model call on the rows [main batch][perturbed: the cond rows, PAG's layers perturbed]
+        [degraded: SAG's input, with the guide rows' conditioning]. Returns each part's output by name,
+        and with the main batch (SAG on) the [guide rows, h, w] mask as "mask"."""
+        parts, inputs, rows = [], [], []
+        if main:
+            parts.append(("main", step.full))
+            inputs.append(step.sample)
+            rows.append(slice(None))
+        if perturbed:
+            parts.append(("perturbed", step.b))
+            inputs.append(step.sample[step.cond])
+            rows.append(step.cond)
+        if degraded is not None:
+            parts.append(("degraded", step.b))
+            inputs.append(degraded)
+            rows.append(step.guide)
+        sample = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
+        call = gather_batch(step.call, step.full, rows)
+        capture, cfg = self.capture, self.config
+        if main and step.sag:
+            capture.arm(
+                step.guide, record_mass=cfg.mask == "attention", hw=self.family.map_size(step.call)
+            )  # the ablation's masks read no map
+        if perturbed:
+            start = step.full if main else 0
+            capture.perturb_rows = slice(start, start + step.b)
+        try:
+            o = self.model(sample, **call, return_dict=False)[0]
+        finally:
+            capture.disarm()
+            capture.perturb_rows = None
+        out, at = {}, 0
+        for name, n in parts:
+            out[name] = o[at : at + n] if len(parts) > 1 else o
+            at += n
+        if main and step.sag:
+            out["mask"] = self._mask(step)
+        return out
+
+    def _mask(self, step: Step) -> torch.Tensor:
+        """[guide rows, h, w] bool: the rows' SAG mask after a main pass (attention, global or random)."""
+        cfg, capture, device = self.config, self.capture, step.sample.device
+        if cfg.mask == "attention":
+            self.last_mask = capture.mask(self.layer_name)
+            return self.last_mask
+        hw = capture.map_size(self.layer_name)
+        if cfg.mask == "global":
+            return torch.ones(step.b, *hw, dtype=torch.bool, device=device)
+        if self.generator is None or self.generator.device != device:
+            self.generator = torch.Generator(device=device).manual_seed(self.seed)
+        return torch.rand(step.b, *hw, generator=self.generator, device=device) < cfg.random_mask_ratio
 
     def _model_input(self, xd: torch.Tensor, image: torch.Tensor, step: Step) -> torch.Tensor:
         """The degraded latent in the model's layout and dtype, with the guide rows' extra input
@@ -224,14 +319,21 @@ class GuidedCall:
         xd = ops.degrade(x0, mask, eps, noise.abar, cfg.blur_kernel_size, cfg.blur_sigma, backend=cfg.backend)
         return xd if noise.scale is None else xd * noise.scale.view(-1, 1, 1, 1).to(xd.dtype)
 
-    def _combine(self, o, o_deg, guide: slice, c: int | None) -> torch.Tensor:
-        """o[k] + s * (o_guide - o_deg) for each CFG chunk k, on the first `c` channels (None: all);
-        the rest of o (learned variance) as the main pass gave it."""
+    def _combine(self, o, o_deg, o_ptb, step: Step, c: int | None) -> torch.Tensor:
+        """o[k] + s * (o_guide - o_deg) + s_pag * (o_cond - o_ptb) for each CFG chunk k (the terms this
+        step runs), on the first `c` channels (None: all); the rest of o (learned variance) as the main
+        pass gave it."""
         cfg = self.config
-        if c is None or c == o.shape[1]:
-            return ops.combine(o, o[guide], o_deg, cfg.scale, backend=cfg.backend)
-        guided = ops.combine(o[:, :c].contiguous(), o[guide, :c].contiguous(), o_deg[:, :c].contiguous(), cfg.scale, backend=cfg.backend)
-        return torch.cat([guided, o[:, c:]], dim=1)
+        whole = c is None or c == o.shape[1]
+        part = (lambda t: t) if whole else (lambda t: t[:, :c].contiguous())
+        terms = []
+        if o_deg is not None:
+            terms.append((cfg.scale, part(o[step.guide]), part(o_deg)))
+        if o_ptb is not None:
+            terms.append((step.pag_scale, part(o[step.cond]), part(o_ptb)))
+        (scale, pos, neg), *extra = terms
+        guided = ops.combine(part(o), pos, neg, scale, backend=cfg.backend, extra_terms=extra)
+        return guided if whole else torch.cat([guided, o[:, c:]], dim=1)
 
     def _remember(self, step: Step, store: dict, eps, mask) -> None:
         """Batched mode: keep this evaluation's eps and mask for the next one, in buffers that persist
@@ -247,25 +349,14 @@ class GuidedCall:
         state.eps.copy_(eps)
         state.mask.copy_(mask)
 
-    def _main_pass(self, sample, call, guide: slice):
-        """The model on `sample` with the capture armed; (output, [guide rows, h, w] bool mask)."""
-        cfg = self.config
-        capture = self.capture
-        capture.arm(guide, record_mass=cfg.mask == "attention", hw=self.family.map_size(call))  # the ablation's masks read no map
-        try:
-            o = self.model(sample, **call, return_dict=False)[0]
-        finally:
-            capture.disarm()
-        if cfg.mask == "attention":
-            self.last_mask = capture.mask(self.layer_name)
-            return o, self.last_mask
-        hw = capture.map_size(self.layer_name)
-        guide_batch = guide.stop - guide.start
-        if cfg.mask == "global":
-            return o, torch.ones(guide_batch, *hw, dtype=torch.bool, device=sample.device)
-        if self.generator is None or self.generator.device != sample.device:
-            self.generator = torch.Generator(device=sample.device).manual_seed(self.seed)
-        return o, torch.rand(guide_batch, *hw, generator=self.generator, device=sample.device) < cfg.random_mask_ratio
+
+def _within(interval: tuple, fraction: float) -> bool:
+    return interval[0] <= fraction < interval[1]
+
+
+def _first(timestep) -> float:
+    """A call's timestep as a Python number (the first row's, when it is per row)."""
+    return float(timestep.reshape(-1)[0]) if torch.is_tensor(timestep) else float(timestep)
 
 
 def _seed_of(generator) -> int:
@@ -302,7 +393,7 @@ class GuidedDenoiser(torch.nn.Module):
             call.update(call.pop("kwargs", {}))
         return_dict = call.pop("return_dict", True)
         guided = self.guided_call
-        if guided.config.scale == 0:
+        if not guided.config.guides:
             out = self.model(**call, return_dict=False)[0]
         else:
             out = guided.step(call)

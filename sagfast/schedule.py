@@ -96,6 +96,19 @@ def _current_sigma(scheduler, timestep):
     return sigmas[index]
 
 
+def evaluation_index(scheduler, timestep) -> int:
+    """Where this model evaluation is in `scheduler.timesteps`: the scheduler's own `step_index` where it
+    keeps one (a Heun-type scheduler lists both evaluations of a step, `scheduler.order` = 2), else
+    the position of `timestep` in the schedule (DDIM, DDPM: one entry per step)."""
+    index = getattr(scheduler, "step_index", None)
+    if index is None:
+        index = getattr(scheduler, "begin_index", None)
+    if index is not None:
+        return int(index)
+    t = float(timestep.reshape(-1)[0]) if torch.is_tensor(timestep) else float(timestep)
+    return int((scheduler.timesteps.detach().to("cpu", torch.float64) - t).abs().argmin())
+
+
 # (id of an alphas_cumprod, device) -> (that tensor, its copy on the device). Holding the tensor keeps
 # its id from being reused; a few entries serve pipelines that alternate without copying every step.
 _DEVICE_TABLES: dict = {}

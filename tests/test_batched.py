@@ -113,7 +113,7 @@ def test_cuda_graph_on_cpu_tensors_warns_and_runs_eagerly():
 def test_every_batched_conditioning_input_is_sliced_and_extended():
     # The shapes a UNet call can carry: SDXL's added_cond_kwargs, IP-Adapter's list of image embeddings,
     # ControlNet's tuple of residuals; unbatched tensors and plain values ride along untouched.
-    from sagfast.denoiser import extend_batch, slice_batch
+    from sagfast.batch import gather_batch, slice_batch
 
     full, keep = 4, slice(2, 4)  # the guide rows: the second half, as DiT's [cond, uncond] has them
     rows = lambda *shape: torch.randn(full, *shape)  # noqa: E731
@@ -124,7 +124,7 @@ def test_every_batched_conditioning_input_is_sliced_and_extended():
         "timestep_cond": torch.ones(1, 3),  # not batched: batch dim 1
         "cross_attention_kwargs": {"scale": 0.5},
     }
-    sliced, extended = slice_batch(call, full, keep), extend_batch(call, full, keep)
+    sliced, extended = slice_batch(call, full, keep), gather_batch(call, full, [slice(None), keep])
     flat = pytree.tree_leaves
     for original, cut, longer in zip(flat(call), flat(sliced), flat(extended)):
         if torch.is_tensor(original) and original.shape[0] == full:

@@ -96,7 +96,7 @@ def meta_call(pipe):
         yield call
 
 
-def meta_step(pipe, cfg_on: bool, b: int = 2):
+def meta_step(pipe, cfg_on: bool, b: int = 2, pag_scale=0.0):
     """A step as `GuidedCall.step` builds it, on the meta device."""
     full = 2 * b if cfg_on else b
     sample = torch.randn(full, 4, 12, 10, device="meta")
@@ -106,7 +106,8 @@ def meta_step(pipe, cfg_on: bool, b: int = 2):
     )
     noise = vp_noise(torch.rand(b, device="meta"))
     shape_key = (tuple(sample.shape), sample.dtype, sample.device, 2 if cfg_on else 1)
-    return Step(sample, call, b, slice(0, b), noise, pipe.scheduler.config.prediction_type, shape_key)
+    cond = slice(b, 2 * b) if cfg_on else slice(0, b)
+    return Step(sample, call, b, slice(0, b), cond, noise, pipe.scheduler.config.prediction_type, shape_key, True, pag_scale)
 
 
 def watched(call, variant, step):

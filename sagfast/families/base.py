@@ -7,11 +7,14 @@ wrapped, the batch layout of classifier-free guidance, and where the capture lay
 
 from __future__ import annotations
 
+import re
+
 import torch
 from diffusers.models.attention_processor import Attention
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from sagfast.capture import SAGCaptureProcessor
+from sagfast.perturb import identity_attention
 from sagfast.schedule import check_scheduler
 
 
@@ -58,6 +61,36 @@ class Family:
         [uncond, cond] batch."""
         return 0
 
+    def cond_chunk(self, chunks: int) -> int:
+        """Which chunk of the CFG batch is the conditional branch (what PAG perturbs, and what runs alone
+        outside `cfg_interval`): the last chunk of [uncond, cond]."""
+        return chunks - 1
+
+    def pag_layers(self, model: torch.nn.Module, identifiers: tuple) -> list:
+        """The self-attention modules PAG perturbs for diffusers' `pag_applied_layers` identifiers,
+        matched as diffusers' `PAGMixin` matches them: a regular-expression search in each
+        self-attention layer's name (`_fake_integral_match` aside)."""
+        model = getattr(model, "_orig_mod", model)
+        modules = dict(model.named_modules())
+        names = self_attention_layers(model)
+        found = []
+        for identifier in identifiers:
+            try:
+                matched = [n for n in names if re.search(identifier, n) and not _fake_integral_match(identifier, n)]
+            except re.error as e:
+                raise ValueError(f"pag_layers entry {identifier!r} is not a valid regular expression ({e})") from None
+            if not matched:
+                raise ValueError(
+                    f"pag_layers entry {identifier!r} matches no self-attention layer of this {type(model).__name__} "
+                    f"(identifiers are searched in the layer names, as diffusers' pag_applied_layers). "
+                    f"Its self-attention layers: {names or 'none'}"
+                )
+            found += [modules[n] for n in matched if modules[n] not in found]
+        return found
+
+    perturbed_attention = staticmethod(identity_attention)
+    """PAG's perturbed attention for this family's layers, with an attention processor's signature."""
+
     def resolve_layer(self, model: torch.nn.Module, layers: str):
         """(name, attention module, module whose 4-D input carries the map's (h, w), patch size: the
         map is that input's (h, w) over it) for `layers`."""
@@ -90,6 +123,14 @@ class Family:
     def wrap_output(self, out: torch.Tensor):
         """The model's `return_dict=True` output for the prediction `out`."""
         raise NotImplementedError
+
+
+def _fake_integral_match(identifier: str, name: str) -> bool:
+    """diffusers' `is_fake_integral_match`, kept as it is for parity: an identifier and a layer name
+    that both end in the same number do not match. (It does not keep "blocks.1" from finding
+    "blocks.10.attn1": the search does find it, in diffusers too.)"""
+    last_id, last_name = identifier.split(".")[-1], name.split(".")[-1]
+    return last_id.isnumeric() and last_name.isnumeric() and last_id == last_name
 
 
 def self_attention_layers(model: torch.nn.Module) -> list[str]:

@@ -22,6 +22,9 @@ class DiTFamily(PatchTransformerFamily):
     def guide_chunk(self, chunks: int) -> int:
         return chunks - 1  # [cond, uncond]: the guide branch is uncond, the last chunk
 
+    def cond_chunk(self, chunks: int) -> int:
+        return 0
+
 
 class DigitDiTFamily(PatchTransformerFamily):
     """The embedded digit transformer (`DigitDiTPipeline`, a DiTTransformer2DModel trained with flow

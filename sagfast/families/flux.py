@@ -120,6 +120,13 @@ class FluxFamily(Family):
             )
         return 1
 
+    def pag_layers(self, model, identifiers: tuple) -> list:
+        raise ValueError(
+            "sagfast does not run PAG on Flux: its attention modules are FluxAttention, which diffusers' "
+            "pag_applied_layers matching does not select (diffusers has no Flux PAG pipeline), and the "
+            "guidance-distilled model is not trained for a perturbed branch. Use pag_scale=0 with Flux."
+        )
+
     def resolve_layer(self, model, layers: str):
         original = getattr(model, "_orig_mod", model)
         modules = dict(original.named_modules())

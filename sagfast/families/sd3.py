@@ -11,6 +11,9 @@ image tokens and text tokens ([image, text]) through one softmax; the capture pr
 queries, each query's softmax over all keys, from that one SDPA call's log-sum-exp. The map is the
 latent's (h, w) over the patch size.
 
+PAG perturbs the joint attention as diffusers' SD3 PAG pipeline does: an image query attends to its
+own image key and the text keys (sagfast.perturb.joint_identity_attention).
+
 Skip-layer guidance (`skip_guidance_layers`) adds model calls on the cond rows alone in the middle
 of the CFG batch layout: refused.
 """
@@ -21,6 +24,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from sagfast.capture import JointCaptureProcessor
 from sagfast.families.base import Family, transformer_block_layer
+from sagfast.perturb import joint_identity_attention
 
 
 class SD3Family(Family):
@@ -29,6 +33,7 @@ class SD3Family(Family):
     model_class = "SD3Transformer2DModel"
     pipelines = ("StableDiffusion3Pipeline",)
     sample_argument = "hidden_states"
+    perturbed_attention = staticmethod(joint_identity_attention)
 
     def cfg_chunks(self, pipe, arguments: dict) -> int:
         if arguments.get("skip_guidance_layers") is not None:

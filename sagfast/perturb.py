@@ -1,0 +1,97 @@
+"""Perturbed-Attention Guidance's perturbation (Ahn et al. 2024): self-attention replaced by the identity.
+
+PAG runs the conditional rows a second time with the self-attention of chosen layers perturbed: every
+query attends only to its own key, so the attention output is the value projection. The guided
+denoiser puts these rows in a model call beside others (the main batch, SAG's degraded rows); the
+capture switch on each chosen layer (sagfast.capture) cuts the perturbed rows out of the layer's
+batch, runs them through the family's perturbed attention here, runs the other rows through the
+layer's own processor, and puts the rows back in order. So one call can hold perturbed and plain rows,
+and no processor on a shared model changes per call.
+
+The references are diffusers' PAG processors: `PAGIdentitySelfAttnProcessor2_0`'s perturbed path
+(`identity_attention`) and `PAGJointAttnProcessor2_0`'s (`joint_identity_attention`, SD3's joint
+attention: the image-image block of the attention masked to its diagonal).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from sagfast.batch import slice_batch, with_rows, without_rows
+
+
+def identity_attention(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+    """A diffusers `Attention` layer's output with each token attending only to itself: the value
+    projection through the output projection, with the layer's spatial norm, group norm, residual
+    connection and output rescale where it has them (diffusers' PAGIdentitySelfAttnProcessor2_0)."""
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    input_ndim = hidden_states.ndim
+    if input_ndim == 4:
+        batch, channel, height, width = hidden_states.shape
+        hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    hidden_states = attn.to_out[1](attn.to_out[0](attn.to_v(hidden_states)))
+    if input_ndim == 4:
+        hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+    if attn.residual_connection:
+        hidden_states = hidden_states + residual
+    return hidden_states / attn.rescale_output_factor
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return x.view(x.shape[0], -1, heads, x.shape[-1] // heads).transpose(1, 2)
+
+
+def joint_identity_attention(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+    """SD3's joint attention (image tokens, then text tokens, one softmax) perturbed as diffusers'
+    PAGJointAttnProcessor2_0 does it: an image query attends to its own image key and to the text
+    keys (the image-image block masked to its diagonal); a text query attends to every key.
+
+    Computed without the (N + T)^2 mask: an image query's softmax runs over 1 + T scores (its own key,
+    then the text keys), so memory is O(N * T). Like the stock processor, ignores `attention_mask`.
+    """
+    heads = attn.heads
+    q, k, v = (_heads(p(hidden_states), heads) for p in (attn.to_q, attn.to_k, attn.to_v))
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    if encoder_hidden_states is None:  # SD3.5's attn2: plain self-attention over the image tokens
+        return attn.to_out[1](attn.to_out[0](v.transpose(1, 2).flatten(2).to(hidden_states.dtype)))
+    eq, ek, ev = (_heads(p(encoder_hidden_states), heads) for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+    if attn.norm_added_q is not None:
+        eq = attn.norm_added_q(eq)
+    if attn.norm_added_k is not None:
+        ek = attn.norm_added_k(ek)
+    scale = 1.0 / math.sqrt(q.shape[-1])  # the stock processor calls SDPA with its default scale
+    own = (q.float() * k.float()).sum(-1, keepdim=True) * scale
+    text = torch.matmul(q.float(), ek.float().transpose(-1, -2)) * scale
+    weights = torch.softmax(torch.cat([own, text], dim=-1), dim=-1)
+    image_out = weights[..., :1] * v.float() + torch.matmul(weights[..., 1:], ev.float())
+    text_out = F.scaled_dot_product_attention(eq, torch.cat([k, ek], dim=2), torch.cat([v, ev], dim=2))
+    image_out = attn.to_out[1](attn.to_out[0](image_out.to(q.dtype).transpose(1, 2).flatten(2)))
+    text_out = text_out.transpose(1, 2).flatten(2).to(q.dtype)
+    if not attn.context_pre_only:
+        text_out = attn.to_add_out(text_out)
+    return image_out, text_out
+
+
+def split_rows(rows: slice, plain, perturbed, attn, hidden_states, *args, **kwargs):
+    """The attention layer's output on a batch whose rows `rows` are perturbed: `plain(attn, ...)` on
+    the other rows (if any), `perturbed(attn, ...)` on `rows`, in batch order. Every batched argument
+    (a tensor whose first dim is the batch) is cut along."""
+    full = hidden_states.shape[0]
+    start, stop, _ = rows.indices(full)
+    inputs = (hidden_states, args, kwargs)
+    ptb_hidden, ptb_args, ptb_kwargs = slice_batch(inputs, full, slice(start, stop))
+    out = perturbed(attn, ptb_hidden, *ptb_args, **ptb_kwargs)
+    if (start, stop) == (0, full):
+        return out
+    rest_hidden, rest_args, rest_kwargs = without_rows(inputs, full, slice(start, stop))
+    return with_rows(plain(attn, rest_hidden, *rest_args, **rest_kwargs), out, start)
