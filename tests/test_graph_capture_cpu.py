@@ -137,6 +137,21 @@ def test_guided_step_stays_on_the_device(mode, cfg_on, prediction_type, mask):
     assert out.shape == step.sample.shape and out.device.type == "meta"
 
 
+@pytest.mark.parametrize("mode, layout", [("exact", "main"), ("exact", "degraded"), ("batched", "main")])
+@pytest.mark.parametrize("adaptive", [False, True], ids=["const", "adaptive"])
+def test_a_sag_plus_pag_step_stays_on_the_device(mode, layout, adaptive):
+    # An adaptive PAG scale enters a graphed step as a device tensor (graph_inputs): one graph serves
+    # every step's scale.
+    pipe = sagfast.enable(sd_pipeline(), mode=mode, pag_scale=3.0, exact_pag_pass=layout, backend="torch")
+    with meta_call(pipe) as call:
+        step = meta_step(pipe, cfg_on=True, pag_scale=torch.tensor(2.5, device="meta") if adaptive else 3.0)
+        if mode == "batched":
+            call.run_step("exact", step, call.previous)
+        out, found = watched(call, mode, step)
+    assert found == []
+    assert out.shape == step.sample.shape and out.device.type == "meta"
+
+
 @pytest.mark.parametrize("scheduler_cls", [None, EulerDiscreteScheduler, DPMSolverMultistepScheduler], ids=["ddim", "euler", "dpm"])
 def test_alpha_bar_of_a_device_timestep_waits_for_nothing(scheduler_cls):
     # Outside the graph, but once per step: a read-back or a copy from host memory here would make the
@@ -215,6 +230,20 @@ def test_one_graph_serves_every_step_and_every_rerun(scheduler_cls, mode, graphs
         assert keys[0][0][0] == "exact" and {k[0][0] for k in keys[1:]} == {"batched"}
     assert graph_keys(pipe, monkeypatch) == keys  # a re-run replays the same graphs
     assert not set(graph_keys(pipe, monkeypatch, n=2)) & set(keys)  # another batch size captures its own
+
+
+@pytest.mark.parametrize("mode, graphs", [("exact", 1), ("batched", 2)])
+def test_one_graph_serves_every_step_of_adaptive_sag_plus_pag(mode, graphs, monkeypatch):
+    # The adaptive PAG scale changes every step (0.001: still > 0 at the last step); it is an input of
+    # the graph, not part of its key.
+    pipe = sagfast.enable(sd_pipeline(), mode=mode, pag_scale=3.0, pag_adaptive_scale=0.001)
+    keys = graph_keys(pipe, monkeypatch)
+    assert len(keys) == 3 and len(set(keys)) == graphs
+    assert {k[0][1] for k in keys} == {(True, True)}  # every step runs both terms
+    # Outside a term's interval the step is another graph (other rows), the same one at every such step.
+    sagfast.enable(pipe, mode="exact", pag_scale=3.0, pag_interval=(0.0, 0.5))
+    keys = graph_keys(pipe, monkeypatch, steps=4)
+    assert [k[0][1] for k in keys] == [(True, True)] * 2 + [(True, False)] * 2 and len(set(keys)) == 2
 
 
 def test_model_watch_sees_what_a_graph_bakes_in():
