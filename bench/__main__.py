@@ -33,8 +33,9 @@ def parse(argv=None):
     p.add_argument("--models", help="comma-separated: tiny, sd15, sdxl (step, overhead, e2e)")
     p.add_argument(
         "--variants",
-        help="comma-separated step variants: cfg, floor, diffusers_sag, sagfast_exact, "
-        "sagfast_batched, sagfast_exact_graph, sagfast_batched_graph, pag",
+        help="comma-separated step variants: cfg, floor, diffusers_sag, pag, sagfast_exact, sagfast_batched, "
+        "sagfast_sag_interval, sagfast_pag, sagfast_sag_pag_exact, sagfast_sag_pag_exact_degraded, "
+        "sagfast_sag_pag_batched, and any sagfast variant + _graph (CUDA)",
     )
     p.add_argument("--size", type=int, help="image side in pixels (default per model and device)")
     p.add_argument("--steps", type=int, help="denoising steps per pipeline call")

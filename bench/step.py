@@ -7,8 +7,12 @@ Variants (all on one shared UNet with random weights, DDIM, guidance 7.5, batch 
   (c) diffusers    diffusers' StableDiffusionSAGPipeline (SD 1.x/2.x only; none for SDXL)
   (d) exact        sagfast.enable(pipe, mode="exact")
   (e) batched      sagfast.enable(pipe, mode="batched")
-  (f) *+graph      (d)/(e) with CUDA graphs (cuda_graph=True), on CUDA only
-  (g) pag          diffusers' PAG pipeline, pag_applied_layers=["mid"], for reference (one batch-3 call)
+  (g) pag          diffusers' PAG pipeline, pag_applied_layers=["mid"], pag_scale 3 (one batch-3B call)
+  (h) interval     sagfast exact SAG with sag_interval=(0, 0.5): no degraded pass in the second half
+  (i) sagfast PAG  sagfast.enable(pipe, scale=0, pag_scale=3): PAG alone, as (g)
+  (j) (k)          sagfast SAG+PAG exact: [u, c, ptb] then [deg] (j), or [u, c] then [deg, ptb] (k)
+  (l)              sagfast SAG+PAG batched: one call of [u, c, ptb, deg] (4B)
+  *+graph          every sagfast variant with CUDA graphs (cuda_graph=True), on CUDA only
 
 Method: each variant runs the whole pipeline for `steps` steps with output_type="latent" (no VAE
 decode). A step-end callback marks the time (perf_counter on CPU; a CUDA event on GPU, read after one
@@ -29,15 +33,27 @@ import sagfast
 from bench import common, models
 from sagfast.batch import slice_batch
 
+SAGFAST = {
+    "sagfast_exact": ("(d) sagfast exact", dict(mode="exact")),
+    "sagfast_batched": ("(e) sagfast batched", dict(mode="batched")),
+    "sagfast_sag_interval": ("(h) sagfast exact, sag_interval (0, 0.5)", dict(mode="exact", sag_interval=(0.0, 0.5))),
+    "sagfast_pag": ("(i) sagfast PAG", dict(scale=0, pag_scale=3.0)),
+    "sagfast_sag_pag_exact": ("(j) sagfast SAG+PAG exact [u,c,ptb]+[deg]", dict(mode="exact", pag_scale=3.0)),
+    "sagfast_sag_pag_exact_degraded": (
+        "(k) sagfast SAG+PAG exact [u,c]+[deg,ptb]",
+        dict(mode="exact", pag_scale=3.0, exact_pag_pass="degraded"),
+    ),
+    "sagfast_sag_pag_batched": ("(l) sagfast SAG+PAG batched [u,c,ptb,deg]", dict(mode="batched", pag_scale=3.0)),
+}
+"""sagfast variants: (label, SAGConfig fields; SAG scale 0.75 unless given)."""
+
 LABELS = {
     "cfg": "(a) CFG only",
     "floor": "(b) CFG + dummy batch-B call (floor)",
     "diffusers_sag": "(c) diffusers SAG pipeline",
-    "sagfast_exact": "(d) sagfast exact",
-    "sagfast_batched": "(e) sagfast batched",
-    "sagfast_exact_graph": "(f) sagfast exact + CUDA graph",
-    "sagfast_batched_graph": "(f) sagfast batched + CUDA graph",
     "pag": "(g) diffusers PAG (mid)",
+    **{name: label for name, (label, _) in SAGFAST.items()},
+    **{name + "_graph": label + " + CUDA graph" for name, (label, _) in SAGFAST.items()},
 }
 
 
@@ -145,7 +161,7 @@ def build_variants(
             skipped["diffusers_sag"] = "diffusers' SAG pipeline supports SD 1.x/2.x only"
         else:
             runners["diffusers_sag"] = PipelineRunner(pipe_of(classes["sag"]), dict(call, sag_scale=0.75), steps, device, True)
-    modes = [("sagfast_exact", dict(mode="exact")), ("sagfast_batched", dict(mode="batched"))]
+    modes = [(name, config) for name, (_, config) in SAGFAST.items()]
     gok, gwhy = graph_supported(device)
     for name, cfg in list(modes):
         if gok:
@@ -157,7 +173,7 @@ def build_variants(
             continue
         pipe = pipe_of(classes["base"])
         try:
-            sagfast.enable(pipe, scale=0.75, **cfg)
+            sagfast.enable(pipe, **dict(dict(scale=0.75), **cfg))
         except Exception as exc:
             skipped[name] = f"sagfast.enable failed: {type(exc).__name__}: {exc}"
             continue
