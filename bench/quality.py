@@ -1,7 +1,7 @@
 """Quality of SAG on the embedded digit models: FID, accuracy and confidence from the shipped digit classifier.
 
     python -m bench.quality [--model unet|dit] [--n 1000] [--steps 10] [--scales 0.1,0.25,0.5,0.75,1.0]
-                            [--rows all|cond|uncond] [--out DIR] [--jobs 2]
+                            [--rows all|cond|uncond|engine] [--out DIR] [--jobs 2]
 
 Models (--model): "unet", the class-conditional digit UNet (`load_pipeline`, v-prediction), sampled with
 DDIM; "dit", the class-conditional digit transformer (`load_dit_pipeline`, DiTTransformer2DModel trained
@@ -23,6 +23,9 @@ between settings are not noise-draw luck). Metrics:
 
 Conditional settings (labels 0-9 in turn): no guidance (g = 1), CFG only (g), SAG only (g = 1, SAG on
 the conditional branch) and CFG + SAG over the SAG scales, in exact and in batched mode.
+Guidance-engine settings (--rows engine; conditional, CFG g, SAG at the first of --scales, PAG 1.0): CFG
+alone, + PAG, + SAG, + SAG + PAG (exact and batched), SAG on the second half of the steps, PAG on the first,
+CFG on the first 60% only, and that with SAG + PAG batched: FID, accuracy and wall time per setting.
 Unconditional settings (the SAG paper's main claim is on unconditional sampling): the null class
 without CFG (g = 1: the model's unconditional branch alone), without SAG and with SAG (exact) at each
 of --scales, FID against all 5,000 real digits. The DiT takes the null class as label 10; the UNet's
@@ -50,7 +53,7 @@ import torch
 
 DEFAULT_SCALES = (0.1, 0.25, 0.5, 0.75, 1.0)
 MODELS = ("unet", "dit")
-ROWS = ("all", "cond", "uncond")
+ROWS = ("all", "cond", "uncond", "engine")
 SCHEDULERS = {"unet": "DDIMScheduler", "dit": "FlowMatchEulerDiscreteScheduler"}
 CONFIDENT = 0.9  # the "confident" column: max softmax probability above this
 
@@ -62,6 +65,8 @@ def settings(guidance: float, scales, sag_only_scales, rows: str = "all") -> lis
     rows: "all", "cond" (the conditional rows only) or "uncond" (the unconditional ones only)."""
     if rows not in ROWS:
         raise ValueError(f"rows must be one of {ROWS}; got {rows!r}")
+    if rows == "engine":
+        return engine_settings(guidance, 0.75 if not scales or 0.75 in scales else scales[0])
     cond, uncond = rows in ("all", "cond"), rows in ("all", "uncond")
     out = []
     if cond:
@@ -80,6 +85,30 @@ def settings(guidance: float, scales, sag_only_scales, rows: str = "all") -> lis
         if uncond and s in scales:
             out.append(dict(key=f"uncond_sag_{s:g}", mode="unconditional + SAG (exact)", g=1.0, sag="exact", scale=s, uncond=True))
     return out
+
+
+def engine_settings(guidance: float, sag: float, pag: float = 1.0) -> list[dict]:
+    """The guidance engine's rows (conditional, CFG g): CFG alone, with PAG, SAG and both (exact and
+    batched), and with guidance intervals, so a user can pick a point on the quality/speed curve. SAG
+    scale `sag`, PAG scale `pag`; an interval (0, 0.5) is the first half of the steps (high noise)."""
+
+    def row(key, mode, sag_mode=None, scale=0.0, **engine):
+        return dict(key=key, mode=mode, g=guidance, sag=sag_mode, scale=scale, uncond=False, engine=engine or None)
+
+    both = dict(pag_scale=pag)
+    return [
+        row("cfg", "CFG only"),
+        row("cfg_pag", f"CFG + PAG {pag:g}", **both),
+        row("cfg_sag", "CFG + SAG exact", "exact", sag),
+        row("cfg_sag_pag_exact", f"CFG + SAG + PAG {pag:g} exact", "exact", sag, **both),
+        row("cfg_sag_pag_batched", f"CFG + SAG + PAG {pag:g} batched", "batched", sag, **both),
+        # SAG acts at low noise (its degraded input differs from x by sqrt(abar) * mask * (x0 - blur)):
+        # the second half keeps its term where it is large.
+        row("cfg_sag_half", "CFG + SAG exact, sag_interval (0.5, 1)", "exact", sag, sag_interval=(0.5, 1.0)),
+        row("cfg_pag_half", f"CFG + PAG {pag:g}, pag_interval (0, 0.5)", pag_interval=(0.0, 0.5), **both),
+        row("cfg_interval", "CFG, cfg_interval (0, 0.6)", cfg_interval=(0.0, 0.6)),
+        row("cfg_interval_sag_pag_batched", f"CFG (0, 0.6) + SAG + PAG {pag:g} batched", "batched", sag, cfg_interval=(0.0, 0.6), **both),
+    ]
 
 
 def frechet(mu1, cov1, mu2, cov2) -> float:
@@ -159,8 +188,14 @@ def generate(
 
     pipe = load_model(model)
     classifier = load_classifier()
-    if setting["sag"] is not None:
-        sagfast.enable(pipe, SAGConfig(scale=setting["scale"], mode=setting["sag"], **(sag_options or {})))
+    engine = dict(setting.get("engine") or {})
+    if engine.get("pag_scale") and model == "dit":
+        # diffusers' "mid" names UNet blocks; the DiT's PAG layer is its middle block's self-attention,
+        # the layer SAG reads by default.
+        engine.setdefault("pag_layers", f"transformer_blocks.{len(pipe.transformer.transformer_blocks) // 2}.attn1")
+    if setting["sag"] is not None or engine:
+        fields = dict(sag_options or {}, **engine)
+        sagfast.enable(pipe, SAGConfig(scale=setting["scale"], mode=setting["sag"] or "exact", **fields))
     labels, noise = _noise_and_labels(n, seed)
     if setting.get("uncond"):
         labels = unconditional(pipe, labels)
@@ -225,7 +260,7 @@ def run(
     sag_only_scales = tuple(sag_only_scales if sag_only_scales is not None else ((0.75,) if quick else (0.25, 0.75)))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = output_stem(model)
+    stem = output_stem(model) + ("_engine" if rows == "engine" else "")
     if threads:
         torch.set_num_threads(threads)
     todo = settings(guidance, scales, sag_only_scales, rows)
@@ -287,7 +322,8 @@ def run(
         record["wall_time_s"] = round(time.perf_counter() - t0, 1)
         (out_dir / f"{stem}.json").write_text(json.dumps(record, indent=1))
         (out_dir / f"{stem}.md").write_text(markdown_table(table) + "\n")
-        plot(table, out_dir / f"{stem}.png", n, steps, guidance, model)
+        draw = plot_engine if rows == "engine" else plot
+        draw(table, out_dir / f"{stem}.png", n, steps, guidance, model)
 
     def collect(results):
         # each setting's row is written as soon as it is done: a run cut short keeps what it measured
@@ -369,6 +405,32 @@ def plot(rows, path, n, steps, guidance, model: str = "unet") -> None:
     plt.close(fig)
 
 
+def plot_engine(rows, path, n, steps, guidance, model: str = "unet") -> None:
+    """The quality/speed plane of the guidance-engine rows: FID against wall time, one labelled point
+    per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in rows:
+        if r.get("seconds") is None:
+            ax.axhline(r["fid"], linestyle="--", color="green", label=f"{r['mode']}: {r['fid']:.2f}")
+            continue
+        ax.scatter(r["seconds"], r["fid"])
+        ax.annotate(r["mode"], (r["seconds"], r["fid"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    ax.set_xlabel(f"wall time for N={n} (s, CPU)")
+    ax.set_ylabel("FID (digit-classifier features; lower is better)")
+    name = {"unet": "digit UNet", "dit": "digit DiT"}.get(model, model)
+    ax.set_title(f"Guidance engine on the embedded {name}: CFG g={guidance:g}, {steps} steps")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _floats(text):
     return tuple(float(v) for v in text.split(",") if v.strip()) if text is not None else None
 
@@ -376,7 +438,9 @@ def _floats(text):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=MODELS, default="unet", help="digit UNet (DDIM) or digit DiT (flow-matching Euler); default unet")
-    p.add_argument("--rows", choices=ROWS, default="all", help="conditional rows, unconditional rows or both (default all)")
+    p.add_argument(
+        "--rows", choices=ROWS, default="all", help="conditional rows, unconditional rows, both (default all), or the guidance-engine rows"
+    )
     p.add_argument("--n", type=int, help="generated digits per setting (default 1000; quick 200)")
     p.add_argument("--steps", type=int, help="sampler steps: DDIM (unet) or flow-matching Euler (dit) (default 10; quick 8)")
     p.add_argument("--scales", help="comma-separated SAG scales for CFG + SAG and unconditional + SAG (default 0.1,0.25,0.5,0.75,1.0)")
