@@ -14,13 +14,13 @@ def run(pipe):
     return pipe(prompt_embeds=pe, negative_prompt_embeds=ne, generator=torch.Generator().manual_seed(0), **CALL).images
 
 
-def compiled_run(compile_backend, sag_backend, mode="exact"):
+def compiled_run(compile_backend, sag_backend, mode="exact", **config):
     torch._dynamo.reset()
     pipe = sd_pipeline()
     # fullgraph=True: any graph break in the UNet's forward, the capture processor, the lse SDPA call
     # or the attention-mass op dispatch is an error, not a silent split.
     pipe.unet = torch.compile(pipe.unet, backend=compile_backend, fullgraph=True)
-    sagfast.enable(pipe, backend=sag_backend, mode=mode)
+    sagfast.enable(pipe, backend=sag_backend, mode=mode, **config)
     return run(pipe)
 
 
@@ -28,6 +28,15 @@ def compiled_run(compile_backend, sag_backend, mode="exact"):
 def test_compiled_unet_without_graph_breaks(sag_backend):
     eager = run(sagfast.enable(sd_pipeline(), backend=sag_backend))
     out = compiled_run("eager", sag_backend)
+    assert (out - eager).abs().max().item() <= 1e-5 * max(1.0, eager.abs().max().item())
+
+
+@pytest.mark.parametrize("mode", ["exact", "batched"])
+def test_compiled_unet_with_sag_and_pag_without_graph_breaks(mode):
+    # The perturbed rows are cut out and put back inside the capture switch, in the compiled forward.
+    config = dict(mode=mode, pag_scale=3.0, pag_layers=["mid", "up_blocks.0"])
+    eager = run(sagfast.enable(sd_pipeline(), **config))
+    out = compiled_run("eager", "auto", **config)
     assert (out - eager).abs().max().item() <= 1e-5 * max(1.0, eager.abs().max().item())
 
 

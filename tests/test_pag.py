@@ -123,3 +123,16 @@ def test_pipeline_processors_are_back_after_pag():
     latents(pipe, call, True)
     sagfast.disable(pipe)
     assert pipe.unet.attn_processors == before
+
+
+def test_a_pag_pipeline_leaves_another_pipeline_on_the_same_unet_alone():
+    # PAG's switches stay on the shared UNet's PAG layers while the PAG pipeline is enabled: dormant
+    # for the other pipeline's calls, whose results are what they were before.
+    reference, pipe, call = sd_pair(EulerDiscreteScheduler, ["mid"])
+    other = StableDiffusionPipeline(**dict(pipe.components, scheduler=fresh(pipe.scheduler)))
+    sagfast.enable(other, scale=0.75, mode="batched")
+    before = latents(other, call, True)
+    sagfast.enable(pipe, scale=0.75, pag_scale=3.0, pag_layers=["mid", "up_blocks.0"])
+    with_pag = latents(pipe, call, True)
+    assert torch.equal(latents(other, call, True), before)
+    assert (with_pag - before).abs().max() > 1e-2
