@@ -6,7 +6,8 @@
 #
 # Installs the kit into /tmp/sagfast-kit when diffusers is missing, then runs the stages of
 # `bench/stages.py` (info, C++/CUDA extension built for this device's architecture only, the GPU
-# tests, the SD1.5-shaped 512x512 fp16 step benchmark at batch 1 and 4 with and without CUDA graphs,
+# tests, the SD1.5-shaped 512x512 fp16 step benchmark at batch 1 and 4 with and without CUDA graphs and
+# the guidance engine's variants (PAG, SAG+PAG) at batch 1,
 # half precision, kernels, memory), each under its own time limit, all within GPU_CHECKS_BUDGET
 # seconds (default 480). A stage that fails or times out is recorded and the next one runs.
 # Into ${OUT:-gpu-results}: gpu_checks.log, summary.md and gpu-results.tar.gz (every JSON, markdown and

@@ -54,6 +54,14 @@ def gpu_stages() -> list[Stage]:
             150,
         ),
         Stage("step_b1", step.format(b=1), 70),
+        # The guidance engine's variants (PAG, SAG+PAG in both exact layouts and batched, graphed).
+        Stage(
+            "engine_b1",
+            "$PY -m bench step --device cuda --dtype fp16 --models sd15 --size 512 --batch 1 --rounds 5 --warmup 2 "
+            "--variants cfg,pag,sagfast_pag,sagfast_sag_pag_exact,sagfast_sag_pag_exact_degraded,sagfast_sag_pag_batched,"
+            "sagfast_sag_interval,sagfast_pag_graph,sagfast_sag_pag_batched_graph --out $R/engine_b1",
+            80,
+        ),
         Stage("step_b4", step.format(b=4), 70),
         Stage("half_precision", "$PY -m bench.half_precision --device cuda --out $R", 40),
         Stage("kernels", "$PY -m bench kernels --device cuda --out $R", 40),

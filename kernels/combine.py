@@ -4,9 +4,9 @@ Reference: `sagfast.ops.combine.combine_ref`:
 
     out[k] = o[k] + s1 * (pos1 - neg1) [+ s2 * (pos2 - neg2)]      for each chunk k of o
 
-With SAG, (s1, pos1, neg1) = (sag scale, o_guide, o_degraded). A second term slot is there for the
-next guidance method (PAG: (pag scale, o_guide, o_perturbed)); adding a third is one more pointer pair
-and one more `if NUM_TERMS > 2` block. Terms are summed in fp32 and rounded once into o's dtype.
+With SAG, (s1, pos1, neg1) = (sag scale, o_guide, o_degraded); with SAG and PAG the second slot is
+(pag scale, o_cond, o_perturbed) (PAG alone uses the first slot). A third term is one more pointer
+pair and one more `if NUM_TERMS > 2` block. Terms are summed in fp32 and rounded once into o's dtype.
 """
 
 import triton

@@ -7,6 +7,9 @@ Installed once per model, when a pipeline is enabled, and dormant otherwise:
   processor exactly as the layer would have; inside the guided call's main pass it runs that call's
   own `SAGCaptureProcessor`. Nothing on the model changes per call, so pipelines that share the model,
   threads and plain calls never see another call's capture.
+- The same switch sits on each PAG layer of an enabled pipeline: in a model call whose rows include
+  PAG's perturbed rows, it cuts them out of the layer's batch, runs them through the family's
+  perturbed attention (sagfast.perturb) and the other rows as above, and puts them back in order.
 - `MapHook`, a forward pre-hook on the module whose input is 4-D (the UNet's Transformer2DModel),
   records the map's true (h, w) for the armed call.
 - `install` / `uninstall` put both on a model and take them off (`sagfast.disable`).

@@ -52,6 +52,29 @@ def test_cuda_graph_matches_eager_and_recaptures_on_new_shapes(mode):
     assert len(graphs_of(pipe.unet)._graphs) == 2 * n
 
 
+@pytest.mark.parametrize(
+    "config, graphs",
+    [
+        (dict(mode="exact", pag_scale=3.0), 1),
+        (dict(mode="exact", pag_scale=3.0, exact_pag_pass="degraded"), 1),
+        (dict(mode="batched", pag_scale=3.0, pag_adaptive_scale=0.001), 2),
+        (dict(mode="batched", pag_scale=3.0, cfg_interval=(0.0, 0.5)), 4),
+    ],
+    ids=["exact", "exact-degraded", "batched-adaptive", "batched-cfg-interval"],
+)
+def test_cuda_graph_of_sag_plus_pag_matches_eager(config, graphs):
+    # batched-cfg-interval: [u, c] exact, then batched, then the cond rows alone exact, then batched.
+    pipe = sagfast.enable(cuda_pipe(), **config)
+    eager = run(pipe)
+    sagfast.enable(pipe, **config, cuda_graph=True)
+    graphed = run(pipe)
+    again = run(pipe)
+    tol = 1e-4 * max(1.0, eager.abs().max().item())
+    assert (graphed - eager).abs().max().item() <= tol
+    assert torch.equal(graphed, again)
+    assert len(graphs_of(pipe.unet)._graphs) == graphs
+
+
 def test_cuda_graph_capture_failure_falls_back_with_a_warning():
     pipe = sagfast.enable(cuda_pipe())
     eager = run(pipe)

@@ -5,7 +5,8 @@ CFG line `o_u + g * (o_c - o_u)` yields `cfg(o_u, o_c) + s * (o_guide - o_deg)`:
 
     out[k] = o[k] + s * (o_guide - o_deg)     for each chunk k of o ([uncond, cond] or [cond])
 
-More guidance terms (PAG) add further `(scale, positive, negative)` triples: `extra_terms=`.
+More guidance terms add further `(scale, positive, negative)` triples, `extra_terms=`: PAG's is
+`(s_pag, o_cond, o_perturbed)`.
 """
 
 from __future__ import annotations
