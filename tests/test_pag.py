@@ -3,7 +3,8 @@
 `sagfast.enable(plain_pipe, scale=0, pag_scale=3.0, pag_layers=...)` on a plain pipeline must give the
 final latents of diffusers' PAG pipeline for the same components, seed and arguments (fp32, max abs
 diff <= 1e-4 * max(1, max |ref|)): SD 1.x and SDXL (DDIM and Euler) and SD3 (flow matching), CFG on
-and off, adaptive scale 0 and 0.1, the default "mid" layer and another one. Every case also checks
+and off, adaptive scale 0 and 0.1, the default "mid" layer and another one; PixArt-Sigma (constant
+scale). Every case also checks
 that PAG changes the output, so a parity that holds because nothing happened cannot pass.
 
 DDIM runs with `timestep_spacing="trailing"` (first timestep 999): with the default spacing the
@@ -16,11 +17,15 @@ from components import prompt_embeds, sd_components
 from diffusers import (
     DDIMScheduler,
     EulerDiscreteScheduler,
+    PixArtSigmaPAGPipeline,
+    PixArtSigmaPipeline,
     StableDiffusion3PAGPipeline,
     StableDiffusionPAGPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPAGPipeline,
 )
+from test_families import call_kwargs as pixart_kwargs
+from test_families import pixart
 from test_families_flow import embeds, sd3
 from test_pipelines import POOLED, sdxl_pipeline
 
@@ -114,6 +119,25 @@ def test_pag_matches_diffusers_pag_pipeline(name, scheduler_cls, layers, cfg_on,
     bound = 1e-4 * max(1.0, want.abs().max().item())
     assert (got - want).abs().max().item() <= bound
     assert (plain - want).abs().max().item() > 100 * bound  # PAG did something
+
+
+@pytest.mark.parametrize("cfg_on", [True, False], ids=["cfg", "nocfg"])
+def test_pag_matches_diffusers_pixart_sigma_pag_pipeline(cfg_on):
+    # Constant scale only: diffusers' PixArtSigmaPAGPipeline passes its per-row timestep to the adaptive
+    # rule, which then fails ("Boolean value of Tensor with more than one value is ambiguous").
+    components = pixart().components
+    scheduler = DDIMScheduler.from_config(components["scheduler"].config, timestep_spacing="trailing")
+    reference = PixArtSigmaPAGPipeline(**dict(components, scheduler=scheduler), pag_applied_layers=["blocks.1"])
+    pipe = PixArtSigmaPipeline(**dict(components, scheduler=fresh(scheduler)))
+    call = pixart_kwargs("pixart", cfg_on)
+    del call["generator"], call["num_inference_steps"], call["guidance_scale"], call["output_type"]
+    want = latents(reference, call, cfg_on, pag_scale=3.0)
+    plain = latents(pipe, call, cfg_on)
+    sagfast.enable(pipe, scale=0, pag_scale=3.0, pag_layers=["blocks.1"])
+    got = latents(pipe, call, cfg_on)
+    bound = 1e-4 * max(1.0, want.abs().max().item())
+    assert (got - want).abs().max().item() <= bound
+    assert (plain - want).abs().max().item() > 100 * bound
 
 
 def test_pipeline_processors_are_back_after_pag():
