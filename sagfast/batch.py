@@ -47,3 +47,18 @@ def with_rows(rest, inserted, at: int):
     if isinstance(rest, tuple):
         return tuple(with_rows(r, i, at) for r, i in zip(rest, inserted))
     return torch.cat([rest[:at], inserted, rest[at:]])
+
+
+def split_rows(rows: slice, plain, perturbed, attn, hidden_states, *args, **kwargs):
+    """The attention layer's output on a batch whose rows `rows` are perturbed: `plain(attn, ...)` on
+    the other rows (if any), `perturbed(attn, ...)` on `rows`, in batch order. Every batched argument
+    (a tensor whose first dim is the batch) is cut along."""
+    full = hidden_states.shape[0]
+    start, stop, _ = rows.indices(full)
+    inputs = (hidden_states, args, kwargs)
+    ptb_hidden, ptb_args, ptb_kwargs = slice_batch(inputs, full, slice(start, stop))
+    out = perturbed(attn, ptb_hidden, *ptb_args, **ptb_kwargs)
+    if (start, stop) == (0, full):
+        return out
+    rest_hidden, rest_args, rest_kwargs = without_rows(inputs, full, slice(start, stop))
+    return with_rows(plain(attn, rest_hidden, *rest_args, **rest_kwargs), out, start)

@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
+from sagfast.batch import split_rows
 from sagfast.ops import attention_mass
 from sagfast.ops.mask import to_map
-from sagfast.perturb import split_rows
 
 
 def lse_chunked(q, k, scale):
@@ -89,6 +89,30 @@ def xformers_with_lse(q, k, v, scale: float):
     return out.transpose(1, 2), lse[:, :, : q.shape[2]].float()
 
 
+def attention_input(attn, hidden_states: torch.Tensor, temb=None):
+    """(tokens [B, N, C], the input's 4-D shape or None): what a diffusers `Attention` layer's processor
+    does before its projections (spatial norm, 4-D to tokens, group norm), as AttnProcessor2_0."""
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    shape = tuple(hidden_states.shape) if hidden_states.ndim == 4 else None
+    if shape is not None:
+        hidden_states = hidden_states.view(shape[0], shape[1], -1).transpose(1, 2)
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    return hidden_states, shape
+
+
+def attention_output(attn, hidden_states: torch.Tensor, residual: torch.Tensor, shape):
+    """The processor's end from the attention's tokens [B, N, inner]: output projection, back to the
+    4-D `shape` (from `attention_input`), residual connection, rescale."""
+    hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+    if shape is not None:
+        hidden_states = hidden_states.transpose(-1, -2).reshape(shape)
+    if attn.residual_connection:
+        hidden_states = hidden_states + residual
+    return hidden_states / attn.rescale_output_factor
+
+
 def heads_qkv(attn, hidden_states: torch.Tensor):
     """(q, k, v as [B, H, N, D], D) of a diffusers attention layer's projections, norms applied."""
     batch = hidden_states.shape[0]
@@ -136,16 +160,8 @@ class SAGCaptureProcessor:
         if attention_mask is not None:
             raise ValueError("SAG's capture layer does not take an attention mask")
         residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        hidden_states, shape = attention_input(attn, hidden_states, temb)
         batch = hidden_states.shape[0]
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
         query, key, value, head_dim = heads_qkv(attn, hidden_states)
 
         if self.xformers and not xformers_reasons(query):
@@ -156,13 +172,7 @@ class SAGCaptureProcessor:
         self.mass, self.mask = attention_mass(query[g], key[g], lse[g], attn.scale, backend=self.backend, threshold=self.threshold)
 
         hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        return attention_output(attn, hidden_states, residual, shape)
 
 
 class ThreadSlot:

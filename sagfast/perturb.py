@@ -20,28 +20,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-from sagfast.batch import slice_batch, with_rows, without_rows
+from sagfast.capture import attention_input, attention_output, heads_qkv
 
 
 def identity_attention(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
     """A diffusers `Attention` layer's output with each token attending only to itself: the value
     projection through the output projection, with the layer's spatial norm, group norm, residual
     connection and output rescale where it has them (diffusers' PAGIdentitySelfAttnProcessor2_0)."""
-    residual = hidden_states
-    if attn.spatial_norm is not None:
-        hidden_states = attn.spatial_norm(hidden_states, temb)
-    input_ndim = hidden_states.ndim
-    if input_ndim == 4:
-        batch, channel, height, width = hidden_states.shape
-        hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-    if attn.group_norm is not None:
-        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-    hidden_states = attn.to_out[1](attn.to_out[0](attn.to_v(hidden_states)))
-    if input_ndim == 4:
-        hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
-    if attn.residual_connection:
-        hidden_states = hidden_states + residual
-    return hidden_states / attn.rescale_output_factor
+    tokens, shape = attention_input(attn, hidden_states, temb)
+    return attention_output(attn, attn.to_v(tokens), hidden_states, shape)
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -57,11 +44,7 @@ def joint_identity_attention(attn, hidden_states, encoder_hidden_states=None, at
     then the text keys), so memory is O(N * T). Like the stock processor, ignores `attention_mask`.
     """
     heads = attn.heads
-    q, k, v = (_heads(p(hidden_states), heads) for p in (attn.to_q, attn.to_k, attn.to_v))
-    if attn.norm_q is not None:
-        q = attn.norm_q(q)
-    if attn.norm_k is not None:
-        k = attn.norm_k(k)
+    q, k, v, _ = heads_qkv(attn, hidden_states)
     if encoder_hidden_states is None:  # SD3.5's attn2: plain self-attention over the image tokens
         return attn.to_out[1](attn.to_out[0](v.transpose(1, 2).flatten(2).to(hidden_states.dtype)))
     eq, ek, ev = (_heads(p(encoder_hidden_states), heads) for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
@@ -80,18 +63,3 @@ def joint_identity_attention(attn, hidden_states, encoder_hidden_states=None, at
     if not attn.context_pre_only:
         text_out = attn.to_add_out(text_out)
     return image_out, text_out
-
-
-def split_rows(rows: slice, plain, perturbed, attn, hidden_states, *args, **kwargs):
-    """The attention layer's output on a batch whose rows `rows` are perturbed: `plain(attn, ...)` on
-    the other rows (if any), `perturbed(attn, ...)` on `rows`, in batch order. Every batched argument
-    (a tensor whose first dim is the batch) is cut along."""
-    full = hidden_states.shape[0]
-    start, stop, _ = rows.indices(full)
-    inputs = (hidden_states, args, kwargs)
-    ptb_hidden, ptb_args, ptb_kwargs = slice_batch(inputs, full, slice(start, stop))
-    out = perturbed(attn, ptb_hidden, *ptb_args, **ptb_kwargs)
-    if (start, stop) == (0, full):
-        return out
-    rest_hidden, rest_args, rest_kwargs = without_rows(inputs, full, slice(start, stop))
-    return with_rows(plain(attn, rest_hidden, *rest_args, **rest_kwargs), out, start)
