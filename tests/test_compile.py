@@ -31,10 +31,10 @@ def test_compiled_unet_without_graph_breaks(sag_backend):
     assert (out - eager).abs().max().item() <= 1e-5 * max(1.0, eager.abs().max().item())
 
 
-@pytest.mark.parametrize("mode", ["exact", "batched"])
-def test_compiled_unet_with_sag_and_pag_without_graph_breaks(mode):
-    # The perturbed rows are cut out and put back inside the capture switch, in the compiled forward.
-    config = dict(mode=mode, pag_scale=3.0, pag_layers=["mid", "up_blocks.0"])
+def test_compiled_unet_with_sag_and_pag_without_graph_breaks():
+    # The perturbed rows are cut out and put back inside the capture switch, in the compiled forward
+    # (batched: the one call has main, perturbed and degraded rows; ~40 s, so one mode).
+    config = dict(mode="batched", pag_scale=3.0, pag_layers=["mid", "up_blocks.0"])
     eager = run(sagfast.enable(sd_pipeline(), **config))
     out = compiled_run("eager", "auto", **config)
     assert (out - eager).abs().max().item() <= 1e-5 * max(1.0, eager.abs().max().item())
