@@ -59,6 +59,9 @@ class Step:
     pag_scale: float | torch.Tensor
     """PAG's scale at this step; 0 when this step runs no perturbed rows. A 0-d tensor in a CUDA graph
     of adaptive PAG (one graph serves every step's scale)."""
+    track: bool = False
+    """Batched mode, a step without SAG before a step with it: the main pass still records eps and
+    mask, so that the next SAG step can be batched."""
 
     @property
     def pag(self) -> bool:
@@ -131,18 +134,21 @@ class GuidedCall:
         if cfg.pag_scale > 0 and _within(cfg.pag_interval, f):
             pag_scale = cfg.pag_scale_at(_first(timestep)) if cfg.pag_adaptive_scale else cfg.pag_scale
         sag = cfg.scale > 0 and _within(cfg.sag_interval, f)
+        start, stop = cfg.sag_interval
+        track = cfg.mode == "batched" and cfg.scale > 0 and not sag and start < stop and f < stop
         if chunks == 2 and not _within(cfg.cfg_interval, f):
             # CFG outside its interval: the cond rows alone, returned for both halves, so that the
             # pipeline's CFG line o_u + g * (o_c - o_u) gives the guided cond prediction.
             rows = slice(fam.cond_chunk(2) * b, fam.cond_chunk(2) * b + b)
-            out = self.guided_rows(sample[rows], slice_batch(call, full, rows), 1, sag, pag_scale)
+            out = self.guided_rows(sample[rows], slice_batch(call, full, rows), 1, sag, pag_scale, track)
             return torch.cat([out, out])
-        return self.guided_rows(sample, call, chunks, sag, pag_scale)
+        return self.guided_rows(sample, call, chunks, sag, pag_scale, track)
 
-    def guided_rows(self, sample, call: dict, chunks: int, sag: bool, pag_scale: float) -> torch.Tensor:
-        """The guided prediction of a batch of `chunks` CFG chunks with the terms this step runs."""
+    def guided_rows(self, sample, call: dict, chunks: int, sag: bool, pag_scale: float, track: bool = False) -> torch.Tensor:
+        """The guided prediction of a batch of `chunks` CFG chunks with the terms this step runs
+        (`track`: see `Step.track`)."""
         cfg, fam = self.config, self.family
-        if not sag and not pag_scale > 0:
+        if not sag and not pag_scale > 0 and not track:
             self.last_sag = None
             return self.model(sample, **call, return_dict=False)[0]
         full = sample.shape[0]
@@ -156,9 +162,9 @@ class GuidedCall:
         state_key = (tuple(sample.shape), sample.dtype, sample.device, chunks)
         store = self.graphs.state if self.graphs is not None else self.previous
         batched = cfg.mode == "batched" and sag and self.last_sag == state_key and state_key in store
-        self.last_sag = state_key if sag else None
+        self.last_sag = state_key if sag or track else None
         variant = "batched" if batched else "exact"
-        step = Step(sample, call, b, slice(g, g + b), slice(c, c + b), noise, prediction_of(scheduler), state_key, sag, pag_scale)
+        step = Step(sample, call, b, slice(g, g + b), slice(c, c + b), noise, prediction_of(scheduler), state_key, sag, pag_scale, track)
         out = None
         if self.graphs is not None:
             out = self._graphed(variant, step, store)
@@ -175,7 +181,7 @@ class GuidedCall:
         why = []
         if step.sample.device.type != "cuda":
             why.append(f"CUDA graphs need CUDA tensors, got {step.sample.device.type}")
-        if self.config.mask == "random" and step.sag:
+        if self.config.mask == "random" and (step.sag or step.track):
             why.append('mask="random" draws from a generator the graph does not own')
         if why:
             self.graphs.clear()  # e.g. the pipeline moved to the CPU: free the GPU memory of its graphs
@@ -195,7 +201,7 @@ class GuidedCall:
         CFG, the prediction type, and the map size where the call's inputs give it (Flux: token grids
         4x8 and 8x4 pack to one shape)."""
         guide = (step.guide.start, step.guide.stop)  # a slice is unhashable before Python 3.12
-        terms = (step.sag, step.pag)
+        terms = (step.sag, step.pag, step.track)
         return (variant, terms, self.config, step.state_key[-1], guide, step.prediction_type, self.family.map_size(step.call))
 
     def graph_inputs(self, step: Step, store: dict):
@@ -211,7 +217,7 @@ class GuidedCall:
         n = step.noise
         inputs = {"sample": step.sample, "call": call, "noise": (n.a, n.b, n.abar, n.scale), "pag_scale": pag_scale}
         previous = store.get(step.state_key)
-        return inputs, ((previous.eps, previous.mask) if previous is not None and step.sag else ())
+        return inputs, ((previous.eps, previous.mask) if previous is not None and (step.sag or step.track) else ())
 
     def _exact_step(self, step: Step, store: dict) -> torch.Tensor:
         """Main pass, then (SAG) the degraded pass built from this step's own eps and mask. PAG's
@@ -222,11 +228,14 @@ class GuidedCall:
         o = out["main"]
         image, o_image = fam.to_image(step.sample, step.call), fam.to_image(o, step.call)
         c = predicted_channels(o_image, image)
-        if step.sag:
+        if step.sag or step.track:
             x0, eps = x0_eps(image[guide, :c], o_image[guide, :c], step.noise, step.prediction_type)
+            self._remember(step, store, eps, out["mask"])
+        if step.sag:
             xd = self._model_input(self._degrade(x0, out["mask"], eps, step.noise), image[guide], step)
             out.update(self._pass(step, degraded=xd, perturbed=late_pag))
-            self._remember(step, store, eps, out["mask"])
+        elif not step.pag:
+            return o  # tracking only: the prediction is the model's
         return self._combine(o, out.get("degraded"), out.get("perturbed"), step, c if o_image is o else None)
 
     def _batched_step(self, step: Step, previous: Previous, store: dict) -> torch.Tensor:
@@ -274,7 +283,7 @@ class GuidedCall:
         sample = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
         call = gather_batch(step.call, step.full, rows)
         capture, cfg = self.capture, self.config
-        if main and step.sag:
+        if main and (step.sag or step.track):
             capture.arm(
                 step.guide, record_mass=cfg.mask == "attention", hw=self.family.map_size(step.call)
             )  # the ablation's masks read no map
@@ -290,7 +299,7 @@ class GuidedCall:
         for name, n in parts:
             out[name] = o[at : at + n] if len(parts) > 1 else o
             at += n
-        if main and step.sag:
+        if main and (step.sag or step.track):
             out["mask"] = self._mask(step)
         return out
 

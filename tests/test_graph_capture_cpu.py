@@ -239,11 +239,11 @@ def test_one_graph_serves_every_step_of_adaptive_sag_plus_pag(mode, graphs, monk
     pipe = sagfast.enable(sd_pipeline(), mode=mode, pag_scale=3.0, pag_adaptive_scale=0.001)
     keys = graph_keys(pipe, monkeypatch)
     assert len(keys) == 3 and len(set(keys)) == graphs
-    assert {k[0][1] for k in keys} == {(True, True)}  # every step runs both terms
+    assert {k[0][1] for k in keys} == {(True, True, False)}  # every step runs both terms
     # Outside a term's interval the step is another graph (other rows), the same one at every such step.
     sagfast.enable(pipe, mode="exact", pag_scale=3.0, pag_interval=(0.0, 0.5))
     keys = graph_keys(pipe, monkeypatch, steps=4)
-    assert [k[0][1] for k in keys] == [(True, True)] * 2 + [(True, False)] * 2 and len(set(keys)) == 2
+    assert [k[0][1] for k in keys] == [(True, True, False)] * 2 + [(True, False, False)] * 2 and len(set(keys)) == 2
 
 
 def test_model_watch_sees_what_a_graph_bakes_in():
