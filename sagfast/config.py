@@ -23,13 +23,14 @@ class SAGConfig:
     """
 
     scale: float = 0.75
-    """SAG scale `s` in `out = cfg + s * (o_guide - o_degraded)`. The paper uses 0.1 to 1.0; diffusers'
+    """SAG scale `s` in `out = cfg + s * (o_guide - o_degraded) [+ PAG's term]`. The paper uses 0.1 to 1.0; diffusers'
     default is 0.75. Larger values sharpen structure more and start to over-saturate. 0 disables SAG
     (the wrapped UNet then makes exactly the plain pipeline's call)."""
 
     mode: str = "exact"
     """"exact": two model calls per step (main on [uncond, cond], then degraded on B), the algorithm of
-    the paper and of diffusers. "batched": one model call per step on [uncond, cond, degraded] (3B),
+    the paper and of diffusers. "batched": one model call per step on [uncond, cond, degraded] (3B;
+    with PAG [uncond, cond, perturbed, degraded], 4B),
     the degraded input built from the current input and the previous evaluation's eps and mask: one
     larger call instead of two sequential ones (faster where the model is not compute bound, or where
     per-call overhead dominates), an approximation whose quality cost the README reports. The first
