@@ -398,6 +398,12 @@ def plot(rows, path, n, steps, guidance, model: str = "unet") -> None:
     name = {"unet": "digit UNet", "dit": "digit DiT"}.get(model, model)
     sampler = {"unet": "DDIM", "dit": "flow-matching Euler"}.get(model, "")
     ax.set_title(f"SAG on the embedded {name}: N={n}, {steps} {sampler} steps")
+    _save(fig, ax, path)
+
+
+def _save(fig, ax, path) -> None:
+    import matplotlib.pyplot as plt
+
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -424,11 +430,7 @@ def plot_engine(rows, path, n, steps, guidance, model: str = "unet") -> None:
     ax.set_ylabel("FID (digit-classifier features; lower is better)")
     name = {"unet": "digit UNet", "dit": "digit DiT"}.get(model, model)
     ax.set_title(f"Guidance engine on the embedded {name}: CFG g={guidance:g}, {steps} steps")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, path)
 
 
 def _floats(text):

@@ -77,6 +77,17 @@ class Calls:
         del self.scheduler.step
 
 
+def calls_of(pipe, kwargs: dict) -> Calls:
+    """The model calls and predictions of one call of `pipe`."""
+    calls = Calls(pipe)
+    try:
+        with torch.no_grad():
+            calls.output = pipe(**kwargs).images
+    finally:
+        calls.remove()
+    return calls
+
+
 def run(name, cfg_on, **config):
     """(first step's prediction, batch sizes of every model call) of the family's pipeline with
     `config` (none: the plain pipeline)."""
@@ -84,12 +95,7 @@ def run(name, cfg_on, **config):
     pipe = make()
     if config:
         sagfast.enable(pipe, **config)
-    calls = Calls(pipe)
-    try:
-        with torch.no_grad():
-            pipe(**kwargs(cfg_on))
-    finally:
-        calls.remove()
+    calls = calls_of(pipe, kwargs(cfg_on))
     return calls.predictions[0], calls.sizes
 
 
@@ -136,12 +142,7 @@ def test_sag_interval_runs_degraded_rows_on_its_steps_only():
     assert sizes == [4, 2] * 2 + [4] * 2  # 4 steps: i / N = 0, 0.25 in, 0.5, 0.75 out
     pipe = sd_pipeline()
     sagfast.enable(pipe, scale=0.75, sag_interval=(0.0, 0.5))
-    calls = Calls(pipe)
-    try:
-        pipe(**sd_kwargs(True, steps=10))
-    finally:
-        calls.remove()
-    assert calls.sizes == [4, 2] * 5 + [4] * 5  # exactly 5 of 10 steps have a degraded pass
+    assert calls_of(pipe, sd_kwargs(True, steps=10)).sizes == [4, 2] * 5 + [4] * 5  # exactly 5 of 10 steps have a degraded pass
 
 
 def test_pag_interval_and_batched_mode_after_a_gap():
@@ -159,11 +160,7 @@ def test_pag_interval_and_batched_mode_after_a_gap():
 def test_heun_counts_both_evaluations_of_a_step_as_that_step():
     pipe = sd_pipeline(scheduler_cls=HeunDiscreteScheduler)
     sagfast.enable(pipe, scale=0.75, sag_interval=(0.0, 0.5))
-    calls = Calls(pipe)
-    try:
-        pipe(**sd_kwargs(True, steps=4))
-    finally:
-        calls.remove()
+    calls = calls_of(pipe, sd_kwargs(True, steps=4))
     main = [s for s in calls.sizes if s == 4]
     assert len(main) == len(pipe.scheduler.timesteps) == 7  # Heun: 2N - 1 evaluations
     # Steps 0 and 1 (evaluations 0-3) have a degraded pass, steps 2 and 3 (evaluations 4-6) none.
@@ -188,11 +185,8 @@ def test_cfg_outside_its_interval_equals_the_pipeline_with_guidance_turned_off()
     ).images
     full = pipe(**dict(kwargs, generator=torch.Generator().manual_seed(0))).images
     sagfast.enable(pipe, scale=0, cfg_interval=(0.0, 0.6))
-    calls = Calls(pipe)
-    try:
-        got = pipe(**dict(kwargs, generator=torch.Generator().manual_seed(0))).images
-    finally:
-        calls.remove()
+    calls = calls_of(pipe, dict(kwargs, generator=torch.Generator().manual_seed(0)))
+    got = calls.output
     assert calls.sizes == [4] * 6 + [2] * 4  # the last 4 steps run B rows
     bound = 1e-4 * max(1.0, want.abs().max().item())
     assert (got - want).abs().max().item() <= bound
