@@ -99,8 +99,9 @@ class GuidedCall:
         self.generator = None
         self.previous: dict = {}  # batched mode, eager: state key -> Previous
         self.last_sag = None
-        """Batched mode: the state key of the previous evaluation when it ran SAG (its eps and mask are
-        then this step's eps_prev and mask), else None: the next SAG step is exact."""
+        """Batched mode: the state key of the previous evaluation when it recorded eps and mask (a SAG
+        step, or a tracked one: `Step.track`), which are then this step's eps_prev and mask; else None,
+        and the next SAG step is exact."""
         self.first_index = None
         """Where the call's first evaluation is in the scheduler's timesteps (img2img starts mid-way)."""
         self.last_mask = None
