@@ -12,8 +12,8 @@ intervals for CFG, SAG and PAG, on tiny random components.
 
 import pytest
 import torch
-from components import prompt_embeds, sd_pipeline
-from diffusers import EulerDiscreteScheduler, HeunDiscreteScheduler
+from components import prompt_embeds, sd_components, sd_pipeline
+from diffusers import DDIMScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler, StableDiffusionImg2ImgPipeline
 from test_families import PIPELINES as VP_PIPELINES
 from test_families import call_kwargs as vp_kwargs
 from test_families_flow import call_kwargs as flow_kwargs
@@ -238,3 +238,16 @@ def test_sd3_default_pag_layer_names_its_layers():
         ValueError, match=r"'mid' matches no self-attention layer of this SD3Transformer2DModel.*transformer_blocks\.1\.attn"
     ):
         sagfast.enable(sd3(), pag_scale=3.0)
+
+
+@pytest.mark.parametrize("scheduler_cls", [DDIMScheduler, EulerDiscreteScheduler], ids=["ddim", "euler"])
+def test_img2img_counts_the_steps_it_runs(scheduler_cls):
+    # strength 0.5 of 10 steps runs the last 5 of the schedule: i / N counts those 5 (from the call's
+    # first evaluation), so sag_interval (0, 0.5) guides 3 of them (0, 0.2, 0.4).
+    pipe = StableDiffusionImg2ImgPipeline(**sd_components(scheduler_cls=scheduler_cls))
+    pipe.set_progress_bar_config(disable=True)
+    sagfast.enable(pipe, scale=0.75, sag_interval=(0.0, 0.5))
+    pe, ne = prompt_embeds(1)
+    image = torch.rand(1, 3, 64, 48, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    call = dict(prompt_embeds=pe, negative_prompt_embeds=ne, image=image, strength=0.5, num_inference_steps=10, output_type="latent")
+    assert calls_of(pipe, call).sizes == [2, 1] * 3 + [2] * 2
