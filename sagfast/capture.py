@@ -126,6 +126,19 @@ def heads_qkv(attn, hidden_states: torch.Tensor):
     return query, key, value, head_dim
 
 
+def text_heads_qkv(attn, encoder_hidden_states: torch.Tensor):
+    """(q, k, v as [B, H, T, D]) of a joint attention layer's text tokens (SD3's added projections),
+    the added norms applied."""
+    batch, heads = encoder_hidden_states.shape[0], attn.heads
+    q, k, v = (p(encoder_hidden_states) for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+    q, k, v = (t.view(batch, -1, heads, t.shape[-1] // heads).transpose(1, 2) for t in (q, k, v))
+    if attn.norm_added_q is not None:
+        q = attn.norm_added_q(q)
+    if attn.norm_added_k is not None:
+        k = attn.norm_added_k(k)
+    return q, k, v
+
+
 class SAGCaptureProcessor:
     """Self-attention processor that also records the attention mass of the guide rows: the first
     `guide` rows (an int) or the rows of `guide` (a slice).
@@ -354,13 +367,7 @@ class JointCaptureProcessor(SAGCaptureProcessor):
         query, key, value, head_dim = heads_qkv(attn, hidden_states)
         n_image = query.shape[2]
         if encoder_hidden_states is not None:
-            eq = attn.add_q_proj(encoder_hidden_states).view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-            ek = attn.add_k_proj(encoder_hidden_states).view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-            ev = attn.add_v_proj(encoder_hidden_states).view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-            if attn.norm_added_q is not None:
-                eq = attn.norm_added_q(eq)
-            if attn.norm_added_k is not None:
-                ek = attn.norm_added_k(ek)
+            eq, ek, ev = text_heads_qkv(attn, encoder_hidden_states)
             query = torch.cat([query, eq], dim=2)
             key = torch.cat([key, ek], dim=2)
             value = torch.cat([value, ev], dim=2)

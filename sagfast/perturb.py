@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from sagfast.capture import attention_input, attention_output, heads_qkv
+from sagfast.capture import attention_input, attention_output, heads_qkv, text_heads_qkv
 
 
 def identity_attention(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
@@ -31,10 +31,6 @@ def identity_attention(attn, hidden_states, encoder_hidden_states=None, attentio
     return attention_output(attn, attn.to_v(tokens), hidden_states, shape)
 
 
-def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    return x.view(x.shape[0], -1, heads, x.shape[-1] // heads).transpose(1, 2)
-
-
 def joint_identity_attention(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
     """SD3's joint attention (image tokens, then text tokens, one softmax) perturbed as diffusers'
     PAGJointAttnProcessor2_0 does it: an image query attends to its own image key and to the text
@@ -43,15 +39,10 @@ def joint_identity_attention(attn, hidden_states, encoder_hidden_states=None, at
     Computed without the (N + T)^2 mask: an image query's softmax runs over 1 + T scores (its own key,
     then the text keys), so memory is O(N * T). Like the stock processor, ignores `attention_mask`.
     """
-    heads = attn.heads
     q, k, v, _ = heads_qkv(attn, hidden_states)
     if encoder_hidden_states is None:  # SD3.5's attn2: plain self-attention over the image tokens
         return attn.to_out[1](attn.to_out[0](v.transpose(1, 2).flatten(2).to(hidden_states.dtype)))
-    eq, ek, ev = (_heads(p(encoder_hidden_states), heads) for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
-    if attn.norm_added_q is not None:
-        eq = attn.norm_added_q(eq)
-    if attn.norm_added_k is not None:
-        ek = attn.norm_added_k(ek)
+    eq, ek, ev = text_heads_qkv(attn, encoder_hidden_states)
     scale = 1.0 / math.sqrt(q.shape[-1])  # the stock processor calls SDPA with its default scale
     own = (q.float() * k.float()).sum(-1, keepdim=True) * scale
     text = torch.matmul(q.float(), ek.float().transpose(-1, -2)) * scale
