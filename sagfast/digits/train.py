@@ -111,24 +111,16 @@ def train_diffusion(x, y, args, log, classifier=None):
     ema_unet, ema_embed = copy.deepcopy(unet).eval(), copy.deepcopy(embed).eval()
     for p in list(ema_unet.parameters()) + list(ema_embed.parameters()):
         p.requires_grad_(False)
-    n = len(x)
-    perm, pos = torch.randperm(n, generator=g), 0
+    draw = batches(x, y, args, g)
     t0 = time.time()
     running = None
     for step in range(1, args.steps + 1):
-        if pos + args.batch_size > n:
-            perm, pos = torch.randperm(n, generator=g), 0
-        idx = perm[pos : pos + args.batch_size]
-        pos += args.batch_size
-        x0, labels = x[idx], y[idx].clone()
-        labels[torch.rand(len(idx), generator=g) < args.label_dropout] = NULL_CLASS
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=g)
+        x0, labels = next(draw)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(x0),), generator=g)
         noise = torch.randn(x0.shape, generator=g)
         a = abar[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        # learning rate: linear warmup, then cosine to 10%
-        warm = min(1.0, step / args.warmup)
-        lr = args.lr * warm * (0.55 + 0.45 * math.cos(math.pi * step / args.steps))
+        lr = _lr_at(args, step)
         for group in opt.param_groups:
             group["lr"] = lr
         pred = unet(xt, t, encoder_hidden_states=embed(labels), return_dict=False)[0]
@@ -153,6 +145,21 @@ def train_diffusion(x, y, args, log, classifier=None):
             el = time.time() - t0
             log(f"step {step}/{args.steps}: loss {running:.4f} lr {lr:.2e} ({el:.0f} s, {el / step:.2f} s/step)")
     return ema_unet, ema_embed, running, time.time() - t0
+
+
+def batches(x, y, args, g: torch.Generator):
+    """Training batches without end: (x0, labels) of `--batch-size` digits from a permutation drawn
+    anew each epoch, each label replaced by the null class with probability `--label-dropout`."""
+    n = len(x)
+    perm, pos = torch.randperm(n, generator=g), 0
+    while True:
+        if pos + args.batch_size > n:
+            perm, pos = torch.randperm(n, generator=g), 0
+        idx = perm[pos : pos + args.batch_size]
+        pos += args.batch_size
+        labels = y[idx].clone()
+        labels[torch.rand(len(idx), generator=g) < args.label_dropout] = NULL_CLASS
+        yield x[idx], labels
 
 
 def _lr_at(args, step: int) -> float:
@@ -180,18 +187,12 @@ def train_dit(x, y, args, log):
     ema = copy.deepcopy(model).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
-    n = len(x)
-    perm, pos = torch.randperm(n, generator=g), 0
+    draw = batches(x, y, args, g)
     t0 = time.time()
     running, curve = None, []
     for step in range(1, args.steps + 1):
-        if pos + args.batch_size > n:
-            perm, pos = torch.randperm(n, generator=g), 0
-        idx = perm[pos : pos + args.batch_size]
-        pos += args.batch_size
-        x0, labels = x[idx], y[idx].clone()
-        labels[torch.rand(len(idx), generator=g) < args.label_dropout] = NULL_CLASS
-        sigma = _sample_sigma(len(idx), args, g)
+        x0, labels = next(draw)
+        sigma = _sample_sigma(len(x0), args, g)
         eps = torch.randn(x0.shape, generator=g)
         s4 = sigma.view(-1, 1, 1, 1)
         xt = (1 - s4) * x0 + s4 * eps
