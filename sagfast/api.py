@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import threading
 import weakref
@@ -71,7 +72,7 @@ def guided_call(pipe, config: SAGConfig, arguments: dict | None = None):
     model = call.model
     with _LOCK:
         # Again at each call: a processor set since `enable` (set_attn_processor) is wrapped anew.
-        capture.install(call.capture.attn, call.capture.owner, call.capture.perturbed)
+        call.capture.reinstall()
         _RUNNING[id(model)] = _RUNNING.get(id(model), 0) + 1
     call_token = ACTIVE_CALL.set(call)
     capture_token = capture.ACTIVE.set(call.capture)
@@ -105,7 +106,11 @@ def denoiser_property(attribute: str) -> property:
         return self.__dict__[attribute]
 
     def set(self, value):
-        self.__dict__[attribute] = value
+        with _LOCK:
+            before = self.__dict__.get(attribute)
+            self.__dict__[attribute] = value
+            if hasattr(before, "modules") and before is not value:
+                _release(before)  # a model this pipeline no longer holds keeps no capture of sagfast's
 
     return property(get, set, doc=f"The pipeline's {attribute} (its guided stand-in during a guided call).")
 
@@ -139,6 +144,17 @@ def _reduce_guided(self, protocol):
 _GUIDED_CLASSES: dict = {}
 
 
+def _guided_call_method(base: type):
+    """GuidedPipelineMixin's `__call__` under the name, signature and docstring of `base.__call__`, so
+    that `help(pipe)`, IDEs and `inspect.signature` see the pipeline's own arguments."""
+
+    @functools.wraps(base.__call__)
+    def __call__(self, *args, **kwargs):
+        return GuidedPipelineMixin.__call__(self, *args, **kwargs)
+
+    return __call__
+
+
 def guided_class(base: type) -> type:
     """The guided subclass of the pipeline class `base` (one per base class, same name and module, so
     `save_pretrained` records the base class)."""
@@ -148,6 +164,7 @@ def guided_class(base: type) -> type:
             attribute = family_of_class(base).attribute
             namespace = {
                 "sagfast_base": base,
+                "__call__": _guided_call_method(base),
                 attribute: denoiser_property(attribute),
                 "__reduce_ex__": _reduce_guided,
                 "__module__": base.__module__,

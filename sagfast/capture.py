@@ -239,6 +239,11 @@ class Capture:
     def perturbs(self, attn) -> bool:
         return self.perturb_rows is not None and attn in self.perturbed
 
+    def reinstall(self) -> None:
+        """Before each model pass: the switches back on layers whose processor was replaced since the
+        call began (a step callback calling `set_attn_processor`); the new processor runs inside them."""
+        install(self.attn, self.owner, self.perturbed)
+
     def arm(self, guide_rows: slice, record_mass: bool, hw=None) -> None:
         """Before the main pass: record (h, w) (unless the call's inputs gave it: `hw`), and the mass
         of the batch rows `guide_rows` when `record_mass`, with the family's capture processor."""
@@ -307,14 +312,18 @@ class MapHook:
                 capture.hw = tuple(hidden.shape[-2:])
 
 
+_INSTALL_LOCK = threading.Lock()
+
+
 def install(attn: Attention, owner: torch.nn.Module, perturbed=()) -> None:
     """Put the switch on `attn` and on the PAG layers `perturbed` and the map hook on `owner`, unless
     they are there already (a processor set since, by `set_attn_processor` say, is wrapped anew)."""
-    for layer in (attn, *perturbed):
-        if not isinstance(layer.processor, CaptureSwitch):
-            layer.set_processor(switch_for(layer)(layer.processor))
-    if not any(isinstance(h, MapHook) for h in owner._forward_pre_hooks.values()):
-        owner.register_forward_pre_hook(MapHook(), with_kwargs=True)
+    with _INSTALL_LOCK:  # two calls on one model in two threads must not wrap a layer twice
+        for layer in (attn, *perturbed):
+            if not isinstance(layer.processor, CaptureSwitch):
+                layer.set_processor(switch_for(layer)(layer.processor))
+        if not any(isinstance(h, MapHook) for h in owner._forward_pre_hooks.values()):
+            owner.register_forward_pre_hook(MapHook(), with_kwargs=True)
 
 
 def uninstall(model: torch.nn.Module) -> None:

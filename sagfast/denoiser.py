@@ -95,8 +95,8 @@ class GuidedCall:
         if config.pag_scale > 0:
             self.capture.perturbed = frozenset(family.pag_layers(self.model, config.pag_layers))
             self.capture.perturb_processor = family.perturbed_attention
-        self.seed = _seed_of(arguments.get("generator"))
-        self.generator = None
+        self.seeds = _seeds_of(arguments.get("generator"))
+        self.generators = None
         self.previous: dict = {}  # batched mode, eager: state key -> Previous
         self.last_sag = None
         """Batched mode: the state key of the previous evaluation when it recorded eps and mask (a SAG
@@ -284,6 +284,7 @@ class GuidedCall:
         sample = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
         call = gather_batch(step.call, step.full, rows)
         capture, cfg = self.capture, self.config
+        capture.reinstall()
         if main and (step.sag or step.track):
             capture.arm(
                 step.guide, record_mass=cfg.mask == "attention", hw=self.family.map_size(step.call)
@@ -313,9 +314,13 @@ class GuidedCall:
         hw = capture.map_size(self.layer_name)
         if cfg.mask == "global":
             return torch.ones(step.b, *hw, dtype=torch.bool, device=device)
-        if self.generator is None or self.generator.device != device:
-            self.generator = torch.Generator(device=device).manual_seed(self.seed)
-        return torch.rand(step.b, *hw, generator=self.generator, device=device) < cfg.random_mask_ratio
+        if self.generators is None or self.generators[0].device != device:
+            self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in self.seeds]
+        if len(self.generators) == step.b:  # each image's mask from its own generator
+            noise = torch.cat([torch.rand(1, *hw, generator=g, device=device) for g in self.generators])
+        else:
+            noise = torch.rand(step.b, *hw, generator=self.generators[0], device=device)
+        return noise < cfg.random_mask_ratio
 
     def _model_input(self, xd: torch.Tensor, image: torch.Tensor, step: Step) -> torch.Tensor:
         """The degraded latent in the model's layout and dtype, with the guide rows' extra input
@@ -369,13 +374,12 @@ def _first(timestep) -> float:
     return float(timestep.reshape(-1)[0]) if torch.is_tensor(timestep) else float(timestep)
 
 
-def _seed_of(generator) -> int:
-    """The random mask's seed: the call's generator's (so one seed gives one image), else a fresh one."""
-    if isinstance(generator, (list, tuple)) and generator:
-        generator = generator[0]
-    if isinstance(generator, torch.Generator):
-        return generator.initial_seed()
-    return torch.Generator().seed()
+def _seeds_of(generator) -> list[int]:
+    """The random mask's seeds: one per generator of the call (a list of generators gives each image
+    its own mask, as it gives each image its own noise), the call's one generator's, else a fresh one."""
+    generators = list(generator) if isinstance(generator, (list, tuple)) else [generator]
+    seeds = [g.initial_seed() for g in generators if isinstance(g, torch.Generator)]
+    return seeds or [torch.Generator().seed()]
 
 
 class GuidedDenoiser(torch.nn.Module):

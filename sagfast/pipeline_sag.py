@@ -40,6 +40,9 @@ class StableDiffusionSAGPipeline(GuidedPipelineMixin, StableDiffusionPipeline):
     ):
         # The type hints are diffusers' own: `from_pipe` hands over a component only when they match.
         DiffusionPipeline.__init__(self)
+        # What StableDiffusionPipeline.__init__ sets besides the components, which its __call__ reads
+        # (the default height and width). tests/test_defaults.py checks that none is missing.
+        self._is_unet_config_sample_size_int = unet is not None and isinstance(unet.config.sample_size, int)
         self.register_modules(
             vae=vae,
             text_encoder=text_encoder,
@@ -80,10 +83,17 @@ class StableDiffusionSAGPipeline(GuidedPipelineMixin, StableDiffusionPipeline):
         clip_skip: int | None = None,
         *,
         sag_config: SAGConfig | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
     ):
         """diffusers' `StableDiffusionSAGPipeline.__call__`; `sag_config` sets the other SAG fields
-        (its `scale` is replaced by `sag_scale`)."""
-        legacy = {"callback": callback, "callback_steps": callback_steps} if callback is not None else {}
+        (its `scale` is replaced by `sag_scale`). `callback_on_step_end` and its tensor inputs are
+        StableDiffusionPipeline's (diffusers' SAG pipeline has only the legacy `callback`)."""
+        extra = {"callback": callback, "callback_steps": callback_steps} if callback is not None else {}
+        if callback_on_step_end is not None:
+            extra["callback_on_step_end"] = callback_on_step_end
+        if callback_on_step_end_tensor_inputs is not None:
+            extra["callback_on_step_end_tensor_inputs"] = callback_on_step_end_tensor_inputs
         config = make_config(sag_config or config_of(self), {"scale": sag_scale})
         with guided_call(self, config, {"generator": generator, "guidance_scale": guidance_scale}):
             return StableDiffusionPipeline.__call__(
@@ -106,5 +116,5 @@ class StableDiffusionSAGPipeline(GuidedPipelineMixin, StableDiffusionPipeline):
                 return_dict=return_dict,
                 cross_attention_kwargs=cross_attention_kwargs,
                 clip_skip=clip_skip,
-                **legacy,
+                **extra,
             )

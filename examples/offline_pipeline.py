@@ -1,0 +1,116 @@
+"""A tiny Stable Diffusion pipeline with random weights, built offline from configs.
+
+It has every component `StableDiffusionPipeline.from_pretrained(...)` gives (a CLIP tokenizer and
+text encoder, a UNet, a VAE, SD 1.5's PNDM scheduler), only small: a prompt call with every default
+the pipeline reads (50 steps, height and width from the UNet's `sample_size`) takes about a second
+on a CPU. Its images are noise: it is for trying sagfast's calls without a download, not for
+pictures (`sagfast demo` makes real ones, with the digit models that ship in the package).
+
+    python examples/offline_pipeline.py   # builds one and runs a prompt call with SAG
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from tokenizers.pre_tokenizers import ByteLevel
+
+HIDDEN = 32
+
+
+def tiny_tokenizer() -> CLIPTokenizer:
+    """A CLIP tokenizer whose vocabulary is the byte-level alphabet, each letter also as a word end,
+    and the two special tokens, with no merges: every text tokenizes, one token per character. It pads
+    to CLIP's 77 tokens, as SD's tokenizer does."""
+    letters = sorted(ByteLevel.alphabet())
+    tokens = ["<|startoftext|>", "<|endoftext|>", *letters, *(c + "</w>" for c in letters)]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=77)
+
+
+def tiny_text_encoder(vocab_size: int, seed: int = 0) -> CLIPTextModel:
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    return CLIPTextModel(config).eval()
+
+
+def tiny_unet(seed: int = 0) -> UNet2DConditionModel:
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=HIDDEN,
+        attention_head_dim=[2, 4],
+        norm_num_groups=8,
+    ).eval()
+
+
+def tiny_vae(seed: int = 0) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(16, 32),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+    ).eval()
+
+
+def sd15_scheduler() -> PNDMScheduler:
+    """SD 1.5's scheduler config, as `from_pretrained` loads it."""
+    return PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        set_alpha_to_one=False,
+        skip_prk_steps=True,
+        steps_offset=1,
+    )
+
+
+def tiny_components(seed: int = 0) -> dict:
+    """The components of a tiny SD 1.x pipeline (no safety checker), for any pipeline class taking them."""
+    tokenizer = tiny_tokenizer()
+    return dict(
+        vae=tiny_vae(seed),
+        text_encoder=tiny_text_encoder(len(tokenizer), seed),
+        tokenizer=tokenizer,
+        unet=tiny_unet(seed),
+        scheduler=sd15_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def tiny_stable_diffusion(seed: int = 0) -> StableDiffusionPipeline:
+    """What `StableDiffusionPipeline.from_pretrained(...)` returns, tiny and offline."""
+    pipe = StableDiffusionPipeline(**tiny_components(seed))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+if __name__ == "__main__":
+    import sagfast
+
+    pipe = sagfast.enable(tiny_stable_diffusion(), scale=0.75)
+    image = pipe("a photo of a cat").images[0]
+    print(f"a {image.size[0]}x{image.size[1]} image from a guided call with only a prompt")
