@@ -1,7 +1,8 @@
-"""python -m bench SCENARIO [--quick] [--out DIR] [...]
+"""python -m bench SCENARIO [--quick] [--out DIR] [...]   (python -m bench SCENARIO --help: its options)
 
 Scenarios: step, overhead, memory, kernels, e2e, or all (each in turn, plus DIR/PERFORMANCE.md).
-Each writes DIR/<scenario>.json (machine, versions, dtype, settings, rows, raw samples), .csv, .md
+Each exits non-zero when a row it ran failed (a row skipped for a stated reason is not a failure) and
+writes DIR/<scenario>.json (machine, versions, dtype, settings, rows, raw samples), .csv, .md
 (a markdown table) and, where it helps, a .png plot.
 """
 
@@ -22,35 +23,91 @@ from bench import common
 SCENARIOS = ("step", "overhead", "memory", "kernels", "e2e")
 
 
-def parse(argv=None):
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("scenario", choices=SCENARIOS + ("all",))
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="small models and few rounds: a CPU run in minutes")
-    p.add_argument("--full", action="store_true", help="on CPU too: the SDXL-shaped model (step, overhead; slow)")
     p.add_argument("--out", default="bench-results", help="output folder (default: bench-results)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto (CUDA if present), cpu or cuda")
     p.add_argument("--dtype", choices=sorted(common.DTYPES), help="default: fp16 on CUDA, fp32 on CPU")
-    p.add_argument("--models", help="comma-separated: tiny, sd15, sdxl (step, overhead, e2e)")
-    p.add_argument(
-        "--variants",
-        help="comma-separated step variants: cfg, floor, diffusers_sag, pag, sagfast_exact, sagfast_batched, "
-        "sagfast_sag_interval, sagfast_pag, sagfast_sag_pag_exact, sagfast_sag_pag_exact_degraded, "
-        "sagfast_sag_pag_batched, and any sagfast variant + _graph (CUDA)",
-    )
-    p.add_argument("--size", type=int, help="image side in pixels (default per model and device)")
-    p.add_argument("--steps", type=int, help="denoising steps per pipeline call")
-    p.add_argument("--batch", type=int, default=1, help="step: images per call (B; a CFG call is 2B)")
-    p.add_argument("--rounds", type=int, help="timed rounds (after warm-up)")
-    p.add_argument("--warmup", type=int, help="untimed warm-up rounds")
-    p.add_argument("--tokens", help="memory: comma-separated N (default 1024,4096,16384)")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--threads", type=_positive, help="torch.set_num_threads (default: torch's)")
+
+
+def _timing(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rounds", type=_positive, help="timed rounds (after warm-up)")
+    p.add_argument("--warmup", type=_count, help="untimed warm-up rounds")
+
+
+def _pipelines(p: argparse.ArgumentParser, variants: bool = True) -> None:
+    p.add_argument("--models", help="comma-separated: tiny, sd15, sdxl (e2e: digits, sd15)")
+    p.add_argument("--full", action="store_true", help="on CPU too: the SDXL-shaped model (slow)")
+    p.add_argument("--size", type=_positive, help="image side in pixels (default per model and device)")
+    if variants:
+        p.add_argument("--steps", type=_positive, help="denoising steps per pipeline call")
+        p.add_argument(
+            "--variants",
+            help="comma-separated step variants: cfg, floor, diffusers_sag, pag, sagfast_exact, sagfast_batched, "
+            "sagfast_sag_interval, sagfast_pag, sagfast_sag_pag_exact, sagfast_sag_pag_exact_degraded, "
+            "sagfast_sag_pag_batched, and any sagfast variant + _graph (CUDA)",
+        )
+
+
+SCENARIO_HELP = {
+    "step": "ms per denoising step of each guidance variant",
+    "overhead": "what each part of a SAG step costs (capture, mass, degrade, combine)",
+    "memory": "peak memory of the attention-mass capture against the dense map",
+    "kernels": "each op per backend against its PyTorch reference",
+    "e2e": "whole pipeline calls per mode",
+    "all": "every scenario in turn, plus DIR/PERFORMANCE.md",
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="scenario", required=True, metavar="SCENARIO")
+    for name, text in SCENARIO_HELP.items():
+        s = sub.add_parser(name, help=text, description=f"python -m bench {name}: {text}.")
+        _common(s)
+        if name in ("step", "overhead", "e2e", "all"):
+            _timing(s)
+            _pipelines(s, variants=name != "overhead")
+        if name in ("step", "all"):
+            s.add_argument("--batch", type=_positive, default=1, help="images per call (B; a CFG call is 2B)")
+        if name in ("memory", "all"):
+            s.add_argument("--tokens", help="comma-separated N (default 1024,4096,16384)")
+    return p
+
+
+def parse(argv=None):
+    p = parser()
     opts = p.parse_args(argv)
     opts.command = "python -m bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     opts.device = common.pick_device(opts.device)
     opts.dtype = common.DTYPES[opts.dtype or ("fp16" if opts.device.type == "cuda" else "fp32")]
-    opts.models = opts.models.split(",") if opts.models else None
-    opts.variants = opts.variants.split(",") if opts.variants else None
-    opts.tokens = [int(n) for n in opts.tokens.split(",")] if opts.tokens else None
+    for name in ("models", "variants"):
+        value = getattr(opts, name, None)
+        setattr(opts, name, value.split(",") if value else None)
+    tokens = getattr(opts, "tokens", None)
+    try:
+        opts.tokens = [int(n) for n in tokens.split(",")] if tokens else None
+    except ValueError:
+        p.error(f"argument --tokens: comma-separated integers expected, got {tokens!r}")
+    for name in ("full", "size", "steps", "rounds", "warmup"):
+        if not hasattr(opts, name):
+            setattr(opts, name, False if name == "full" else None)
+    opts.batch = getattr(opts, "batch", 1)
     return opts
 
 
@@ -71,7 +128,8 @@ def run_kernels(opts, record: dict) -> dict:
     return {"title": "Kernels per backend", "rows": rows, "notes": [], "columns": [(k, k) for k in keys] or columns}
 
 
-def run_scenario(name: str, opts, out_dir: Path) -> Path:
+def run_scenario(name: str, opts, out_dir: Path) -> list:
+    """Runs one scenario and writes its files; returns its failed rows."""
     runner = run_kernels if name == "kernels" else importlib.import_module(f"bench.{name}").run
     settings = settings_of(opts)
     settings["scenario"] = name
@@ -80,7 +138,7 @@ def run_scenario(name: str, opts, out_dir: Path) -> Path:
     result = runner(opts, record)
     record["scenario_wall_s"] = round(time.perf_counter() - t0, 1)
     if opts.device.type != "cuda":
-        result["notes"] = [*result.get("notes", []), "CPU figures; GPU figures pending (no CUDA device in this run)."]
+        result["notes"] = [*result.get("notes", []), "CPU figures (no CUDA device in this run)."]
     plots = result.pop("plots", [])
     columns = result.pop("columns")
     title = result.pop("title")
@@ -101,7 +159,7 @@ def run_scenario(name: str, opts, out_dir: Path) -> Path:
     path = common.write_results(out_dir, name, result, columns, title)
     common.log(f"{name}: wrote {path} (+ .csv, .md{', ' + ', '.join(written) if written else ''}) in {record['scenario_wall_s']} s")
     print((out_dir / f"{name}.md").read_text())
-    return path
+    return common.failed_rows(result.get("rows", []))
 
 
 def main(argv=None) -> int:
@@ -117,14 +175,17 @@ def main(argv=None) -> int:
             )
     out_dir = Path(opts.out)
     names = SCENARIOS if opts.scenario == "all" else (opts.scenario,)
+    failed = []
     for name in names:
-        run_scenario(name, opts, out_dir)
+        failed += [(name, row) for row in run_scenario(name, opts, out_dir)]
     if opts.scenario == "all":
         parts = ["## Performance", "", f"Generated by `{opts.command}`.", ""]
         parts += [(out_dir / f"{n}.md").read_text() for n in names if (out_dir / f"{n}.md").exists()]
         (out_dir / "PERFORMANCE.md").write_text("\n".join(parts))
         common.log(f"wrote {out_dir / 'PERFORMANCE.md'}")
-    return 0
+    for name, row in failed:
+        common.log(f"FAILED {name}: {row['status']}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -439,11 +439,18 @@ def status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def failed_rows(rows: list) -> list:
+    """The rows of a scenario that failed: their status starts with "error" (a row skipped for a stated
+    reason, such as no CUDA, is not a failure)."""
+    return [r for r in rows if str(r.get("status", "")).startswith("error")]
+
+
 def variant_status(row: dict, key: str, samples: dict, skipped: dict):
     """(row, summary) for one variant of an interleaved run: a skipped or failed variant gets its
     status and no summary; one that ran gets the summary of its samples; (None, None) if it never ran."""
-    if key in skipped:
-        return dict(row, status=f"skipped: {skipped[key]}"), None
+    if key in skipped:  # a stated reason, or an "error: ..." found before the variant could run
+        why = skipped[key]
+        return dict(row, status=why if why.startswith("error") else f"skipped: {why}"), None
     s = samples.get(key)
     if s is None:
         return None, None

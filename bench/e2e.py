@@ -2,8 +2,8 @@
 
 1. The embedded digit model (`sagfast.digits`, trained weights shipped with the package): one pipeline
    call generating the ten digits 0-9 (batch 10) with CFG, per mode: plain CFG, sagfast exact,
-   sagfast batched, and with CUDA graphs on a GPU. Imported lazily: while
-   the digit model is not there, the rows say "not available" and why.
+   sagfast batched, and with CUDA graphs on a GPU. Where the weights do not load, the row is an error
+   with the reason (the scenario then exits non-zero).
 2. On a GPU only: the SD 1.5-shaped UNet (random weights) with the SD VAE's shape, 512x512, 30 steps,
    batch 1, output_type="pt" (VAE decode included), per mode: CFG, diffusers' SAG pipeline, sagfast
    exact / batched / + CUDA graph, diffusers' PAG (mid). Not run on CPU (a 30-step SD 1.5 call at 512
@@ -15,59 +15,19 @@ interleaved over rounds after warm-up; "x CFG" is the median of the per-round ra
 
 from __future__ import annotations
 
-import importlib
-import inspect
+import os
 
 import torch
 
 import sagfast
 from bench import common, models, step
+from sagfast.digits import load_pipeline
 
 
-def _load_digits(device, dtype):
-    """(pipeline factory, None) or (None, reason)."""
-    try:
-        digits = importlib.import_module("sagfast.digits")
-    except Exception as exc:
-        return None, f"sagfast.digits not importable ({type(exc).__name__}: {exc})"
-    load = getattr(digits, "load_pipeline", None)
-    if load is None:
-        try:
-            load = importlib.import_module("sagfast.digits.weights").load_pipeline
-        except Exception as exc:
-            return None, f"sagfast.digits has no load_pipeline ({type(exc).__name__}: {exc})"
-    try:
-        kw = {}
-        params = inspect.signature(load).parameters
-        if "device" in params:
-            kw["device"] = device
-        if "dtype" in params:
-            kw["dtype"] = dtype
-        if "progress" in params:
-            kw["progress"] = False
-        load(**kw)  # probe once: weights present, pipeline class present
-    except Exception as exc:
-        return None, f"the digit pipeline does not load ({type(exc).__name__}: {exc})"
-    return (lambda: load(**kw)), None
-
-
-def _digits_call(pipe, steps: int, device) -> dict:
-    """Keyword arguments for one call that generates the digits 0-9, read off the pipeline's signature."""
-    params = inspect.signature(pipe.__call__).parameters
-    kw = {}
-    label_name = next((n for n in ("class_labels", "labels", "digits", "digit", "classes") if n in params), None)
-    if label_name is None:
-        raise TypeError(f"cannot tell the label argument of {type(pipe).__name__}.__call__{inspect.signature(pipe.__call__)}")
-    kw[label_name] = list(range(10))
-    if "num_inference_steps" in params:
-        kw["num_inference_steps"] = steps
-    if "guidance_scale" in params:
-        kw["guidance_scale"] = 3.0
-    if "generator" in params:
-        kw["generator"] = torch.Generator(device=device).manual_seed(0)
-    if "output_type" in params:
-        kw["output_type"] = "pt"
-    return kw
+def _digits_call(steps: int, device) -> dict:
+    """One call that generates the digits 0-9."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    return dict(class_labels=list(range(10)), num_inference_steps=steps, guidance_scale=3.0, generator=generator, output_type="pt")
 
 
 def _rows_from(samples: dict, skipped: dict, base: dict, labels: dict) -> list:
@@ -92,9 +52,14 @@ def run_digits(opts, log) -> tuple[list, list]:
     rounds = opts.rounds or (3 if opts.quick else 5)
     warmup = opts.warmup if opts.warmup is not None else 1
     base = {"model": "digits (embedded)", "image": "32x32", "batch": 10, "steps": steps}
-    factory, why = _load_digits(device, dtype)
-    if factory is None:
-        return [dict(base, mode="all", status=f"not available: {why}")], [f"digit model not available: {why}"]
+    try:
+        load_pipeline(device=device, dtype=dtype, progress=False)
+    except Exception as exc:  # a row that failed, with its reason: the scenario exits non-zero
+        return [dict(base, mode="all", status=f"error: the digit pipeline does not load ({type(exc).__name__}: {exc})")], []
+
+    def factory():
+        return load_pipeline(device=device, dtype=dtype, progress=False)
+
     labels = {
         "cfg": "CFG only (no SAG)",
         "sagfast_exact": "sagfast exact",
@@ -111,30 +76,18 @@ def run_digits(opts, log) -> tuple[list, list]:
         else:
             skipped[name + "_graph"] = gwhy
     runners = {}
-    try:
-        pipes = {"cfg": factory()}
-        for name, cfg in modes.items():
-            pipe = factory()
-            try:
-                sagfast.enable(pipe, scale=0.75, **cfg)
-            except Exception as exc:
-                skipped[name] = f"sagfast.enable failed: {type(exc).__name__}: {exc}"
-                continue
-            pipes[name] = pipe
-        for name, pipe in pipes.items():
-            _digits_call(pipe, steps, device)  # fails early if the signature is not understood
+    pipes = {"cfg": factory()}
+    for name, cfg in modes.items():
+        pipes[name] = sagfast.enable(factory(), scale=0.75, **cfg)
+    for name, pipe in pipes.items():
 
-            def fn(pipe=pipe):
-                with torch.inference_mode():
-                    pipe(**_digits_call(pipe, steps, device))
+        def fn(pipe=pipe):
+            with torch.inference_mode():
+                pipe(**_digits_call(steps, device))
 
-            runners[name] = common.timed(fn, device, number=1)
-    except Exception as exc:
-        return [dict(base, mode="all", status=f"error: {type(exc).__name__}: {exc}")], []
+        runners[name] = common.timed(fn, device, number=1)
     log(f"e2e: digits, {steps} steps, batch 10, {rounds} rounds: {list(runners)}")
     samples = common.interleave(runners, rounds, warmup, log)
-    import os
-
     weights = os.environ.get("SAGFAST_DIGITS_WEIGHTS") or "the shipped weights (sagfast/weights)"
     notes = [
         f"digits: weights from {weights}; guidance 3.0, SAG scale 0.75, the pipeline's default scheduler (DDIM); "
@@ -149,7 +102,11 @@ def run_sd15(opts, log) -> tuple[list, list]:
     steps = opts.steps or 30
     base = {"model": "sd15", "image": f"{size}x{size}", "batch": 1, "steps": steps}
     if device.type != "cuda":
-        return [dict(base, mode="all", status="GPU only: not run on CPU (GPU figures pending)")], []
+        return [
+            dict(
+                base, mode="all", status="skipped: needs a CUDA device (a 30-step SD 1.5 call at 512 takes minutes per mode on 2 CPU cores)"
+            )
+        ], []
     rounds = opts.rounds or 3
     warmup = opts.warmup if opts.warmup is not None else 1
     runners, skipped, _ = step.build_variants(models.SD15, size, steps, device, dtype, opts.variants, log, vae="sd")

@@ -168,7 +168,7 @@ def time_rows(quick: bool, device: torch.device, dtype: torch.dtype) -> list:
             s = samples.get(name)
             row = dict(op=case["op"], backend=name, shape=case["shape"], dtype=str(dtype).replace("torch.", ""), device=device.type)
             if isinstance(s, dict):
-                row["status"] = s["error"]
+                row["status"] = f"error: {s['error']}"
                 rows.append(row)
                 continue
             summ = common.summarize(s)
@@ -248,7 +248,7 @@ def measure_memory(device: torch.device, dtype: torch.dtype) -> list:
             peak = _cpu_peak(lambda: fn(inp)) if device.type == "cpu" else _cuda_peak(lambda: fn(inp), device)
             rows.append(dict(op=op, backend=name, shape=shape, peak_bytes=peak))
         except Exception as exc:
-            rows.append(dict(op=op, backend=name, shape=shape, status=f"{type(exc).__name__}: {exc}"))
+            rows.append(dict(op=op, backend=name, shape=shape, status=f"error: {type(exc).__name__}: {exc}"))
         inp = None  # frees the inputs before the next case
     return rows
 
@@ -263,7 +263,7 @@ def run_memory(device: torch.device, dtype: torch.dtype) -> list:
     cmd = [sys.executable, "-m", "bench.kernels", "--memory-worker", "--dtype", name, "--threads", str(torch.get_num_threads())]
     done = subprocess.run(cmd, cwd=common.REPO, env=env, capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
-        return [dict(op="memory", backend="-", shape="-", status=f"worker failed: {done.stderr[-500:]}")]
+        return [dict(op="memory", backend="-", shape="-", status=f"error: memory worker failed: {done.stderr[-500:]}")]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -175,7 +175,7 @@ def build_variants(
         try:
             sagfast.enable(pipe, **dict(dict(scale=0.75), **cfg))
         except Exception as exc:
-            skipped[name] = f"sagfast.enable failed: {type(exc).__name__}: {exc}"
+            skipped[name] = f"error: sagfast.enable failed: {type(exc).__name__}: {exc}"
             continue
         runners[name] = PipelineRunner(pipe, call, steps, device, False)
     if want("pag"):

@@ -64,7 +64,7 @@ def test_cli_step_quick_writes_valid_json(tmp_path):
     assert "(no CUDA here)" in rows["sagfast_exact_graph"]["status"]
     assert (out / "step.csv").read_text().startswith("model,")
     assert "| (d) sagfast exact |" in (out / "step.md").read_text()
-    assert "GPU figures pending (no CUDA device in this run)" in (out / "step.md").read_text()
+    assert "CPU figures (no CUDA device in this run)" in (out / "step.md").read_text()
 
 
 def test_half_precision_bench_runs_and_fp32_matches_diffusers():
@@ -80,3 +80,35 @@ def test_half_precision_bench_runs_and_fp32_matches_diffusers():
         assert r["fp32_sagfast_vs_diffusers"] <= 1e-3
         assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("effect", "plain", "diffusers", "sagfast"))
     assert "| DDIM | epsilon | fp16 |" in table(result)
+
+
+def _bench(args, tmp_path, **env):
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **env)
+    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_e2e_quick_runs_every_row_and_exits_0(tmp_path):
+    proc = _bench(["e2e", "--quick", "--device", "cpu", "--threads", "1", "--out", str(tmp_path)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads((tmp_path / "e2e.json").read_text())["rows"]
+    statuses = {r["mode"]: r["status"] for r in rows}
+    for mode in ("CFG only (no SAG)", "sagfast exact", "sagfast batched"):
+        assert statuses[mode] == "ok", statuses
+    assert all(s == "ok" or s.startswith("skipped: ") for s in statuses.values()), statuses
+
+
+def test_a_failing_row_makes_the_scenario_exit_non_zero(tmp_path):
+    proc = _bench(["e2e", "--quick", "--device", "cpu", "--out", str(tmp_path)], tmp_path, SAGFAST_DIGITS_WEIGHTS=str(tmp_path / "missing"))
+    assert proc.returncode == 1
+    assert "FAILED e2e: error: the digit pipeline does not load" in proc.stderr
+    assert json.loads((tmp_path / "e2e.json").read_text())["rows"][0]["status"].startswith("error: ")
+
+
+def test_each_scenario_help_shows_its_own_options(tmp_path):
+    e2e = _bench(["e2e", "--help"], tmp_path)
+    memory = _bench(["memory", "--help"], tmp_path)
+    assert e2e.returncode == memory.returncode == 0
+    assert "--steps" in e2e.stdout and "--tokens" not in e2e.stdout
+    assert "--tokens" in memory.stdout and "--variants" not in memory.stdout
+    bad = _bench(["step", "--steps", "0"], tmp_path)
+    assert bad.returncode == 2 and "argument --steps: must be a positive integer, got 0" in bad.stderr

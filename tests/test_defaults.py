@@ -104,11 +104,10 @@ def test_an_enabled_pipeline_with_only_a_prompt_is_diffusers_sag():
 
 def family_pipelines():
     """(name, tiny pipeline, the fewest arguments its call needs) for every family sagfast guides."""
+    from diffusers import DDPMPipeline
     from test_families import dit, pixart, unconditional
     from test_families_flow import embeds, flux, sd3
     from test_pipelines import sdxl_pipeline
-
-    from diffusers import DDPMPipeline
 
     from sagfast.digits import load_dit_pipeline, load_pipeline
 
@@ -117,11 +116,30 @@ def family_pipelines():
     t5, ones = torch.randn(1, 5, 24, generator=xl), torch.ones(1, 5, dtype=torch.long)
     return [
         ("sd", tiny_stable_diffusion, dict(prompt=PROMPT)),
-        ("sdxl", sdxl_pipeline, dict(prompt_embeds=torch.randn(1, 8, 64, generator=xl), pooled_prompt_embeds=torch.randn(1, 32, generator=xl))),
+        (
+            "sdxl",
+            sdxl_pipeline,
+            dict(prompt_embeds=torch.randn(1, 8, 64, generator=xl), pooled_prompt_embeds=torch.randn(1, 32, generator=xl)),
+        ),
         ("ddpm", lambda: unconditional(DDPMPipeline), dict(num_inference_steps=3)),
         ("dit", dit, dict(class_labels=[1])),
-        ("pixart", pixart, dict(prompt_embeds=t5, prompt_attention_mask=ones, negative_prompt=None, negative_prompt_embeds=-t5, negative_prompt_attention_mask=ones, use_resolution_binning=False)),
-        ("sd3", sd3, dict(prompt_embeds=pe, pooled_prompt_embeds=pooled, negative_prompt_embeds=-pe, negative_pooled_prompt_embeds=-pooled)),
+        (
+            "pixart",
+            pixart,
+            dict(
+                prompt_embeds=t5,
+                prompt_attention_mask=ones,
+                negative_prompt=None,
+                negative_prompt_embeds=-t5,
+                negative_prompt_attention_mask=ones,
+                use_resolution_binning=False,
+            ),
+        ),
+        (
+            "sd3",
+            sd3,
+            dict(prompt_embeds=pe, pooled_prompt_embeds=pooled, negative_prompt_embeds=-pe, negative_pooled_prompt_embeds=-pooled),
+        ),
         ("flux", flux, dict(prompt_embeds=pe, pooled_prompt_embeds=pooled, height=32, width=32)),
         ("digits", lambda: load_pipeline(progress=False), dict(class_labels=[3])),
         ("digits-dit", load_dit_pipeline, dict(class_labels=[3])),
@@ -150,7 +168,9 @@ def test_an_enabled_pipeline_runs_on_its_call_defaults(name, build, call):
     reads by default, guided; scale=0 is the plain call, SAG changes it."""
     pipe = build()
     steps = {} if "num_inference_steps" in call or name in ("sd", "digits", "digits-dit") else {"num_inference_steps": 3}
-    run = lambda: pipe(**call, **steps, generator=torch.Generator().manual_seed(0), output_type="pt" if name.startswith("digits") else "latent")  # noqa: E731
+    run = lambda: pipe(
+        **call, **steps, generator=torch.Generator().manual_seed(0), output_type="pt" if name.startswith("digits") else "latent"
+    )  # noqa: E731
     get = lambda out: out.images if torch.is_tensor(out.images) else torch.as_tensor(out.images)  # noqa: E731
     plain = get(run())
     with sagfast.guided(pipe, scale=0):
