@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The GPU checks in one run, on a lent GPU machine as it comes (torch and triton there, no diffusers,
-# no network). First, here: `bash bench/gpu_kit.sh` (writes .gpu-kit/). Then, with the device tool:
+# The GPU checks in one run, on a CUDA machine that may have no network and no diffusers (torch and
+# triton are enough). On a machine with network first: `bash bench/gpu_kit.sh` (writes .gpu-kit/);
+# copy the tree with .gpu-kit/ to the CUDA machine, then there:
 #
-#   run(command="bash bench/gpu_checks.sh", carry=[".gpu-kit"], timeout_s=570)
+#   bash bench/gpu_checks.sh [--out DIR]     # results in DIR (default: $OUT, else gpu-results)
 #
 # Installs the kit into /tmp/sagfast-kit when diffusers is missing, then runs the stages of
 # `bench/stages.py` (info, C++/CUDA extension built for this device's architecture only, the GPU
@@ -30,11 +31,17 @@ if [ -n "$why" ]; then
   exit 2
 fi
 out="${OUT:-gpu-results}"
+if [ "${1:-}" = "--out" ] && [ -n "${2:-}" ]; then
+  out="$2"
+elif [ $# -gt 0 ]; then
+  echo "usage: bash bench/gpu_checks.sh [--out DIR]" >&2
+  exit 2
+fi
 mkdir -p "$out"
 work="$(mktemp -d)"
 if ! "$PY" -c 'import diffusers' 2>/dev/null; then
   if ! ls .gpu-kit/*.whl >/dev/null 2>&1; then
-    echo "diffusers is missing here and .gpu-kit/ has no wheels: run bash bench/gpu_kit.sh first and carry .gpu-kit" >&2
+    echo "diffusers is missing here and .gpu-kit/ has no wheels: run bash bench/gpu_kit.sh on a machine with network and copy .gpu-kit/ here" >&2
     exit 2
   fi
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$work/kit" .gpu-kit/*.whl || exit 2

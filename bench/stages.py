@@ -1,6 +1,6 @@
 """Runs a list of shell stages, each under its own time limit, and records every outcome.
 
-`bench/gpu_checks.sh` uses it on a lent GPU machine, where device time is short and a run must not
+`bench/gpu_checks.sh` uses it on a CUDA machine, where GPU time may be short and a run must not
 stop at its first failure: a stage that fails or runs out of time is recorded and the next one still
 runs, and stages that would start after the overall deadline are recorded as skipped. Each stage's
 output goes to the log file and to the console; `summary.json` and `summary.md` in the results
@@ -34,7 +34,7 @@ class Stage:
 def gpu_stages() -> list[Stage]:
     """The GPU checks, in order of what matters most when time runs out. Limits sum to <= 8 minutes
     with the extension build; the figures in the comments are what the stages are expected to take
-    on an H100/H200 (unmeasured until the first lent run)."""
+    on an H100/H200."""
     step = (
         "$PY -m bench step --device cuda --dtype fp16 --models sd15 --size 512 --batch {b} --rounds 5 --warmup 2 "
         "--variants cfg,floor,sagfast_exact,sagfast_batched,sagfast_exact_graph,sagfast_batched_graph --out $R/step_b{b}"

@@ -20,11 +20,10 @@ the two panels stand one above the other under a 24 px title bar each: 636 x 212
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
-
-import torch
 
 DIGIT_ZOOM = 3
 GAP = 4
@@ -90,6 +89,7 @@ def _digit_columns(guidance: float, sag_scale: float):
 def _mask_overlay(digit, mask, cell: int):
     """The digit (PIL "L") in grey with the SAG mask ([h, w] bool) in red over it, `cell` px square."""
     import numpy as np
+    import torch
     from PIL import Image
 
     grey = np.asarray(digit.resize((cell, cell), Image.NEAREST), dtype=np.float32)
@@ -112,6 +112,7 @@ def _difference(a, b, cell: int, gain: float = 4.0):
 
 def _digit_panel(model: str, steps, samples, guidance, sag_scale, seed, scheduler, log):
     """(title, panel image, column timings) of one embedded model."""
+    import torch
     from PIL import Image
 
     import sagfast
@@ -208,6 +209,7 @@ def demo_digits(
 ) -> dict:
     """Make the digit demo at `out` (one panel per embedded model); returns {"path", "size", "columns":
     [{"title", "seconds"}]}."""
+    import torch
     from PIL import Image, ImageDraw
 
     if threads:
@@ -231,21 +233,23 @@ def demo_digits(
     return {"path": out, "size": canvas.size, "columns": times}
 
 
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "pndm": "PNDMScheduler",
+    "ddpm": "DDPMScheduler",
+}
+
+
 def _scheduler_class(name: str):
     import diffusers
 
-    names = {
-        "ddim": "DDIMScheduler",
-        "euler": "EulerDiscreteScheduler",
-        "euler_a": "EulerAncestralDiscreteScheduler",
-        "dpm": "DPMSolverMultistepScheduler",
-        "unipc": "UniPCMultistepScheduler",
-        "pndm": "PNDMScheduler",
-        "ddpm": "DDPMScheduler",
-    }
     if name is None:
         return None
-    return getattr(diffusers, names.get(name, name))
+    return getattr(diffusers, SCHEDULERS.get(name, name))
 
 
 def demo_sd(
@@ -263,6 +267,7 @@ def demo_sd(
     log=print,
 ) -> dict:
     """CFG vs CFG + SAG on a local Stable Diffusion folder; rows the prompts."""
+    import torch
     from diffusers import DiffusionPipeline
 
     import sagfast
@@ -315,7 +320,9 @@ def demo_sd(
     return {"path": out, "size": grid.size, "columns": times}
 
 
-def _demo(p, args) -> None:
+def _demo(args) -> None:
+    import torch
+
     if args.threads:
         torch.set_num_threads(args.threads)
     elif (os.cpu_count() or 1) <= 2:
@@ -324,14 +331,12 @@ def _demo(p, args) -> None:
         torch.set_num_threads(1)
     t0 = time.perf_counter()
     if args.model:
-        if not args.prompt:
-            p.error("--model needs at least one --prompt")
         demo_sd(
             args.model,
             args.prompt,
             args.out,
-            steps=args.steps or 25,
-            guidance=args.guidance or 7.5,
+            steps=25 if args.steps is None else args.steps,
+            guidance=7.5 if args.guidance is None else args.guidance,
             sag_scale=args.sag_scale,
             seed=args.seed,
             height=args.height,
@@ -340,13 +345,11 @@ def _demo(p, args) -> None:
             scheduler=args.scheduler,
         )
     else:
-        if args.prompt:
-            p.error("--prompt needs --model DIR (the digit model takes no prompt)")
         demo_digits(
             args.out,
-            steps=args.steps or 15,
+            steps=15 if args.steps is None else args.steps,
             samples=args.samples,
-            guidance=args.guidance or 3.0,
+            guidance=3.0 if args.guidance is None else args.guidance,
             sag_scale=args.sag_scale,
             seed=args.seed,
             scheduler=args.scheduler or "ddim",
@@ -354,7 +357,66 @@ def _demo(p, args) -> None:
     print(f"total {time.perf_counter() - t0:.1f} s")
 
 
-def main(argv=None) -> int:
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a positive integer expected, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"a positive integer expected, got {text}")
+    return value
+
+
+def _scale(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number expected, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"a finite number >= 0 expected, got {text}")
+    return value
+
+
+def _pixels(text: str) -> int:
+    value = _positive(text)
+    if value % 8:
+        raise argparse.ArgumentTypeError(f"a multiple of 8 expected, got {text}")
+    return value
+
+
+def _scheduler(text: str) -> str:
+    if text in SCHEDULERS:
+        return text
+    import diffusers
+
+    if text.endswith("Scheduler") and hasattr(diffusers, text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(SCHEDULERS)} nor a diffusers scheduler class name")
+
+
+def _check(p: argparse.ArgumentParser, args) -> None:
+    """What the options say together, and the paths, before any work is done."""
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder):
+        p.error(f"argument --out: the folder {folder} does not exist")
+    if not args.out.lower().endswith(".png"):
+        p.error(f"argument --out: a .png path expected, got {args.out}")
+    if args.model:
+        if not os.path.isfile(os.path.join(args.model, "model_index.json")):
+            p.error(f"argument --model: {args.model} is not a local diffusers pipeline folder (no model_index.json there)")
+        if not args.prompt:
+            p.error("argument --model: needs at least one --prompt")
+        if args.samples != 1:
+            p.error("argument --samples: only for the digit demo (without --model)")
+    else:
+        if args.prompt:
+            p.error("argument --prompt: needs --model DIR (the digit model takes no prompt)")
+        for name in ("negative_prompt", "height", "width"):
+            if getattr(args, name) is not None:
+                p.error(f"argument --{name.replace('_', '-')}: only with --model DIR")
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sagfast", description="Self-Attention Guidance for diffusers, fast.")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser(
@@ -363,24 +425,32 @@ def main(argv=None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    d.add_argument("--out", default="sag_demo.png", help="PNG path (default: sag_demo.png)")
-    d.add_argument("--steps", type=int, help="denoising steps (default: 15 digits, 25 SD)")
-    d.add_argument("--guidance", type=float, help="CFG scale (default: 3 digits, 7.5 SD)")
-    d.add_argument("--sag-scale", type=float, default=0.75, help="SAG scale (default 0.75)")
+    d.add_argument("--out", default="sag_demo.png", help="PNG path, in a folder that exists (default: sag_demo.png)")
+    d.add_argument("--steps", type=_positive, help="denoising steps (default: 15 digits, 25 SD)")
+    d.add_argument("--guidance", type=_scale, help="CFG scale, >= 0 (default: 3 digits, 7.5 SD)")
+    d.add_argument("--sag-scale", type=_scale, default=0.75, help="SAG scale, >= 0 (default 0.75)")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--samples", type=int, default=1, help="digit demo: samples per cell (default 1)")
-    d.add_argument("--scheduler", help="ddim (default), euler, euler_a, dpm, unipc, pndm, ddpm, or a diffusers class name")
-    d.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's; 1 on machines with <= 2 cores)")
+    d.add_argument("--samples", type=_positive, default=1, help="digit demo: samples per cell (default 1)")
+    d.add_argument("--scheduler", type=_scheduler, help=f"{', '.join(SCHEDULERS)} (default ddim), or a diffusers scheduler class name")
+    d.add_argument("--threads", type=_positive, help="torch.set_num_threads (default: torch's; 1 on machines with <= 2 cores)")
     d.add_argument("--model", help="a local diffusers Stable Diffusion folder (instead of the digit model)")
     d.add_argument("--prompt", action="append", help="with --model: a prompt (repeat for more rows)")
-    d.add_argument("--negative-prompt")
-    d.add_argument("--height", type=int)
-    d.add_argument("--width", type=int)
+    d.add_argument("--negative-prompt", help="with --model")
+    d.add_argument("--height", type=_pixels, help="with --model: image height in pixels (a multiple of 8)")
+    d.add_argument("--width", type=_pixels, help="with --model: image width in pixels (a multiple of 8)")
+    return p
+
+
+def main(argv=None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     if args.command == "demo":
+        _check(p, args)
+        import torch
+
         threads_before = torch.get_num_threads()
         try:
-            _demo(p, args)
+            _demo(args)
         finally:
             torch.set_num_threads(threads_before)  # main() may run inside another program (tests)
     return 0

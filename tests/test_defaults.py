@@ -168,10 +168,14 @@ def test_an_enabled_pipeline_runs_on_its_call_defaults(name, build, call):
     reads by default, guided; scale=0 is the plain call, SAG changes it."""
     pipe = build()
     steps = {} if "num_inference_steps" in call or name in ("sd", "digits", "digits-dit") else {"num_inference_steps": 3}
-    run = lambda: pipe(
-        **call, **steps, generator=torch.Generator().manual_seed(0), output_type="pt" if name.startswith("digits") else "latent"
-    )  # noqa: E731
-    get = lambda out: out.images if torch.is_tensor(out.images) else torch.as_tensor(out.images)  # noqa: E731
+    output_type = "pt" if name.startswith("digits") else "latent"
+
+    def run():
+        return pipe(**call, **steps, generator=torch.Generator().manual_seed(0), output_type=output_type)
+
+    def get(out):
+        return out.images if torch.is_tensor(out.images) else torch.as_tensor(out.images)
+
     plain = get(run())
     with sagfast.guided(pipe, scale=0):
         assert torch.equal(get(run()), plain)

@@ -5,6 +5,8 @@ the quality benchmark run."""
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -177,11 +179,48 @@ def test_demo_writes_png_of_documented_size(tmp_path, capsys):
         assert diff.min() < 255  # SAG changed some pixels (dark on white; 2 steps change little)
 
 
-def test_demo_rejects_prompt_without_model(tmp_path):
-    from sagfast.cli import main
+BAD_OPTIONS = [
+    (["--steps", "0"], "argument --steps: a positive integer expected, got 0"),
+    (["--steps", "x"], "argument --steps: a positive integer expected, got 'x'"),
+    (["--guidance", "nan"], "argument --guidance: a finite number >= 0 expected, got nan"),
+    (["--sag-scale", "-1"], "argument --sag-scale: a finite number >= 0 expected, got -1"),
+    (["--samples", "0"], "argument --samples: a positive integer expected, got 0"),
+    (["--scheduler", "bogus"], "argument --scheduler: 'bogus' is not one of ddim"),
+    (["--out", "/no/such/folder/x.png"], "argument --out: the folder /no/such/folder does not exist"),
+    (["--out", "x.jpg"], "argument --out: a .png path expected"),
+    (["--model", "/no/such/model", "--prompt", "a"], "argument --model: /no/such/model is not a local diffusers pipeline folder"),
+    (["--prompt", "a cat"], "argument --prompt: needs --model DIR"),
+    (["--height", "64"], "argument --height: only with --model DIR"),
+]
 
-    with pytest.raises(SystemExit):
-        main(["demo", "--out", str(tmp_path / "x.png"), "--prompt", "a cat"])
+
+@pytest.mark.parametrize("options, message", BAD_OPTIONS, ids=[" ".join(o) for o, _ in BAD_OPTIONS])
+def test_demo_refuses_a_bad_option_before_any_work(options, message, capsys, monkeypatch):
+    from sagfast import cli
+
+    monkeypatch.setattr(cli, "_demo", lambda args: pytest.fail("the demo ran"))
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["demo", *options])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: sagfast" in err and message in err
+
+
+def test_demo_takes_zero_as_zero(monkeypatch):
+    from sagfast import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "demo_digits", lambda out, **kw: seen.update(kw))
+    assert cli.main(["demo", "--guidance", "0", "--sag-scale", "0"]) == 0
+    assert seen["guidance"] == 0.0 and seen["sag_scale"] == 0.0
+
+
+def test_help_does_not_import_torch():
+    import subprocess
+
+    code = "import sys; from sagfast.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip().endswith("False"), done.stderr
 
 
 def test_training_script_is_reproducible(tmp_path):
@@ -247,29 +286,18 @@ def test_quality_benchmark_dit_unconditional_smoke(tmp_path):
     assert (tmp_path / "quality_dit.md").exists() and (tmp_path / "quality_dit.png").exists()
 
 
-def test_demo_with_stable_diffusion_folder(tmp_path, monkeypatch):
-    """`sagfast demo --model DIR --prompt ...` flow, on tiny random SD components standing in for the
-    folder (no text encoder here: prompts are encoded to fixed random embeddings)."""
-    import diffusers
-    from components import prompt_embeds, sd_pipeline
+def test_demo_with_stable_diffusion_folder(tmp_path):
+    """`sagfast demo --model DIR --prompt ...` on a real folder: a tiny random SD pipeline (CLIP
+    tokenizer and text encoder included) written by `save_pretrained` and loaded by the demo."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    from offline_pipeline import tiny_stable_diffusion
 
     from sagfast.cli import main
 
-    pe, ne = prompt_embeds(1)
-    loaded = {}
-
-    def fake_from_pretrained(path, **kwargs):
-        assert kwargs.get("local_files_only") is True
-        pipe = sd_pipeline()
-        pipe.encode_prompt = lambda *a, **k: (pe, ne)
-        loaded["pipe"] = pipe
-        return pipe
-
-    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", staticmethod(fake_from_pretrained))
+    tiny_stable_diffusion().save_pretrained(tmp_path / "sd")
     out = tmp_path / "sd.png"
-    assert main(["demo", "--model", str(tmp_path), "--prompt", "a", "--prompt", "b", "--steps", "2", "--out", str(out)]) == 0
+    assert main(["demo", "--model", str(tmp_path / "sd"), "--prompt", "a", "--prompt", "b", "--steps", "2", "--out", str(out)]) == 0
     img = Image.open(out)
     columns = 3  # CFG, CFG + SAG exact, CFG + SAG batched
     side = 32  # the tiny pipeline's default image size
     assert img.size == (36 + columns * (side + 4), 40 + 2 * (side + 4))
-    assert not sagfast.is_enabled(loaded["pipe"])
