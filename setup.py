@@ -1,14 +1,14 @@
-"""sagfast: Self-Attention Guidance for diffusers, fast enough to leave on.
+"""The optional C++/CUDA extension of sagfast (the metadata is in pyproject.toml).
 
-Install with the project's constraints file (torch 2.13.0, triton 3.7.1):
-    pip install -c constraints.txt -e ".[test]"
+Install with the project's constraints file (torch 2.13.0, triton 3.7.1), without build isolation:
+    pip install -c constraints.txt --no-build-isolation -e ".[test]"
 """
 
 import os
 import shutil
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 
 def _cpp_extension():
@@ -21,6 +21,12 @@ def _cpp_extension():
     The package works without the extension (the "cpp" backend then reports why it cannot run).
     """
     if os.environ.get("SAGFAST_BUILD_EXT", "1") == "0":
+        # An extension built before would still load (and `sagfast info` say so): remove it.
+        here = os.path.dirname(os.path.abspath(__file__))
+        for name in os.listdir(os.path.join(here, "sagfast")):
+            if name.startswith("_C") and name.endswith((".so", ".pyd")):
+                os.remove(os.path.join(here, "sagfast", name))
+                print(f"sagfast: SAGFAST_BUILD_EXT=0: removed the extension built before (sagfast/{name})", file=sys.stderr)
         return [], {}
     try:
         import torch
@@ -53,31 +59,5 @@ def _cpp_extension():
 
 _EXT_MODULES, _CMDCLASS = _cpp_extension()
 
-setup(
-    name="sagfast",
-    version="0.1.0",
-    description="Fast Self-Attention Guidance (SAG) for diffusers pipelines",
-    python_requires=">=3.10",
-    packages=find_packages(include=["sagfast", "sagfast.*"]) + ["sagfast.kernels"],
-    # kernels/ holds Triton code only and is installed as sagfast.kernels: a top-level `kernels`
-    # package would clash with the PyPI project of that name (and diffusers' use of it).
-    package_dir={"sagfast.kernels": "kernels"},
-    package_data={"sagfast": ["weights/*.safetensors", "weights/*.json"]},
-    install_requires=[
-        "torch>=2.4",
-        "diffusers>=0.30",
-        "transformers",
-        "safetensors",
-        "numpy",
-        "pillow",
-        "tqdm",
-    ],
-    extras_require={
-        "triton": ["triton"],
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "triton", "mlxtend", "matplotlib", "accelerate", "ruff"],
-        "train": ["mlxtend"],
-    },
-    entry_points={"console_scripts": ["sagfast=sagfast.cli:main"]},
-    ext_modules=_EXT_MODULES,
-    cmdclass=_CMDCLASS,
-)
+# The metadata is in pyproject.toml; this file adds the extension only.
+setup(ext_modules=_EXT_MODULES, cmdclass=_CMDCLASS)

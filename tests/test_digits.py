@@ -301,3 +301,12 @@ def test_demo_with_stable_diffusion_folder(tmp_path):
     columns = 3  # CFG, CFG + SAG exact, CFG + SAG batched
     side = 32  # the tiny pipeline's default image size
     assert img.size == (36 + columns * (side + 4), 40 + 2 * (side + 4))
+
+
+def test_training_refuses_to_overwrite_the_shipped_weights(capsys):
+    from sagfast.digits import train
+
+    with pytest.raises(SystemExit) as exit:
+        train.main(["--out", str(WEIGHTS_DIR), "--steps", "1"])
+    assert exit.value.code == 2
+    assert "holds the shipped weights; pass --replace-shipped" in capsys.readouterr().err

