@@ -4,7 +4,7 @@
     pytest bench/test_bench_step.py --benchmark-only --benchmark-save=step   # keep for --benchmark-compare
 
 pytest-benchmark times one test after the other, not interleaved: these suites are for tracking
-regressions between commits on one machine. The figures in the README come from the interleaved CLI
+regressions between commits on one machine. The figures in docs/performance.md come from the interleaved CLI
 (`python -m bench step`), where ratios are paired round by round.
 """
 
