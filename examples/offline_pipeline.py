@@ -44,9 +44,10 @@ def tiny_text_encoder(vocab_size: int, seed: int = 0) -> CLIPTextModel:
     return CLIPTextModel(config).eval()
 
 
-def tiny_unet(seed: int = 0) -> UNet2DConditionModel:
+def tiny_unet(seed: int = 0, **overrides) -> UNet2DConditionModel:
+    """An SD-shaped UNet (two levels, cross-attention in the lower one); `overrides` change its config."""
     torch.manual_seed(seed)
-    return UNet2DConditionModel(
+    config = dict(
         block_out_channels=(32, 64),
         layers_per_block=1,
         sample_size=16,
@@ -55,9 +56,11 @@ def tiny_unet(seed: int = 0) -> UNet2DConditionModel:
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=HIDDEN,
-        attention_head_dim=[2, 4],
+        attention_head_dim=[2, 4],  # a list: diffusers' SAG pipeline reads the heads from its last entry
         norm_num_groups=8,
-    ).eval()
+    )
+    config.update(overrides)
+    return UNet2DConditionModel(**config).eval()
 
 
 def tiny_vae(seed: int = 0) -> AutoencoderKL:

@@ -2,42 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-CROSS_DIM = 32
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+from offline_pipeline import HIDDEN, tiny_unet, tiny_vae  # noqa: E402  (the same tiny UNet and VAE)
+
+__all__ = ["tiny_unet", "tiny_vae"]
+
+CROSS_DIM = HIDDEN
 TOKENS = 8
-
-
-def tiny_unet(seed: int = 0, **overrides) -> UNet2DConditionModel:
-    torch.manual_seed(seed)
-    config = dict(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=CROSS_DIM,
-        attention_head_dim=[2, 4],  # a list: diffusers SAG reads heads from its last entry
-        norm_num_groups=8,
-    )
-    config.update(overrides)
-    return UNet2DConditionModel(**config).eval()
-
-
-def tiny_vae(seed: int = 0) -> AutoencoderKL:
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        block_out_channels=(16, 32),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=8,
-    ).eval()
 
 
 def scheduler_config(prediction_type: str = "epsilon") -> dict:
