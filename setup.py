@@ -1,4 +1,4 @@
-"""The optional C++/CUDA extension of sagfast (the metadata is in pyproject.toml).
+"""sagfast's package layout and its optional C++/CUDA extension (the metadata is in pyproject.toml).
 
 Install with the project's constraints file (torch 2.13.0, triton 3.7.1), without build isolation:
     pip install -c constraints.txt --no-build-isolation -e ".[test]"
@@ -8,7 +8,7 @@ import os
 import shutil
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 
 def _cpp_extension():
@@ -59,5 +59,12 @@ def _cpp_extension():
 
 _EXT_MODULES, _CMDCLASS = _cpp_extension()
 
-# The metadata is in pyproject.toml; this file adds the extension only.
-setup(ext_modules=_EXT_MODULES, cmdclass=_CMDCLASS)
+# The metadata is in pyproject.toml; this file adds the package layout and the extension.
+setup(
+    packages=find_packages(include=["sagfast", "sagfast.*"]) + ["sagfast.kernels"],
+    # kernels/ holds Triton code only and is installed as sagfast.kernels: a top-level `kernels`
+    # package would clash with the PyPI project of that name (and diffusers' use of it).
+    package_dir={"sagfast.kernels": "kernels"},
+    ext_modules=_EXT_MODULES,
+    cmdclass=_CMDCLASS,
+)
