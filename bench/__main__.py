@@ -93,21 +93,20 @@ def parser() -> argparse.ArgumentParser:
 def parse(argv=None):
     p = parser()
     opts = p.parse_args(argv)
+    # What a scenario has no option for, as the scenarios read it (settings_of records them all).
+    for name, value in dict(
+        models=None, variants=None, tokens=None, full=False, size=None, steps=None, rounds=None, warmup=None, batch=1
+    ).items():
+        opts.__dict__.setdefault(name, value)
     opts.command = "python -m bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     opts.device = common.pick_device(opts.device)
     opts.dtype = common.DTYPES[opts.dtype or ("fp16" if opts.device.type == "cuda" else "fp32")]
-    for name in ("models", "variants"):
-        value = getattr(opts, name, None)
-        setattr(opts, name, value.split(",") if value else None)
-    tokens = getattr(opts, "tokens", None)
+    opts.models = opts.models.split(",") if opts.models else None
+    opts.variants = opts.variants.split(",") if opts.variants else None
     try:
-        opts.tokens = [int(n) for n in tokens.split(",")] if tokens else None
+        opts.tokens = [int(n) for n in opts.tokens.split(",")] if opts.tokens else None
     except ValueError:
-        p.error(f"argument --tokens: comma-separated integers expected, got {tokens!r}")
-    for name in ("full", "size", "steps", "rounds", "warmup"):
-        if not hasattr(opts, name):
-            setattr(opts, name, False if name == "full" else None)
-    opts.batch = getattr(opts, "batch", 1)
+        p.error(f"argument --tokens: comma-separated integers expected, got {opts.tokens!r}")
     return opts
 
 
