@@ -58,7 +58,7 @@ def _pipelines(p: argparse.ArgumentParser, variants: bool = True) -> None:
         p.add_argument("--steps", type=_positive, help="denoising steps per pipeline call")
         p.add_argument(
             "--variants",
-            help="comma-separated step variants: cfg, floor, diffusers_sag, pag, sagfast_exact, sagfast_batched, "
+            help="comma-separated step variants: cfg, floor, cfg_graph, floor_graph (CUDA), diffusers_sag, pag, sagfast_exact, sagfast_batched, "
             "sagfast_sag_interval, sagfast_pag, sagfast_sag_pag_exact, sagfast_sag_pag_exact_degraded, "
             "sagfast_sag_pag_batched, and any sagfast variant + _graph (CUDA)",
         )

@@ -157,16 +157,22 @@ def time_rows(quick: bool, device: torch.device, dtype: torch.dtype) -> list:
         heavy = case["flops"] is not None and case["flops"] > 1e10 and device.type == "cpu"
         variants = {}
         for name in backends:
+            if case["op"] == "attention_mass" and name == "cpp" and device.type == "cuda":
+                continue  # no CUDA C++ attention mass (docs/design.md, "The attention mass on CUDA")
 
             def fn(name=name, inp=inp):
                 return case["call"](inp, name)
 
             variants[name] = common.timed(fn, device, number=1 if heavy else None)
-        common.log(f"kernels: {case['op']} {case['shape']} ({', '.join(backends)})")
+        common.log(f"kernels: {case['op']} {case['shape']} ({', '.join(variants)})")
         samples = common.interleave(variants, rounds=3 if heavy else rounds, warmup=warmup)
         for name in backends:
             s = samples.get(name)
             row = dict(op=case["op"], backend=name, shape=case["shape"], dtype=str(dtype).replace("torch.", ""), device=device.type)
+            if name not in variants:
+                row["status"] = "skipped: the C++ attention mass runs on CPU only"
+                rows.append(row)
+                continue
             if isinstance(s, dict):
                 row["status"] = f"error: {s['error']}"
                 rows.append(row)

@@ -37,7 +37,7 @@ def gpu_stages() -> list[Stage]:
     on an H100/H200."""
     step = (
         "$PY -m bench step --device cuda --dtype fp16 --models sd15 --size 512 --batch {b} --rounds 5 --warmup 2 "
-        "--variants cfg,floor,sagfast_exact,sagfast_batched,sagfast_exact_graph,sagfast_batched_graph --out $R/step_b{b}"
+        "--variants cfg,floor,cfg_graph,floor_graph,sagfast_exact,sagfast_batched,sagfast_exact_graph,sagfast_batched_graph --out $R/step_b{b}"
     )
     return [
         Stage("info", "nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; $PY -m sagfast.info | tee $R/info.txt", 30),

@@ -4,6 +4,8 @@ Variants (all on one shared UNet with random weights, DDIM, guidance 7.5, batch 
   (a) cfg          CFG only: the plain StableDiffusion(XL)Pipeline, one batch-2 model call per step
   (b) floor        CFG + one dummy batch-B model call per step: the practical floor for exact SAG
                    (exact SAG cannot avoid a second, dependent model call)
+  cfg_graph, floor_graph  (a) and (b) with their model calls in a CUDA graph (CUDA only): the
+                   baselines of the graphed sagfast variants
   (c) diffusers    diffusers' StableDiffusionSAGPipeline (SD 1.x/2.x only; none for SDXL)
   (d) exact        sagfast.enable(pipe, mode="exact")
   (e) batched      sagfast.enable(pipe, mode="batched")
@@ -28,10 +30,12 @@ import inspect
 import statistics
 
 import torch
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 import sagfast
 from bench import common, models
 from sagfast.batch import slice_batch
+from sagfast.cuda_graph import graphs_of
 
 SAGFAST = {
     "sagfast_exact": ("(d) sagfast exact", dict(mode="exact")),
@@ -50,6 +54,8 @@ SAGFAST = {
 LABELS = {
     "cfg": "(a) CFG only",
     "floor": "(b) CFG + dummy batch-B call (floor)",
+    "cfg_graph": "(a) CFG only + CUDA graph",
+    "floor_graph": "(b) floor + CUDA graph",
     "diffusers_sag": "(c) diffusers SAG pipeline",
     "pag": "(g) diffusers PAG (mid)",
     **{name: label for name, (label, _) in SAGFAST.items()},
@@ -57,13 +63,18 @@ LABELS = {
 }
 
 
-class ExtraCallUNet(torch.nn.Module):
-    """Variant (b): the pipeline's own model call, then one more call on the first B rows (the guide
-    branch) whose output is thrown away. What exact SAG costs if everything outside the model is free."""
+class BaselineUNet(torch.nn.Module):
+    """The baselines in place of the pipeline's UNet. `extra_call`: variant (b), the pipeline's own model
+    call, then one more call on the first B rows (the guide branch) whose output is thrown away: what
+    exact SAG costs if everything outside the model is free. `graphed`: (a) or (b) captured in a CUDA
+    graph per input shape (sagfast's graph cache), so that graphed SAG is compared with graphed CFG
+    rather than with an eager step's launch overhead."""
 
-    def __init__(self, unet):
+    def __init__(self, unet, extra_call: bool, graphed: bool = False):
         super().__init__()
         self.unet = unet
+        self.extra_call = extra_call
+        self.graphed = graphed
         self._signature = inspect.signature(unet.forward)
 
     def __getattr__(self, name):
@@ -72,17 +83,29 @@ class ExtraCallUNet(torch.nn.Module):
         except AttributeError:
             return getattr(self._modules["unet"], name)
 
+    def _step(self, call: dict) -> torch.Tensor:
+        call = dict(call)
+        sample = call.pop("sample")
+        out = self.unet(sample, **call, return_dict=False)[0]
+        if self.extra_call:
+            full = sample.shape[0]
+            b = full // 2 if full % 2 == 0 else full
+            self.unet(sample[:b], **slice_batch(call, full, slice(0, b)), return_dict=False)
+        return out
+
     def forward(self, *args, **kwargs):
-        out = self.unet(*args, **kwargs)
         bound = self._signature.bind(*args, **kwargs)
         call = dict(bound.arguments)
         call.update(call.pop("kwargs", {}) if "kwargs" in self._signature.parameters else {})
-        sample = call.pop("sample")
-        full = sample.shape[0]
-        b = full // 2 if full % 2 == 0 else full
-        call["return_dict"] = False
-        self.unet(sample[:b], **slice_batch(call, full, slice(0, b)))
-        return out
+        return_dict = call.pop("return_dict", True)
+        out = None
+        if self.graphed:
+            device = call["sample"].device
+            call["timestep"] = torch.as_tensor(call["timestep"], device=device)  # one graph for every step
+            out = graphs_of(self.unet).run(("baseline", self.extra_call), self._step, call)
+        if out is None:
+            out = self._step(call)
+        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 
 
 def graph_supported(device) -> tuple[bool, str]:
@@ -150,19 +173,24 @@ def build_variants(
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
+    gok, gwhy = graph_supported(device)
     if want("cfg"):
         runners["cfg"] = PipelineRunner(pipe_of(classes["base"]), call, steps, device, False)
-    if want("floor"):
+    for name, extra_call, graphed in (("floor", True, False), ("cfg_graph", False, True), ("floor_graph", True, True)):
+        if not want(name):
+            continue
+        if graphed and not gok:
+            skipped[name] = gwhy
+            continue
         pipe = pipe_of(classes["base"])
-        pipe.__dict__["unet"] = ExtraCallUNet(unet)  # as sagfast.enable does: leave pipe.config alone
-        runners["floor"] = PipelineRunner(pipe, call, steps, device, False)
+        pipe.__dict__["unet"] = BaselineUNet(unet, extra_call, graphed)  # as sagfast.enable does: leave pipe.config alone
+        runners[name] = PipelineRunner(pipe, call, steps, device, False)
     if want("diffusers_sag"):
         if classes["sag"] is None:
             skipped["diffusers_sag"] = "diffusers' SAG pipeline supports SD 1.x/2.x only"
         else:
             runners["diffusers_sag"] = PipelineRunner(pipe_of(classes["sag"]), dict(call, sag_scale=0.75), steps, device, True)
     modes = [(name, config) for name, (_, config) in SAGFAST.items()]
-    gok, gwhy = graph_supported(device)
     for name, cfg in list(modes):
         if gok:
             modes.append((name + "_graph", dict(cfg, cuda_graph=True)))
@@ -227,9 +255,13 @@ def run(opts, record: dict, log=common.log) -> dict:
             "peak_bytes": {k: r.peak_bytes for k, r in runners.items()},
             **info,
         }
-        base = samples.get("cfg") if isinstance(samples.get("cfg"), list) else None
-        floor = samples.get("floor") if isinstance(samples.get("floor"), list) else None
         for key in LABELS:
+            # A graphed variant's baselines are the graphed CFG and floor when they ran.
+            graphed = key.endswith("_graph") and isinstance(samples.get("cfg_graph"), list)
+            base = samples.get("cfg_graph" if graphed else "cfg")
+            base = base if isinstance(base, list) else None
+            floor = samples.get("floor_graph" if key.endswith("_graph") else "floor")
+            floor = floor if isinstance(floor, list) else None
             row = {
                 "model": name,
                 "batch": opts.batch,
@@ -272,6 +304,7 @@ def run(opts, record: dict, log=common.log) -> dict:
         "x CFG: median of per-round ratios to (a) in the same run; over floor: median of per-round differences "
         "to (b), i.e. what sagfast exact adds outside the model calls (Python, capture, mask, degrade, combine); "
         "(b) is the floor of exact SAG only: batched mode makes one larger call per step and can go below it.",
+        "A '+ CUDA graph' variant's x CFG and over floor are to (a) and (b) + CUDA graph of the same run.",
         f"Random weights, DDIM, guidance 7.5, batch {opts.batch}, dtype {str(dtype).replace('torch.', '')}.",
     ]
     return {

@@ -31,7 +31,7 @@ def test_cli_step_quick_writes_valid_json(tmp_path):
         "--models",
         "tiny",
         "--variants",
-        "cfg,floor,sagfast_exact,sagfast_exact_graph",
+        "cfg,floor,cfg_graph,floor_graph,sagfast_exact,sagfast_exact_graph",
         "--steps",
         "2",
         "--rounds",
@@ -61,7 +61,8 @@ def test_cli_step_quick_writes_valid_json(tmp_path):
         assert isinstance(rows[key]["ms_per_step"], float) and math.isfinite(rows[key]["ms_per_step"])
         assert rows[key]["model"] == "tiny" and rows[key]["steps"] == 2
     # a variant that cannot run here is listed with its reason, never silently dropped or faked
-    assert "(no CUDA here)" in rows["sagfast_exact_graph"]["status"]
+    for key in ("sagfast_exact_graph", "cfg_graph", "floor_graph"):
+        assert "(no CUDA here)" in rows[key]["status"], rows[key]
     assert (out / "step.csv").read_text().startswith("model,")
     assert "| (d) sagfast exact |" in (out / "step.md").read_text()
     assert "CPU figures (no CUDA device in this run)" in (out / "step.md").read_text()
