@@ -41,9 +41,11 @@ inline void check_degrade(const at::Tensor& x0, const at::Tensor& mask, const at
               "degrade: inputs on different devices");
 }
 
-inline void check_combine(const at::Tensor& o, at::TensorList pos, at::TensorList neg, at::ArrayRef<double> scales) {
-  TORCH_CHECK(!pos.empty() && pos.size() == neg.size() && pos.size() == scales.size(),
-              "combine: one scale, one positive and one negative tensor per term");
+inline void check_combine(const at::Tensor& o, at::TensorList pos, at::TensorList neg, const at::Tensor& scales) {
+  TORCH_CHECK(!pos.empty() && pos.size() == neg.size(), "combine: one positive and one negative tensor per term");
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == static_cast<int64_t>(pos.size()) && scales.size(1) == pos[0].size(0) &&
+                  scales.scalar_type() == at::kFloat && scales.device() == o.device(),
+              "combine: scales must be fp32 [terms, B] on o's device");
   for (size_t t = 0; t < pos.size(); ++t) {
     TORCH_CHECK(pos[t].sizes() == pos[0].sizes() && neg[t].sizes() == pos[0].sizes(),
                 "combine: every term's tensors must share one shape");

@@ -22,7 +22,6 @@ namespace sagfast {
 namespace {
 
 constexpr int kMaxTaps = 31;
-constexpr int kMaxTerms = 4;
 
 struct Taps {
   float w[kMaxTaps];
@@ -61,24 +60,20 @@ __global__ void degrade_kernel(const scalar_t* __restrict__ x0, const bool* __re
   out[idx] = static_cast<scalar_t>(sqrtf(a) * val + sqrtf(1.f - a) * e);
 }
 
+// out[k * M + i] = o[k * M + i] + sum_t scales[t, row(i)] * (pos[t, i] - neg[t, i]), the terms stacked
+// ([T, M]: any number of them); grid-stride over i, the term sum computed once per i and reused for
+// every chunk k.
 template <typename scalar_t>
-struct Terms {
-  const scalar_t* pos[kMaxTerms];
-  const scalar_t* neg[kMaxTerms];
-  float scale[kMaxTerms];
-  int n;
-};
-
-// out[k * M + i] = o[k * M + i] + sum_t scale_t * (pos_t[i] - neg_t[i]); grid-stride over i, the term
-// computed once per i and reused for every chunk k.
-template <typename scalar_t>
-__global__ void combine_kernel(const scalar_t* __restrict__ o, scalar_t* __restrict__ out, Terms<scalar_t> terms,
+__global__ void combine_kernel(const scalar_t* __restrict__ o, scalar_t* __restrict__ out, const scalar_t* __restrict__ pos,
+                               const scalar_t* __restrict__ neg, const float* __restrict__ scales, int T, int64_t B,
                                int64_t M, int64_t chunks) {
+  const int64_t per_row = M / B;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < M;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = i / per_row;
     float t = 0.f;
-    for (int s = 0; s < terms.n; ++s)
-      t += terms.scale[s] * (static_cast<float>(terms.pos[s][i]) - static_cast<float>(terms.neg[s][i]));
+    for (int s = 0; s < T; ++s)
+      t += scales[s * B + row] * (static_cast<float>(pos[s * M + i]) - static_cast<float>(neg[s * M + i]));
     for (int64_t kk = 0; kk < chunks; ++kk) out[kk * M + i] = static_cast<scalar_t>(static_cast<float>(o[kk * M + i]) + t);
   }
 }
@@ -118,28 +113,21 @@ at::Tensor degrade_cuda(const at::Tensor& x0, const at::Tensor& mask_in, const a
   return out;
 }
 
-at::Tensor combine_cuda(const at::Tensor& o, at::TensorList pos, at::TensorList neg, at::ArrayRef<double> scales) {
-  check_combine(o, pos, neg, scales);
-  TORCH_CHECK(static_cast<int>(pos.size()) <= kMaxTerms, "combine (cuda): at most ", kMaxTerms, " terms");
+at::Tensor combine_cuda(const at::Tensor& o, at::TensorList pos, at::TensorList neg, const at::Tensor& scales_in) {
+  check_combine(o, pos, neg, scales_in);
   const c10::cuda::CUDAGuard guard(o.device());
   const at::Tensor oc = o.contiguous();
-  std::vector<at::Tensor> keep;
+  const at::Tensor scales = scales_in.contiguous();
+  const at::Tensor stacked_pos = at::stack(pos).contiguous();
+  const at::Tensor stacked_neg = at::stack(neg).contiguous();
   auto out = at::empty_like(oc);
-  const int64_t M = pos[0].numel();
+  const int64_t M = pos[0].numel(), B = pos[0].size(0);
   if (M == 0) return out;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o.scalar_type(), "sagfast_combine_cuda", [&] {
-    Terms<scalar_t> terms{};
-    terms.n = static_cast<int>(pos.size());
-    for (size_t t = 0; t < pos.size(); ++t) {
-      keep.push_back(pos[t].contiguous());
-      keep.push_back(neg[t].contiguous());
-      terms.pos[t] = keep[keep.size() - 2].data_ptr<scalar_t>();
-      terms.neg[t] = keep.back().data_ptr<scalar_t>();
-      terms.scale[t] = static_cast<float>(scales[t]);
-    }
-    combine_kernel<scalar_t><<<blocks_for(M, 256), 256, 0, stream>>>(oc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                                                                     terms, M, oc.numel() / M);
+    combine_kernel<scalar_t><<<blocks_for(M, 256), 256, 0, stream>>>(
+        oc.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), stacked_pos.data_ptr<scalar_t>(), stacked_neg.data_ptr<scalar_t>(),
+        scales.data_ptr<float>(), static_cast<int>(pos.size()), B, M, oc.numel() / M);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

@@ -202,16 +202,18 @@ at::Tensor degrade_cpu(const at::Tensor& x0, const at::Tensor& mask, const at::T
 }
 
 // ----------------------------------------------------------------------------------------------------
-// combine: out[k] = o[k] + sum_t scales[t] * (pos[t] - neg[t]) for every chunk k of o. The terms are
-// summed once per element range (fp32) and reused across the chunks.
+// combine: out[k] = o[k] + sum_t scales[t, row] * (pos[t] - neg[t]) for every chunk k of o, any number
+// of terms, each term's scale per row of the [B, ...] term slice (fp32 [T, B]). The terms are summed
+// once per element range (fp32) and reused across the chunks.
 // ----------------------------------------------------------------------------------------------------
 
 template <typename scalar_t>
 void combine_loop(const at::Tensor& o, const std::vector<at::Tensor>& pos, const std::vector<at::Tensor>& neg,
-                  const std::vector<double>& scales, at::Tensor& out) {
-  const int64_t M = pos[0].numel(), chunks = o.numel() / M;
+                  const at::Tensor& scales, at::Tensor& out) {
+  const int64_t M = pos[0].numel(), chunks = o.numel() / M, B = pos[0].size(0), per_row = M / B;
   const scalar_t* op = o.data_ptr<scalar_t>();
   scalar_t* dp = out.data_ptr<scalar_t>();
+  const float* sp = scales.data_ptr<float>();
   constexpr int64_t kGrain = 4096;  // inner block: the term buffer stays in L1
   at::parallel_for(0, M, kGrainElements, [&](int64_t begin, int64_t end) {
     std::vector<float> term(kGrain);
@@ -221,8 +223,9 @@ void combine_loop(const at::Tensor& o, const std::vector<at::Tensor>& pos, const
       for (size_t t = 0; t < pos.size(); ++t) {
         const scalar_t* p = pos[t].data_ptr<scalar_t>() + i0;
         const scalar_t* q = neg[t].data_ptr<scalar_t>() + i0;
-        const float s = static_cast<float>(scales[t]);
-        for (int64_t i = 0; i < n; ++i) term[i] += s * (static_cast<float>(p[i]) - static_cast<float>(q[i]));
+        const float* st = sp + static_cast<int64_t>(t) * B;
+        for (int64_t i = 0; i < n; ++i)
+          term[i] += st[(i0 + i) / per_row] * (static_cast<float>(p[i]) - static_cast<float>(q[i]));
       }
       for (int64_t k = 0; k < chunks; ++k) {
         const scalar_t* src = op + k * M + i0;
@@ -233,8 +236,8 @@ void combine_loop(const at::Tensor& o, const std::vector<at::Tensor>& pos, const
   });
 }
 
-at::Tensor combine_cpu(const at::Tensor& o, at::TensorList pos, at::TensorList neg, at::ArrayRef<double> scales) {
-  check_combine(o, pos, neg, scales);
+at::Tensor combine_cpu(const at::Tensor& o, at::TensorList pos, at::TensorList neg, const at::Tensor& scales_in) {
+  check_combine(o, pos, neg, scales_in);
   const at::Tensor oc = o.contiguous();
   std::vector<at::Tensor> pc, nc;
   for (size_t t = 0; t < pos.size(); ++t) {
@@ -242,9 +245,9 @@ at::Tensor combine_cpu(const at::Tensor& o, at::TensorList pos, at::TensorList n
     nc.push_back(neg[t].contiguous());
   }
   auto out = at::empty_like(oc);
-  const std::vector<double> s(scales.begin(), scales.end());
+  const at::Tensor scales = scales_in.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, o.scalar_type(), "sagfast_combine_cpu", [&] {
-    combine_loop<scalar_t>(oc, pc, nc, s, out);
+    combine_loop<scalar_t>(oc, pc, nc, scales, out);
   });
   return out;
 }
@@ -254,7 +257,7 @@ at::Tensor combine_cpu(const at::Tensor& o, at::TensorList pos, at::TensorList n
 TORCH_LIBRARY(sagfast, m) {
   m.def("attention_mass(Tensor q, Tensor k, Tensor lse, float scale, float threshold) -> (Tensor, Tensor)");
   m.def("degrade(Tensor x0, Tensor mask, Tensor eps, Tensor abar, int kernel_size, float sigma) -> Tensor");
-  m.def("combine(Tensor o, Tensor[] pos, Tensor[] neg, float[] scales) -> Tensor");
+  m.def("combine(Tensor o, Tensor[] pos, Tensor[] neg, Tensor scales) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sagfast, CPU, m) {

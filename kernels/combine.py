@@ -1,12 +1,13 @@
-"""Combine in Triton: the guidance terms added to every CFG chunk, one elementwise kernel.
+"""Triton kernel of the combine op.
 
 Reference: `sagfast.ops.combine.combine_ref`:
 
-    out[k] = o[k] + s1 * (pos1 - neg1) [+ s2 * (pos2 - neg2)]      for each chunk k of o
+    out[k] = o[k] + sum_t scales[t, row] * (pos[t] - neg[t])      for each chunk k of o
 
-With SAG, (s1, pos1, neg1) = (sag scale, o_guide, o_degraded); with SAG and PAG the second slot is
-(pag scale, o_cond, o_perturbed) (PAG alone uses the first slot). A third term is one more pointer
-pair and one more `if NUM_TERMS > 2` block. Terms are summed in fp32 and rounded once into o's dtype.
+Any number of terms T: their tensors arrive stacked ([T, M] each), so one kernel serves every term
+count (a pointer argument per term would compile a kernel per count). Each term's scale is per row
+of the [B, ...] term slice (an fp32 [T, B] tensor: per-image guidance scales in one batch). Terms
+are summed in fp32 and rounded once into o's dtype.
 """
 
 import triton
@@ -16,34 +17,35 @@ import triton.language as tl
 @triton.jit
 def combine_kernel(
     O,
-    POS1,
-    NEG1,
-    POS2,
-    NEG2,
+    POS,
+    NEG,
+    SCALES,
     OUT,
     M,
+    B,
     chunks,
-    s1,
-    s2,
-    NUM_TERMS: tl.constexpr,
+    num_terms,
     BLOCK: tl.constexpr,
 ):
     """One BLOCK of a [B, ...] term slice, applied to every one of the `chunks` chunks of o.
 
     O: model output [chunks * B, ...], contiguous, M = B * prod(...) elements per chunk.
-    POS1, NEG1: first term's tensors [B, ...], contiguous.
-    POS2, NEG2: second term's tensors (ignored unless NUM_TERMS == 2).
+    POS, NEG: the terms' tensors stacked, [num_terms, M], contiguous.
+    SCALES: fp32 [num_terms, B]: term t's scale for row b.
     OUT: output, o's shape and dtype, contiguous.
-    s1, s2: the terms' scales (fp32 scalars).
-    Grid: (cdiv(M, BLOCK),). The term is computed once and reused across chunks: each input byte is
-    read once.
+    Grid: (cdiv(M, BLOCK),). The term sum is computed once and reused across chunks: each input byte
+    is read once.
     """
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     m = offs < M
-    term = s1 * (tl.load(POS1 + offs, mask=m, other=0.0).to(tl.float32) - tl.load(NEG1 + offs, mask=m, other=0.0).to(tl.float32))
-    if NUM_TERMS > 1:
-        term += s2 * (tl.load(POS2 + offs, mask=m, other=0.0).to(tl.float32) - tl.load(NEG2 + offs, mask=m, other=0.0).to(tl.float32))
+    row = offs // (M // B)
+    term = tl.zeros([BLOCK], dtype=tl.float32)
+    for t in range(0, num_terms):
+        s = tl.load(SCALES + t * B + row, mask=m, other=0.0)
+        p = tl.load(POS + t * M + offs, mask=m, other=0.0).to(tl.float32)
+        n = tl.load(NEG + t * M + offs, mask=m, other=0.0).to(tl.float32)
+        term += s * (p - n)
     for k in range(0, chunks):
         o = tl.load(O + k * M + offs, mask=m, other=0.0).to(tl.float32)
         tl.store(OUT + k * M + offs, (o + term).to(OUT.dtype.element_ty), mask=m)

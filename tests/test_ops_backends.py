@@ -234,6 +234,37 @@ def test_combine_matches_reference(backend, shape, dtype):
     assert not torch.equal(ref2, ref)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS + ["torch"])
+def test_combine_any_number_of_terms_with_per_row_scales(backend, dtype):
+    """Five terms, scales mixing numbers, 0-d and per-row tensors, on an odd shape: each backend
+    against the formula written out here, row by row (not through combine_ref)."""
+    n, b, rest = 2, 3, (3, 5, 7)
+    o = rand(n * b, *rest, dtype=dtype, seed=11, scale=3.0)
+    pos = [rand(b, *rest, dtype=dtype, seed=20 + t) for t in range(5)]
+    neg = [rand(b, *rest, dtype=dtype, seed=40 + t) for t in range(5)]
+    scales = [
+        0.75,
+        torch.tensor([0.0, 0.5, 1.0], device=DEVICE),
+        torch.tensor(3.0, device=DEVICE),
+        torch.tensor([3.0, 0.0, -1.0], device=DEVICE),
+        2.0,
+    ]
+    want = o.float().clone()
+    for row in range(b):
+        term = sum(
+            float(s if not torch.is_tensor(s) else (s if s.dim() == 0 else s[row])) * (p[row].float() - q[row].float())
+            for s, p, q in zip(scales, pos, neg)
+        )
+        for k in range(n):
+            want[k * b + row] += term
+    extra = list(zip(scales[1:], pos[1:], neg[1:]))
+    out = ops.combine(o, pos[0], neg[0], scales[0], backend=backend, extra_terms=extra)
+    assert out.dtype == dtype
+    assert_close(out, want.to(dtype), TOL[dtype], f"{backend} 5 terms {dtype}")
+    assert_close(ops.combine_ref(o, pos[0], neg[0], scales[0], extra), want.to(dtype), TOL[dtype], "reference")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Dispatch
 # ----------------------------------------------------------------------------------------------------
@@ -291,8 +322,8 @@ def test_unknown_backend_and_bad_scale_type():
     x = torch.randn(2, 4, 8, 8)
     with pytest.raises(ValueError, match="unknown backend 'cuda'"):
         ops.combine(x, x[:1], x[1:], 0.5, backend="cuda")
-    with pytest.raises(BackendUnsupported, match="Python numbers"):
-        ops.combine(x, x[:1], x[1:], torch.tensor(0.5), backend="cpp")
+    with pytest.raises(ValueError, match="one per row"):
+        ops.combine(x, x[:1], x[1:], torch.tensor([0.5, 0.5]), backend="torch")
 
 
 def test_dispatch_decides_once_per_key(monkeypatch):
@@ -334,7 +365,7 @@ def _opcheck_cases(backend):
         t = torch.ops.sagfast
         cases = [
             (t.degrade.default, (x0, mask, eps, abar, 9, 1.0)),
-            (t.combine.default, (o, [o[:1]], [rand(1, 4, 8, 6, seed=3)], [0.75])),
+            (t.combine.default, (o, [o[:1]], [rand(1, 4, 8, 6, seed=3)], torch.full((1, 1), 0.75, device=DEVICE))),
         ]
         if DEVICE.type == "cpu":  # no CUDA C++ attention mass (docs/design.md)
             cases.append((t.attention_mass.default, (q, k, lse, scale, 1.0)))
@@ -342,7 +373,7 @@ def _opcheck_cases(backend):
     return [
         (am_mod.attention_mass_triton, (q, k, lse, scale, 1.0)),
         (deg_mod.degrade_triton, (x0, mask, eps, abar, 9, 1.0)),
-        (comb_mod.combine_triton, (o, [o[:1]], [rand(1, 4, 8, 6, seed=3)], [0.75])),
+        (comb_mod.combine_triton, (o, [o[:1]], [rand(1, 4, 8, 6, seed=3)], torch.full((1, 1), 0.75, device=DEVICE))),
     ]
 
 
