@@ -34,8 +34,8 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 import sagfast
 from bench import common, models
-from sagfast.batch import slice_batch
-from sagfast.cuda_graph import graphs_of
+from sagfast.engine.batch import slice_batch
+from sagfast.engine.cuda_graph import graphs_of
 
 SAGFAST = {
     "sagfast_exact": ("(d) sagfast exact", dict(mode="exact")),

@@ -3,10 +3,10 @@
 `enable(pipe)` keeps `pipe.unet` the user's own model object. It checks everything first, then:
 
 1. installs the capture on the model once (a dormant processor switch on the capture layer and on
-   PAG's layers, and a map hook, sagfast.capture),
+   PAG's layers, and a map hook, sagfast.attention.capture),
 2. stores the SAGConfig in the pipeline (`pipe.__dict__`, plain data: it copies and pickles), and
 3. gives the pipeline a subclass of its own class, with the same name, whose `__call__` runs the call
-   as a `GuidedCall` (sagfast.denoiser) and whose denoiser attribute (`unet`) is the call's guided
+   as a `GuidedCall` (sagfast.engine.denoiser) and whose denoiser attribute (`unet`) is the call's guided
    denoiser while that call runs in this thread, and the user's model at any other time.
 
 So saving, `state_dict`, `components`, `from_pipe`, copying and pickling see the user's model; a call
@@ -24,10 +24,10 @@ import inspect
 import threading
 import weakref
 
-from sagfast import capture
+from sagfast.attention import capture
 from sagfast.config import SAGConfig
-from sagfast.cuda_graph import drop_graphs_of
-from sagfast.denoiser import GuidedCall
+from sagfast.engine.cuda_graph import drop_graphs_of
+from sagfast.engine.denoiser import GuidedCall
 from sagfast.families import family_of, family_of_class
 
 CONFIG_KEY = "_sagfast_config"

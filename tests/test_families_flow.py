@@ -31,10 +31,10 @@ from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from diffusers.pipelines.deprecated.stable_diffusion_sag.pipeline_stable_diffusion_sag import gaussian_blur_2d
 
 import sagfast
-import sagfast.denoiser
+import sagfast.engine.denoiser
 from sagfast.api import config_of, guided_call
-from sagfast.capture import FluxCaptureProcessor, JointCaptureProcessor, RotaryCaptureSwitch
-from sagfast.schedule import x0_eps
+from sagfast.attention.capture import FluxCaptureProcessor, JointCaptureProcessor, RotaryCaptureSwitch
+from sagfast.engine.schedule import x0_eps
 
 TXT, JOINT, POOLED = 5, 12, 10
 
@@ -236,8 +236,8 @@ def test_exact_sag_follows_the_flow_spec(name, cfg_on, monkeypatch):
         noises.append(real_noise_of(*args, **kwargs))
         return noises[-1]
 
-    real_noise_of = sagfast.denoiser.noise_of
-    monkeypatch.setattr(sagfast.denoiser, "noise_of", noise_of)
+    real_noise_of = sagfast.engine.denoiser.noise_of
+    monkeypatch.setattr(sagfast.engine.denoiser, "noise_of", noise_of)
     guided, rec = record(pipe, lambda: pipe(**call_kwargs(name, cfg_on)).images)
     effect = (guided - plain).abs().max().item()
     print(f"\n{name} cfg={cfg_on}: max |SAG - plain| = {effect:.4g}")
@@ -403,7 +403,7 @@ def test_unknown_layers_are_refused_with_the_layers_there_are():
         sagfast.enable(pipe, layers="transformer_blocks.7")
     assert not sagfast.is_enabled(pipe) and attention_processors(pipe) == before
     sagfast.enable(pipe, layers="transformer_blocks.0")  # a block name takes its joint attention
-    assert isinstance(pipe.transformer.transformer_blocks[0].attn.processor, sagfast.capture.CaptureSwitch)
+    assert isinstance(pipe.transformer.transformer_blocks[0].attn.processor, sagfast.attention.capture.CaptureSwitch)
 
     pipe = flux()
     before = attention_processors(pipe)
@@ -426,8 +426,8 @@ def test_flux_true_cfg_and_sd3_skip_layer_guidance_are_refused():
 def test_flux_graph_key_tells_token_grids_of_one_length_apart(monkeypatch):
     """A CUDA graph bakes the token grid into its unpacking: 5x4 and 4x5 grids pack to one shape, so the
     grid is part of the graph's key (keys computed here as `_graphed` computes them, on the CPU)."""
-    from sagfast.cuda_graph import StepGraphs
-    from sagfast.denoiser import GuidedCall
+    from sagfast.engine.cuda_graph import StepGraphs
+    from sagfast.engine.denoiser import GuidedCall
 
     keys = []
     run_step = GuidedCall.run_step

@@ -6,7 +6,7 @@ import torch
 from components import prompt_embeds, sd_pipeline
 
 import sagfast
-from sagfast.cuda_graph import graphs_of
+from sagfast.engine.cuda_graph import graphs_of
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -28,9 +28,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import sagfast
 from sagfast.api import guided_call
-from sagfast.cuda_graph import ModelWatch, StepGraphs
-from sagfast.denoiser import GuidedCall, Step
-from sagfast.schedule import alpha_bar, vp_noise
+from sagfast.engine.cuda_graph import ModelWatch, StepGraphs
+from sagfast.engine.denoiser import GuidedCall, Step
+from sagfast.engine.schedule import alpha_bar, vp_noise
 
 # Ops that hand a device tensor's value (or a data-dependent size) back to the host.
 HOST_READS = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.equal", "aten.is_nonzero"}
@@ -264,7 +264,7 @@ def test_model_watch_sees_what_a_graph_bakes_in():
 def test_model_watch_sees_through_the_capture_switch():
     # The drop-in pipeline and `sagfast.guided` blocks put the capture switch on for their calls and
     # take it off after: its graphs must survive that (the processor it wraps is what they bake in).
-    from sagfast import capture
+    from sagfast.attention import capture
 
     pipe = sd_pipeline()
     watch = ModelWatch(pipe.unet)

@@ -7,7 +7,7 @@ from diffusers.models.attention_processor import JointAttnProcessor2_0
 from test_families_flow import call_kwargs, sd3
 
 import sagfast
-from sagfast import capture
+from sagfast.attention import capture
 
 
 def test_each_image_of_a_random_mask_call_draws_from_its_own_generator():

@@ -54,7 +54,7 @@ def test_state_restored_after_an_error_inside_the_capture_call():
         run(pipe)
     handle.remove()
     assert snapshot(unet) == before
-    assert sagfast.capture.ACTIVE.get() is None and sagfast.api.ACTIVE_CALL.get() is None
+    assert sagfast.attention.capture.ACTIVE.get() is None and sagfast.api.ACTIVE_CALL.get() is None
     assert torch.equal(run(pipe), run(sagfast.enable(sd_pipeline())))  # and it still works
 
 
@@ -140,7 +140,7 @@ def test_a_copy_of_the_dropin_pipeline_guides_itself():
 
 
 def test_drop_graphs_empties_the_models_graph_cache():
-    from sagfast.cuda_graph import graphs_of
+    from sagfast.engine.cuda_graph import graphs_of
 
     pipe = sagfast.enable(sd_pipeline())
     graphs = graphs_of(pipe.unet)

@@ -13,9 +13,9 @@ import torch
 from diffusers.models.attention_processor import Attention
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-from sagfast.capture import SAGCaptureProcessor
-from sagfast.perturb import identity_attention
-from sagfast.schedule import check_scheduler
+from sagfast.attention.capture import SAGCaptureProcessor
+from sagfast.attention.identity import identity_attention
+from sagfast.engine.schedule import check_scheduler
 
 
 class Family:

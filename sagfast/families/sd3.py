@@ -7,12 +7,12 @@ timestep, so a plain lookup finds it).
 
 Capture layer "mid": the joint attention `attn` of transformer_blocks[N // 2]. Its processor runs
 image tokens and text tokens ([image, text]) through one softmax; the capture processor
-(sagfast.capture.JointCaptureProcessor) takes the mass of the IMAGE keys received from the IMAGE
+(sagfast.attention.capture.JointCaptureProcessor) takes the mass of the IMAGE keys received from the IMAGE
 queries, each query's softmax over all keys, from that one SDPA call's log-sum-exp. The map is the
 latent's (h, w) over the patch size.
 
 PAG perturbs the joint attention as diffusers' SD3 PAG pipeline does: an image query attends to its
-own image key and the text keys (sagfast.perturb.joint_identity_attention).
+own image key and the text keys (sagfast.attention.identity.joint_identity_attention).
 
 Skip-layer guidance (`skip_guidance_layers`) adds model calls on the cond rows alone in the middle
 of the CFG batch layout: refused.
@@ -22,9 +22,9 @@ from __future__ import annotations
 
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-from sagfast.capture import JointCaptureProcessor
+from sagfast.attention.capture import JointCaptureProcessor
+from sagfast.attention.identity import joint_identity_attention
 from sagfast.families.base import Family, transformer_block_layer
-from sagfast.perturb import joint_identity_attention
 
 
 class SD3Family(Family):

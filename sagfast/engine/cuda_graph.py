@@ -27,7 +27,7 @@ import torch
 from diffusers.models.attention_processor import Attention
 from torch.utils import _pytree as pytree
 
-from sagfast.capture import CaptureSwitch
+from sagfast.attention.capture import CaptureSwitch
 
 
 def _leaf_key(leaf):

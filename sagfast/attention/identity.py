@@ -3,7 +3,7 @@
 PAG runs the conditional rows a second time with the self-attention of chosen layers perturbed: every
 query attends only to its own key, so the attention output is the value projection. The guided
 denoiser puts these rows in a model call beside others (the main batch, SAG's degraded rows); the
-capture switch on each chosen layer (sagfast.capture) cuts the perturbed rows out of the layer's
+capture switch on each chosen layer (sagfast.attention.capture) cuts the perturbed rows out of the layer's
 batch, runs them through the family's perturbed attention here, runs the other rows through the
 layer's own processor, and puts the rows back in order. So one call can hold perturbed and plain rows,
 and no processor on a shared model changes per call.
@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from sagfast.capture import attention_input, attention_output, heads_qkv, text_heads_qkv
+from sagfast.attention.capture import attention_input, attention_output, heads_qkv, text_heads_qkv
 
 
 def identity_attention(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):

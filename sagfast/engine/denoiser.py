@@ -14,7 +14,7 @@ scheduler and CFG line stay untouched. Per model call (one denoising step) in ex
    gives `cfg(o_u, o_c) + s * (o_guide - o_deg)`.
 
 Everything a call keeps (batched mode's previous eps and mask, the random mask's generator) lives in
-its `GuidedCall` and goes with it; only CUDA graphs outlive a call (sagfast.cuda_graph keeps them
+its `GuidedCall` and goes with it; only CUDA graphs outlive a call (sagfast.engine.cuda_graph keeps them
 per model).
 """
 
@@ -26,12 +26,12 @@ import inspect
 import torch
 
 from sagfast import ops
-from sagfast.batch import gather_batch, slice_batch
-from sagfast.capture import Capture
+from sagfast.attention.capture import Capture
 from sagfast.config import SAGConfig
-from sagfast.cuda_graph import graphs_of
+from sagfast.engine.batch import gather_batch, slice_batch
+from sagfast.engine.cuda_graph import graphs_of
+from sagfast.engine.schedule import Noise, evaluation_index, noise_of, prediction_of, x0_eps
 from sagfast.ops.degrade import check_blur_size
-from sagfast.schedule import Noise, evaluation_index, noise_of, prediction_of, x0_eps
 
 
 @dataclasses.dataclass
@@ -329,7 +329,7 @@ class GuidedCall:
         return self.family.to_model_input(xd, step.call)
 
     def _degrade(self, x0, mask, eps, noise: Noise) -> torch.Tensor:
-        """a * Degrade(x0; mask) + b * eps, through the variance-preserving op (sagfast.schedule)."""
+        """a * Degrade(x0; mask) + b * eps, through the variance-preserving op (sagfast.engine.schedule)."""
         cfg = self.config
         xd = ops.degrade(x0, mask, eps, noise.abar, cfg.blur_kernel_size, cfg.blur_sigma, backend=cfg.backend)
         return xd if noise.scale is None else xd * noise.scale.view(-1, 1, 1, 1).to(xd.dtype)

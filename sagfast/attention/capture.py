@@ -9,7 +9,7 @@ Installed once per model, when a pipeline is enabled, and dormant otherwise:
   threads and plain calls never see another call's capture.
 - The same switch sits on each PAG layer of an enabled pipeline: in a model call whose rows include
   PAG's perturbed rows, it cuts them out of the layer's batch, runs them through the family's
-  perturbed attention (sagfast.perturb) and the other rows as above, and puts them back in order.
+  perturbed attention (sagfast.attention.identity) and the other rows as above, and puts them back in order.
 - `MapHook`, a forward pre-hook on the module whose input is 4-D (the UNet's Transformer2DModel),
   records the map's true (h, w) for the armed call.
 - `install` / `uninstall` put both on a model and take them off (`sagfast.disable`).
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
-from sagfast.batch import split_rows
+from sagfast.engine.batch import split_rows
 from sagfast.ops import attention_mass
 from sagfast.ops.mask import to_map
 
@@ -232,7 +232,7 @@ class Capture:
         self.perturbed = frozenset()
         """PAG: the attention modules this call perturbs (its `pag_layers`)."""
         self.perturb_processor = None
-        """PAG: the family's perturbed attention (sagfast.perturb), with a processor's signature."""
+        """PAG: the family's perturbed attention (sagfast.attention.identity), with a processor's signature."""
         self.perturb_rows = None
         """PAG: the batch rows of the running model call that are perturbed, or None."""
 
