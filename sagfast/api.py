@@ -3,7 +3,7 @@
 `enable(pipe)` keeps `pipe.unet` the user's own model object. It checks everything first, then:
 
 1. installs the capture on the model once (a dormant processor switch on the capture layer and on
-   PAG's layers, and a map hook, sagfast.attention.capture),
+   the layers the config's terms change, PAG's and SEG's, and a map hook, sagfast.attention.capture),
 2. stores the SAGConfig in the pipeline (`pipe.__dict__`, plain data: it copies and pickles), and
 3. gives the pipeline a subclass of its own class, with the same name, whose `__call__` runs the call
    as a `GuidedCall` (sagfast.engine.denoiser) and whose denoiser attribute (`unet`) is the call's guided
@@ -25,7 +25,7 @@ import threading
 import weakref
 
 from sagfast.attention import capture
-from sagfast.config import SAGConfig
+from sagfast.config import TERMS, SAGConfig
 from sagfast.engine.cuda_graph import drop_graphs_of
 from sagfast.engine.denoiser import GuidedCall
 from sagfast.families import family_of, family_of_class
@@ -200,9 +200,9 @@ def enable(pipe, config: SAGConfig | None = None, **overrides):
         raise ValueError(f"{type(pipe).__name__} has no scheduler")
     family.check_scheduler(scheduler)
     _, attn, owner, _ = family.resolve_layer(model, config.layers)
-    perturbed = family.pag_layers(model, config.pag_layers) if config.pag_scale > 0 else ()
+    ruled = [layer for term in TERMS if term.requested(config) for layer in term.layers_of(family, model, config)]
     with _LOCK:
-        capture.install(attn, owner, perturbed)
+        capture.install(attn, owner, ruled)
         pipe.__dict__[CONFIG_KEY] = config
         if not isinstance(pipe, GuidedPipelineMixin):
             pipe.__class__ = guided_class(type(pipe))

@@ -8,11 +8,24 @@ import numbers
 
 import torch
 
+from sagfast.terms.apg import APG
+from sagfast.terms.cfg import CFGRule
+from sagfast.terms.cfg_zero_star import CFGZeroStar
+from sagfast.terms.pag import PAG
+from sagfast.terms.sag import SAG
+
 MODES = ("exact", "batched")
 BACKENDS = ("auto", "triton", "cpp", "torch")
 MASKS = ("attention", "global", "random")
 PAG_PASSES = ("main", "degraded")
 FULL = (0.0, 1.0)
+PER_IMAGE = ("scale", "pag_scale", "cfg_scale")
+"""Fields that take one number for every image or one value per image of the call."""
+TERMS = (SAG, PAG)
+"""The guidance terms a config can turn on (sagfast.terms), in the order their rows join a model call."""
+CFG_RULES = {rule.name: rule for rule in (CFGRule, APG, CFGZeroStar)}
+"""`cfg_rule` names and their rules."""
+INTERVALS = ("cfg_interval", "sag_interval", "pag_interval")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +38,9 @@ class SAGConfig:
     scale: float = 0.75
     """SAG scale `s` in `out = cfg + s * (o_guide - o_degraded) [+ PAG's term]`. The paper uses 0.1 to 1.0; diffusers'
     default is 0.75. Larger values sharpen structure more and start to over-saturate. 0 disables SAG
-    (the wrapped UNet then makes exactly the plain pipeline's call)."""
+    (the wrapped UNet then makes exactly the plain pipeline's call). One number for every image, or one
+    value per image of the call (a sequence or 1-D tensor of batch x num_images_per_prompt values):
+    images with different settings share one model call, each guided as if alone."""
 
     mode: str = "exact"
     """"exact": two model calls per step (main on [uncond, cond], then degraded on B), the algorithm of
@@ -75,7 +90,7 @@ class SAGConfig:
     the perturbed pass runs the conditional rows with the self-attention of `pag_layers` replaced by
     the identity. 0 (the default) is off; diffusers' PAG pipelines default to 3.0. `scale=0,
     pag_scale=3.0` is PAG alone. Costs B more rows per step (in the main call, or the degraded one:
-    `exact_pag_pass`)."""
+    `exact_pag_pass`). One number, or one per image (as `scale`)."""
 
     pag_layers: tuple = ("mid",)
     """Where PAG perturbs: diffusers' `pag_applied_layers` identifiers, matched against the names of the
@@ -89,10 +104,42 @@ class SAGConfig:
     so PAG fades out as t falls (and its pass is skipped once the scale reaches 0). 0: constant."""
 
     exact_pag_pass: str = "main"
-    """Where the perturbed rows go in exact mode when SAG and PAG are both on (two calls a step either
-    way): "main" runs [main batch, perturbed] then [degraded] (3B then B rows), "degraded" runs [main
-    batch] then [degraded, perturbed] (2B then 2B: a lower activation peak, and the second call is no
-    longer a small one). bench `step` measures both."""
+    """Where the rows of the terms that do not need the main pass (PAG's) go in exact mode
+    when SAG runs too (two calls a step either way): "main" runs [main batch, perturbed] then
+    [degraded] (3B then B rows with PAG), "degraded" runs [main batch] then [degraded, perturbed] (2B
+    then 2B: a lower activation peak, and the second call is no longer a small one). bench `step`
+    measures both."""
+
+    cfg_scale: object = None
+    """Classifier-free guidance scale: None takes the pipeline call's `guidance_scale` and leaves the
+    pipeline's own CFG line to apply it; a number, or one value per image, makes sagfast compute each
+    image's guided prediction itself (the pipeline's line then gives it unchanged). An image with
+    `cfg_scale <= 1` is guided without CFG (its guide branch is its cond row) while sharing the batch
+    with CFG images; the call's `guidance_scale` must then be > 1 when any image uses CFG, so that
+    the pipeline batches [uncond, cond]. Refuses the pipeline's `guidance_rescale > 0`."""
+
+    cfg_rule: str = "cfg"
+    """How the uncond and cond predictions are combined: "cfg" (`o_u + g * (o_c - o_u)`), "apg"
+    (adaptive projected guidance, Sadat et al. 2024: the update's component parallel to o_c scaled
+    by `apg_eta`, its norm capped at `apg_rescale`, optional momentum), or "cfg_zero_star" (Fan et
+    al. 2025: o_u scaled by the projection of o_c on it, and a zero prediction for the first
+    `zero_init_steps` steps), as diffusers' AdaptiveProjectedGuidance and
+    ClassifierFreeZeroStarGuidance. Only the combine changes: no extra rows; every term (SAG, PAG, ...)
+    adds to it. Anything but "cfg" refuses the pipeline's `guidance_rescale > 0`."""
+
+    apg_momentum: float | None = None
+    """APG's momentum on the update (diffusers' `adaptive_projected_guidance_momentum`; the paper uses
+    -0.5). None or 0: no momentum."""
+
+    apg_rescale: float = 15.0
+    """APG's norm threshold: the update's L2 norm (per image) is capped at this. 0: no cap."""
+
+    apg_eta: float = 1.0
+    """APG's weight of the update's component parallel to the conditional prediction (0 drops it, the
+    paper's choice; 1 keeps it, diffusers' default)."""
+
+    zero_init_steps: int = 1
+    """CFG-Zero*: the first `zero_init_steps` steps of the call predict zero."""
 
     cfg_interval: tuple = (0.0, 1.0)
     """Guidance interval of CFG (Kynkaanniemi et al. 2024) as fractions of the call's denoising steps:
@@ -112,10 +159,12 @@ class SAGConfig:
         # taken and stored as a Python float; NaN and infinity are refused (a NaN scale makes NaN
         # images, a NaN threshold switches SAG off silently).
         for name, low, low_ok in (
-            ("scale", 0.0, True),
             ("threshold", None, True),
             ("blur_sigma", 0.0, False),
             ("random_mask_ratio", 0.0, True),
+            ("pag_adaptive_scale", 0.0, True),
+            ("apg_rescale", 0.0, True),
+            ("apg_eta", None, True),
         ):
             value, why = _real(getattr(self, name))
             if why is None and low is not None and (value < low or (value == low and not low_ok)):
@@ -126,29 +175,47 @@ class SAGConfig:
                 problems.append(f"{name} {why}, got {getattr(self, name)!r}")
             else:
                 object.__setattr__(self, name, value)
-        for name in ("pag_scale", "pag_adaptive_scale"):
-            value, why = _real(getattr(self, name))
-            if why is None and value < 0:
-                why = "must be >= 0"
+        for name in PER_IMAGE:
+            if name == "cfg_scale" and self.cfg_scale is None:
+                continue
+            value, why = _scales(getattr(self, name))
             if why is not None:
                 problems.append(f"{name} {why}, got {getattr(self, name)!r}")
             else:
                 object.__setattr__(self, name, value)
-        for name in ("cfg_interval", "sag_interval", "pag_interval"):
+        if self.apg_momentum is not None:
+            value, why = _real(self.apg_momentum)
+            if why is not None:
+                problems.append(f"apg_momentum {why} or None, got {self.apg_momentum!r}")
+            else:
+                object.__setattr__(self, "apg_momentum", value or None)
+        z = self.zero_init_steps
+        if isinstance(z, numbers.Integral) and not isinstance(z, bool) and z >= 0:
+            object.__setattr__(self, "zero_init_steps", int(z))
+        else:
+            problems.append(f"zero_init_steps must be an int >= 0, got {z!r}")
+        for name in INTERVALS:
             interval, why = _interval(getattr(self, name))
             if why is not None:
                 problems.append(f"{name} {why}, got {getattr(self, name)!r}")
             else:
                 object.__setattr__(self, name, interval)
-        layers = (self.pag_layers,) if isinstance(self.pag_layers, str) else self.pag_layers
-        if isinstance(layers, (list, tuple)) and layers and all(isinstance(x, str) and x for x in layers):
-            object.__setattr__(self, "pag_layers", tuple(layers))
-        else:
-            problems.append(f'pag_layers must be a non-empty string or list of strings ("mid", "up_blocks.0"), got {self.pag_layers!r}')
-        if self.exact_pag_pass not in PAG_PASSES:
-            problems.append(f"exact_pag_pass must be one of {PAG_PASSES}, got {self.exact_pag_pass!r}")
-        if self.mode not in MODES:
-            problems.append(f"mode must be one of {MODES}, got {self.mode!r}")
+        for name in ("pag_layers",):
+            value = getattr(self, name)
+            layers = (value,) if isinstance(value, str) else value
+            if isinstance(layers, (list, tuple)) and layers and all(isinstance(x, str) and x for x in layers):
+                object.__setattr__(self, name, tuple(layers))
+            else:
+                problems.append(f'{name} must be a non-empty string or list of strings ("mid", "up_blocks.0"), got {value!r}')
+        for name, allowed in (
+            ("exact_pag_pass", PAG_PASSES),
+            ("mode", MODES),
+            ("backend", BACKENDS),
+            ("mask", MASKS),
+            ("cfg_rule", tuple(CFG_RULES)),
+        ):
+            if getattr(self, name) not in allowed:
+                problems.append(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         k = self.blur_kernel_size
         if isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 1 and k % 2 == 1:
             object.__setattr__(self, "blur_kernel_size", int(k))
@@ -158,28 +225,35 @@ class SAGConfig:
             problems.append(f'layers must be "mid" or the module name of a self-attention layer, got {self.layers!r}')
         if not isinstance(self.cuda_graph, bool):
             problems.append(f"cuda_graph must be True or False, got {self.cuda_graph!r}")
-        if self.backend not in BACKENDS:
-            problems.append(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.mask not in MASKS:
-            problems.append(f"mask must be one of {MASKS}, got {self.mask!r}")
         if problems:
             raise ValueError("invalid SAGConfig: " + "; ".join(problems))
 
-    def pag_scale_at(self, timestep: float) -> float:
-        """PAG's scale at `timestep` (diffusers' adaptive rule when `pag_adaptive_scale` > 0)."""
+    def pag_scale_at(self, timestep: float):
+        """PAG's scale at `timestep` (diffusers' adaptive rule when `pag_adaptive_scale` > 0); a tuple
+        when it is per image."""
         if self.pag_adaptive_scale == 0:
             return self.pag_scale
-        return max(self.pag_scale - self.pag_adaptive_scale * (1000 - timestep), 0.0)
+
+        def at(s):
+            return max(s - self.pag_adaptive_scale * (1000 - timestep), 0.0)
+
+        return tuple(at(s) for s in self.pag_scale) if isinstance(self.pag_scale, tuple) else at(self.pag_scale)
+
+    @property
+    def owns_cfg(self) -> bool:
+        """Whether sagfast computes the CFG combine itself (a CFG rule other than plain CFG, or its own
+        `cfg_scale`) instead of leaving it to the pipeline's CFG line."""
+        return self.cfg_rule != "cfg" or self.cfg_scale is not None
 
     @property
     def has_intervals(self) -> bool:
         """Whether any term is limited to part of the steps (the step index must then be known)."""
-        return any(i != FULL for i in (self.cfg_interval, self.sag_interval, self.pag_interval))
+        return any(getattr(self, name) != FULL for name in INTERVALS)
 
     @property
     def guides(self) -> bool:
         """Whether this config changes anything at all (else the model is called as it is)."""
-        return self.scale > 0 or self.pag_scale > 0 or self.cfg_interval != FULL
+        return any(term.requested(self) for term in TERMS) or self.owns_cfg or self.cfg_interval != FULL
 
 
 def _real(value) -> tuple:
@@ -193,6 +267,28 @@ def _real(value) -> tuple:
     value = float(value)
     if not math.isfinite(value):
         return None, "must be finite"
+    return value, None
+
+
+def _scales(value) -> tuple:
+    """(a scale as a float >= 0, or one per image as a tuple of them, None), or (None, why not)."""
+    if torch.is_tensor(value) and value.dim() == 1:
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        if not value:
+            return None, "must be a number or a non-empty sequence of numbers (one per image)"
+        values = [_real(v) for v in value]
+        bad = next((why for _, why in values if why is not None), None)
+        if bad is None and min(v for v, _ in values) < 0:
+            bad = "must be >= 0"
+        if bad is not None:
+            return None, f"entries {bad}"
+        return tuple(v for v, _ in values), None
+    value, why = _real(value)
+    if why is None and value < 0:
+        why = "must be >= 0"
+    if why is not None:
+        return None, f"{why} (or one value per image)" if why.startswith("must be a real") else why
     return value, None
 
 

@@ -27,7 +27,7 @@ import sagfast
         (dict(random_mask_ratio=float("nan")), "random_mask_ratio must be finite"),
         (dict(scale="0.5"), "scale must be a real number"),
         (dict(scale=True), "scale must be a real number"),
-        (dict(scale=torch.tensor([0.5, 0.5])), "scale must be a real number \\(a 0-d real tensor is accepted\\)"),
+        (dict(scale=torch.tensor([[0.5, 0.5]])), "scale must be a real number \\(a 0-d real tensor is accepted\\)"),
         (dict(mask="half"), "mask must be one of"),
         (dict(layers=""), "layers must be"),
     ],

@@ -432,9 +432,9 @@ def test_flux_graph_key_tells_token_grids_of_one_length_apart(monkeypatch):
     keys = []
     run_step = GuidedCall.run_step
 
-    def recording(self, variant, step, store):
-        keys.append(StepGraphs.key(self.graph_variant(variant, step), self.graph_inputs(step, store)[0]))
-        return run_step(self, variant, step, store)
+    def recording(self, variant, step):
+        keys.append(StepGraphs.key(self.graph_variant(variant, step), self.graph_inputs(step)[0]))
+        return run_step(self, variant, step)
 
     monkeypatch.setattr(GuidedCall, "run_step", recording)
     pipe = sagfast.enable(flux())

@@ -15,6 +15,7 @@ hooks). tests/test_gpu.py captures and replays the graphs for real on a GPU.
 """
 
 import contextlib
+import dataclasses
 import warnings
 
 import pytest
@@ -29,7 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import sagfast
 from sagfast.api import guided_call
 from sagfast.engine.cuda_graph import ModelWatch, StepGraphs
-from sagfast.engine.denoiser import GuidedCall, Step
+from sagfast.engine.denoiser import GuidedCall
 from sagfast.engine.schedule import alpha_bar, vp_noise
 
 # Ops that hand a device tensor's value (or a data-dependent size) back to the host.
@@ -96,27 +97,31 @@ def meta_call(pipe):
         yield call
 
 
-def meta_step(pipe, cfg_on: bool, b: int = 2, pag_scale=0.0):
-    """A step as `GuidedCall.step` builds it, on the meta device."""
+def meta_step(call, cfg_on: bool, b: int = 2, pag_scale=None):
+    """A step as `GuidedCall.step` plans it, on the meta device (`pag_scale`: PAG's scale at this step)."""
     full = 2 * b if cfg_on else b
     sample = torch.randn(full, 4, 12, 10, device="meta")
-    call = dict(
+    kwargs = dict(
         timestep=torch.tensor(501, device="meta"),
         encoder_hidden_states=torch.randn(full, TOKENS, CROSS_DIM, device="meta"),
     )
-    noise = vp_noise(torch.rand(b, device="meta"))
-    shape_key = (tuple(sample.shape), sample.dtype, sample.device, 2 if cfg_on else 1)
-    cond = slice(b, 2 * b) if cfg_on else slice(0, b)
-    return Step(sample, call, b, slice(0, b), cond, noise, pipe.scheduler.config.prediction_type, shape_key, True, pag_scale)
+    step = call.plan(sample, kwargs, 2 if cfg_on else 1)
+    scales = dict(step.scales, **({} if pag_scale is None else {"pag": pag_scale}))
+    return dataclasses.replace(step, noise=vp_noise(torch.rand(b, device="meta")), scales=scales)
+
+
+def sag_state(call) -> dict:
+    """The SAG term's batched-mode state of the call (state key -> eps and mask)."""
+    return next(t for t in call.terms if t.name == "sag").previous
 
 
 def watched(call, variant, step):
     """The step's ops after a warm-up run (CUDA-graph capture also follows a warm-up: what a first run
     caches, such as the dispatch choice and the blur weights on the device, is allowed)."""
-    call.run_step(variant, step, call.previous)
+    call.run_step(variant, step)
     with host_watch() as watch:
         try:
-            out = call.run_step(variant, step, call.previous)
+            out = call.run_step(variant, step)
         except RuntimeError:
             out = None
     return out, watch.found
@@ -128,10 +133,10 @@ def watched(call, variant, step):
 def test_guided_step_stays_on_the_device(mode, cfg_on, prediction_type, mask):
     pipe = sagfast.enable(sd_pipeline(prediction_type=prediction_type), mode=mode, mask=mask, backend="torch")
     with meta_call(pipe) as call:
-        step = meta_step(pipe, cfg_on)
+        step = meta_step(call, cfg_on)
         if mode == "batched":
-            call.run_step("exact", step, call.previous)  # the first step of a call leaves eps and mask
-            assert step.state_key in call.previous
+            call.run_step("exact", step)  # the first step of a call leaves eps and mask
+            assert step.state_key in sag_state(call)
         out, found = watched(call, mode, step)
     assert found == []
     assert out.shape == step.sample.shape and out.device.type == "meta"
@@ -144,9 +149,9 @@ def test_a_sag_plus_pag_step_stays_on_the_device(mode, layout, adaptive):
     # every step's scale.
     pipe = sagfast.enable(sd_pipeline(), mode=mode, pag_scale=3.0, exact_pag_pass=layout, backend="torch")
     with meta_call(pipe) as call:
-        step = meta_step(pipe, cfg_on=True, pag_scale=torch.tensor(2.5, device="meta") if adaptive else 3.0)
+        step = meta_step(call, cfg_on=True, pag_scale=torch.tensor(2.5, device="meta") if adaptive else 3.0)
         if mode == "batched":
-            call.run_step("exact", step, call.previous)
+            call.run_step("exact", step)
         out, found = watched(call, mode, step)
     assert found == []
     assert out.shape == step.sample.shape and out.device.type == "meta"
@@ -189,7 +194,7 @@ def test_the_watch_catches_a_host_read_and_a_host_tensor(bad, expected):
     pipe.unet.mid_block.register_forward_hook(bad)
     with meta_call(pipe) as call, host_watch() as watch:
         try:
-            call.run_step("exact", meta_step(pipe, cfg_on=True), call.previous)
+            call.run_step("exact", meta_step(call, cfg_on=True))
         except RuntimeError:
             pass
     assert expected in watch.found
@@ -200,9 +205,9 @@ def graph_keys(pipe, monkeypatch, n=1, steps=3):
     keys = []
     run_step = GuidedCall.run_step
 
-    def recording(self, variant, step, store):
-        keys.append(StepGraphs.key(self.graph_variant(variant, step), self.graph_inputs(step, store)[0]))
-        return run_step(self, variant, step, store)
+    def recording(self, variant, step):
+        keys.append(StepGraphs.key(self.graph_variant(variant, step), self.graph_inputs(step)[0]))
+        return run_step(self, variant, step)
 
     with monkeypatch.context() as m:
         m.setattr(GuidedCall, "run_step", recording)
@@ -239,11 +244,13 @@ def test_one_graph_serves_every_step_of_adaptive_sag_plus_pag(mode, graphs, monk
     pipe = sagfast.enable(sd_pipeline(), mode=mode, pag_scale=3.0, pag_adaptive_scale=0.001)
     keys = graph_keys(pipe, monkeypatch)
     assert len(keys) == 3 and len(set(keys)) == graphs
-    assert {k[0][1] for k in keys} == {(True, True, False)}  # every step runs both terms
+    both = (("sag", "pag"), ("sag", "pag"), False, False)  # (terms with rows, terms watching the main pass, ...)
+    assert {k[0][1] for k in keys} == {both}  # every step runs both terms
     # Outside a term's interval the step is another graph (other rows), the same one at every such step.
     sagfast.enable(pipe, mode="exact", pag_scale=3.0, pag_interval=(0.0, 0.5))
     keys = graph_keys(pipe, monkeypatch, steps=4)
-    assert [k[0][1] for k in keys] == [(True, True, False)] * 2 + [(True, False, False)] * 2 and len(set(keys)) == 2
+    sag_only = (("sag",), ("sag",), False, False)
+    assert [k[0][1] for k in keys] == [both] * 2 + [sag_only] * 2 and len(set(keys)) == 2
 
 
 def test_model_watch_sees_what_a_graph_bakes_in():

@@ -7,9 +7,10 @@ Installed once per model, when a pipeline is enabled, and dormant otherwise:
   processor exactly as the layer would have; inside the guided call's main pass it runs that call's
   own `SAGCaptureProcessor`. Nothing on the model changes per call, so pipelines that share the model,
   threads and plain calls never see another call's capture.
-- The same switch sits on each PAG layer of an enabled pipeline: in a model call whose rows include
-  PAG's perturbed rows, it cuts them out of the layer's batch, runs them through the family's
-  perturbed attention (sagfast.attention.identity) and the other rows as above, and puts them back in order.
+- The same switch sits on each layer a term changes for its rows (PAG's, SEG's): in a model call
+  whose rows include such rows, it cuts them out of the layer's batch, runs them through the term's
+  attention rule (sagfast.terms.base.AttentionRule) and the other rows as above, and puts them back
+  in order.
 - `MapHook`, a forward pre-hook on the module whose input is 4-D (the UNet's Transformer2DModel),
   records the map's true (h, w) for the armed call.
 - `install` / `uninstall` put both on a model and take them off (`sagfast.disable`).
@@ -141,7 +142,7 @@ def text_heads_qkv(attn, encoder_hidden_states: torch.Tensor):
 
 class SAGCaptureProcessor:
     """Self-attention processor that also records the attention mass of the guide rows: the first
-    `guide` rows (an int) or the rows of `guide` (a slice).
+    `guide` rows (an int) or the rows `guide` (a slice, or an index tensor).
 
     After a call, `self.mass` is [guide rows, N] fp32 and `self.mask` is `mass > threshold` (bool, from
     the same kernel). Accepts what `AttnProcessor2_0` accepts on a
@@ -149,7 +150,7 @@ class SAGCaptureProcessor:
     """
 
     def __init__(self, guide, backend: str = "auto", xformers: bool = False, threshold: float = 1.0):
-        self.rows = guide if isinstance(guide, slice) else slice(0, guide)
+        self.rows = slice(0, guide) if isinstance(guide, int) else guide
         self.threshold = threshold
         self.backend = backend
         self.xformers = xformers
@@ -229,20 +230,18 @@ class Capture:
         self.armed = False
         self.processor = None
         self.hw = None
-        self.perturbed = frozenset()
-        """PAG: the attention modules this call perturbs (its `pag_layers`)."""
-        self.perturb_processor = None
-        """PAG: the family's perturbed attention (sagfast.attention.identity), with a processor's signature."""
-        self.perturb_rows = None
-        """PAG: the batch rows of the running model call that are perturbed, or None."""
+        self.ruled = frozenset()
+        """The attention modules some term of this call runs differently for its rows (PAG's, SEG's)."""
+        self.rules = ()
+        """The running model call's (rows, AttentionRule) pairs, in batch order (sagfast.terms.base)."""
 
-    def perturbs(self, attn) -> bool:
-        return self.perturb_rows is not None and attn in self.perturbed
+    def rules_for(self, attn) -> list:
+        return [(rows, rule) for rows, rule in self.rules if attn in rule.layers]
 
     def reinstall(self) -> None:
         """Before each model pass: the switches back on layers whose processor was replaced since the
         call began (a step callback calling `set_attn_processor`); the new processor runs inside them."""
-        install(self.attn, self.owner, self.perturbed)
+        install(self.attn, self.owner, self.ruled)
 
     def arm(self, guide_rows: slice, record_mass: bool, hw=None) -> None:
         """Before the main pass: record (h, w) (unless the call's inputs gave it: `hw`), and the mass
@@ -275,27 +274,23 @@ class CaptureSwitch:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         capture = ACTIVE.get()
-        if capture is not None and capture.perturbs(attn):
-            # PAG's perturbed rows through the family's perturbed attention, the others as below.
+        rules = capture.rules_for(attn) if capture is not None else []
+        if rules:
+            # Rows of terms with their own rule on this layer through it, the others as below.
             return split_rows(
-                capture.perturb_rows,
-                self.plain,
-                capture.perturb_processor,
-                attn,
-                hidden_states,
-                encoder_hidden_states,
-                attention_mask,
-                temb,
-                *args,
-                **kwargs,
+                rules, self.plain, self.own, attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs
             )
         return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
 
     def plain(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
-        """The layer's unperturbed rows: the armed call's capture processor, else the wrapped one."""
+        """The layer's rows that no rule changes: the armed call's capture processor, else its own."""
         capture = ACTIVE.get()
         if capture is not None and capture.armed and capture.attn is attn and capture.processor is not None:
             return capture.processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        return self.own(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+
+    def own(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        """The wrapped processor, called as the layer would call it."""
         if temb is not None:
             kwargs["temb"] = temb
         return self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, *args, **kwargs)
@@ -315,11 +310,11 @@ class MapHook:
 _INSTALL_LOCK = threading.Lock()
 
 
-def install(attn: Attention, owner: torch.nn.Module, perturbed=()) -> None:
-    """Put the switch on `attn` and on the PAG layers `perturbed` and the map hook on `owner`, unless
+def install(attn: Attention, owner: torch.nn.Module, ruled=()) -> None:
+    """Put the switch on `attn` and on the layers terms change (`ruled`) and the map hook on `owner`, unless
     they are there already (a processor set since, by `set_attn_processor` say, is wrapped anew)."""
     with _INSTALL_LOCK:  # two calls on one model in two threads must not wrap a layer twice
-        for layer in (attn, *perturbed):
+        for layer in (attn, *ruled):
             if not isinstance(layer.processor, CaptureSwitch):
                 layer.set_processor(switch_for(layer)(layer.processor))
         if not any(isinstance(h, MapHook) for h in owner._forward_pre_hooks.values()):

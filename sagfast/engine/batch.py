@@ -36,29 +36,29 @@ def gather_batch(value, full: int, parts: list):
     return map_batched(value, full, lambda t: torch.cat([t[p] for p in parts]))
 
 
-def without_rows(value, full: int, rows: slice):
-    """`value` with the rows `rows` taken out of every tensor whose batch dim is `full`."""
-    return gather_batch(value, full, [slice(0, rows.start), slice(rows.stop, full)])
-
-
-def with_rows(rest, inserted, at: int):
-    """The inverse of `without_rows` on an output (a tensor, or a tuple of them): `inserted` put back
-    in front of row `at` of `rest`."""
-    if isinstance(rest, tuple):
-        return tuple(with_rows(r, i, at) for r, i in zip(rest, inserted))
-    return torch.cat([rest[:at], inserted, rest[at:]])
-
-
-def split_rows(rows: slice, plain, perturbed, attn, hidden_states, *args, **kwargs):
-    """The attention layer's output on a batch whose rows `rows` are perturbed: `plain(attn, ...)` on
-    the other rows (if any), `perturbed(attn, ...)` on `rows`, in batch order. Every batched argument
-    (a tensor whose first dim is the batch) is cut along."""
+def split_rows(rules: list, plain, own, attn, hidden_states, *args, **kwargs):
+    """An attention layer's output on a batch some of whose rows run through a rule: `rules` are
+    (rows, rule) pairs (contiguous slices, in batch order), each called as `rule(own, attn, ...)` on
+    its rows; the first rows before any rule (the main batch) go through `plain(attn, ...)`, rows
+    between rules through `own(attn, ...)` (the layer's processor); outputs in batch order. Every
+    batched argument (a tensor whose first dim is the batch) is cut along."""
     full = hidden_states.shape[0]
-    start, stop, _ = rows.indices(full)
     inputs = (hidden_states, args, kwargs)
-    ptb_hidden, ptb_args, ptb_kwargs = slice_batch(inputs, full, slice(start, stop))
-    out = perturbed(attn, ptb_hidden, *ptb_args, **ptb_kwargs)
-    if (start, stop) == (0, full):
-        return out
-    rest_hidden, rest_args, rest_kwargs = without_rows(inputs, full, slice(start, stop))
-    return with_rows(plain(attn, rest_hidden, *rest_args, **rest_kwargs), out, start)
+    segments, at = [], 0
+    for rows, rule in sorted(rules, key=lambda r: r[0].start):
+        start, stop, _ = rows.indices(full)
+        if start > at:
+            segments.append((slice(at, start), plain if at == 0 else own))
+        segments.append((slice(start, stop), lambda a, *x, rule=rule, **k: rule(own, a, *x, **k)))
+        at = stop
+    if at < full:
+        segments.append((slice(at, full), plain if at == 0 else own))
+    outputs = []
+    for rows, fn in segments:
+        part_hidden, part_args, part_kwargs = slice_batch(inputs, full, rows) if len(segments) > 1 else inputs
+        outputs.append(fn(attn, part_hidden, *part_args, **part_kwargs))
+    if len(outputs) == 1:
+        return outputs[0]
+    if isinstance(outputs[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*outputs))
+    return torch.cat(outputs)

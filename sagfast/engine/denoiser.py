@@ -3,19 +3,20 @@
 `sagfast.enable` gives the pipeline a subclass of its own class (sagfast.api) whose `__call__` makes
 a `GuidedCall` for that call, and whose `unet` property returns the call's `GuidedDenoiser` while
 the call runs (in that thread) and the user's own model at any other time. The pipeline's loop,
-scheduler and CFG line stay untouched. Per model call (one denoising step) in exact mode:
+scheduler and CFG line stay untouched. Per model call (one denoising step):
 
-1. main pass on the pipeline's batch, with the call's `Capture` armed: the capture layer's switch
-   records the guide rows' attention mass and the map hook the true (h, w) of the map;
-2. x0 and eps of the guide branch (the first B rows: `uncond` with CFG, `cond` without);
-3. degraded input (mask, blur, re-noise) and the degraded pass with the guide branch's slice of every
-   batched conditioning input;
-4. returns `o[k] + s * (o_guide - o_deg)` for each CFG chunk k, so that the pipeline's own CFG line
-   gives `cfg(o_u, o_c) + s * (o_guide - o_deg)`.
+1. `plan`: which terms (sagfast.terms: SAG, PAG, ...) run their rows at this step, which only watch
+   the main pass, each term's scale (a number or one per image), the guide and cond rows;
+2. exact mode: the main pass on the pipeline's batch with the rows of the terms that do not need it,
+   then the rows of those that do (SAG's degraded input, built from the main pass) in a second call;
+   batched mode: all rows in one call;
+3. the combine: `o[k] + sum_t s_t * (o[source_t] - o_t)` for each CFG chunk k, so that the pipeline's
+   own CFG line gives `cfg(o_u, o_c) + terms`; or, where sagfast owns CFG (`cfg_scale`, `cfg_rule`),
+   each image's full guided prediction R returned for both halves (the line then gives R).
 
-Everything a call keeps (batched mode's previous eps and mask, the random mask's generator) lives in
-its `GuidedCall` and goes with it; only CUDA graphs outlive a call (sagfast.engine.cuda_graph keeps them
-per model).
+No term is named here: a term's rows, attention rule, state and part of the combine are its own.
+Everything a call keeps (terms' state, the random mask's generator) lives in its `GuidedCall` and goes
+with it; only CUDA graphs outlive a call (sagfast.engine.cuda_graph keeps them per model).
 """
 
 from __future__ import annotations
@@ -27,61 +28,53 @@ import torch
 
 from sagfast import ops
 from sagfast.attention.capture import Capture
-from sagfast.config import SAGConfig
+from sagfast.config import CFG_RULES, PER_IMAGE, TERMS, SAGConfig
 from sagfast.engine.batch import gather_batch, slice_batch
 from sagfast.engine.cuda_graph import graphs_of
-from sagfast.engine.schedule import Noise, evaluation_index, noise_of, prediction_of, x0_eps
-from sagfast.ops.degrade import check_blur_size
-
-
-@dataclasses.dataclass
-class Previous:
-    """Batched mode: eps and mask of the previous evaluation."""
-
-    eps: torch.Tensor  # fp32 [B, C, H, W]
-    mask: torch.Tensor  # bool [B, h, w]
+from sagfast.engine.schedule import Noise, evaluation_index, noise_of, prediction_of
+from sagfast.terms.base import on
+from sagfast.terms.sag import predicted_channels
 
 
 @dataclasses.dataclass
 class Step:
+    """One model call of the pipeline, planned: its inputs, rows and terms."""
+
     sample: torch.Tensor
     call: dict
     b: int
-    guide: slice
-    """The guide branch's rows of the batch: uncond under CFG, else cond."""
+    """Images in the call (rows per CFG chunk)."""
+    chunks: int
+    guide: slice | torch.Tensor
+    """The guide branch's rows, one per image: uncond under CFG, else cond (an index tensor when
+    images guided without CFG share a CFG batch)."""
     cond: slice
     """The conditional branch's rows (what PAG perturbs)."""
+    uncond: slice | None
     noise: Noise
     prediction_type: str
     state_key: tuple
-    sag: bool
-    """Whether this step runs SAG's degraded rows."""
-    pag_scale: float | torch.Tensor
-    """PAG's scale at this step; 0 when this step runs no perturbed rows. A 0-d tensor in a CUDA graph
-    of adaptive PAG (one graph serves every step's scale)."""
-    track: bool = False
-    """Batched mode, a step without SAG before a step with it: the main pass still records eps and
-    mask, so that the next SAG step can be batched."""
-
-    @property
-    def pag(self) -> bool:
-        return torch.is_tensor(self.pag_scale) or self.pag_scale > 0
+    on: tuple
+    """The terms that run their rows in this step."""
+    watching: tuple
+    """The terms that see the main pass (those `on`, and those only tracking it)."""
+    scales: dict
+    """term name -> its scale at this step (a number, or a [B] fp32 tensor on the device)."""
+    cfg: object = None
+    """Where sagfast owns CFG: the CFG scale (a number, or [B], 1 for images without CFG); else None."""
+    index: int = 0
+    """The step of the call (CFG-Zero*'s zero-init steps)."""
+    variant: str = "exact"
 
     @property
     def full(self) -> int:
         return self.sample.shape[0]
 
 
-def predicted_channels(o: torch.Tensor, sample: torch.Tensor) -> int:
-    """How many output channels are the prediction SAG reads and guides: a model with learned variance
-    (DiT, PixArt, DDPM's "learned_range") outputs 2C, the variance channels pass through untouched."""
-    return min(o.shape[1], sample.shape[1])
-
-
 class GuidedCall:
-    """One call of an enabled pipeline: its config, the call's arguments (defaults applied), capture
-    and state. Made when the call starts (the scheduler, the capture layer and the PAG layers are
-    checked then, once), dropped when it ends."""
+    """One call of an enabled pipeline: its config, the call's arguments (defaults applied), capture,
+    terms and state. Made when the call starts (the scheduler, the capture layer and the terms' layers
+    are checked then, once), dropped when it ends."""
 
     def __init__(self, pipe, config: SAGConfig, family, arguments: dict):
         self.pipe = pipe
@@ -90,27 +83,33 @@ class GuidedCall:
         self.model = pipe.__dict__[family.attribute]
         family.check_scheduler(pipe.scheduler)
         self.arguments = arguments
+        if config.owns_cfg and (arguments.get("guidance_rescale") or 0) > 0:
+            raise ValueError(
+                f"guidance_rescale={arguments['guidance_rescale']} cannot be applied when sagfast computes CFG itself "
+                f"(cfg_scale={config.cfg_scale!r}, cfg_rule={config.cfg_rule!r}): the pipeline would rescale a "
+                "prediction it no longer sees the parts of. Call with guidance_rescale=0, or leave cfg_scale None "
+                'and cfg_rule "cfg".'
+            )
         self.layer_name, attn, owner, patch = family.resolve_layer(self.model, config.layers)
         self.capture = Capture(attn, owner, patch, config.backend, config.threshold, family.capture_processor)
-        if config.pag_scale > 0:
-            self.capture.perturbed = frozenset(family.pag_layers(self.model, config.pag_layers))
-            self.capture.perturb_processor = family.perturbed_attention
         self.seeds = _seeds_of(arguments.get("generator"))
-        self.generators = None
-        self.previous: dict = {}  # batched mode, eager: state key -> Previous
-        self.last_sag = None
-        """Batched mode: the state key of the previous evaluation when it recorded eps and mask (a SAG
-        step, or a tracked one: `Step.track`), which are then this step's eps_prev and mask; else None,
-        and the next SAG step is exact."""
+        self.graphs = graphs_of(self.model) if config.cuda_graph else None
+        self.terms = tuple(term(self) for term in TERMS if term.requested(config))
+        self.capture.ruled = frozenset(layer for term in self.terms for layer in term.layers)
+        self.rule = CFG_RULES[config.cfg_rule](config) if config.owns_cfg else None
+        self.row_scales: dict = {}  # (field, device) -> [B] fp32 tensor of a per-image scale
         self.first_index = None
         """Where the call's first evaluation is in the scheduler's timesteps (img2img starts mid-way)."""
-        self.last_mask = None
-        """The [guide rows, h, w] mask of the latest main pass (what the demo draws)."""
-        self.graphs = graphs_of(self.model) if config.cuda_graph else None
         self.denoiser = GuidedDenoiser(self)
 
-    def fraction(self, timestep) -> float:
-        """i / N for this evaluation: step i of the N steps this call runs, counted as diffusers' guiders
+    @property
+    def last_mask(self):
+        """The [guide rows, h, w] SAG mask of the latest main pass (what the demo draws), or None."""
+        sag = next((t for t in self.terms if t.name == "sag"), None)
+        return sag.mask if sag is not None and self.config.mask == "attention" else None
+
+    def position(self, timestep) -> tuple[int, int]:
+        """(i, N): this evaluation is step i of the N steps this call runs, counted as diffusers' guiders
         count them (both evaluations of a Heun-type step are that step)."""
         scheduler = self.pipe.scheduler
         index = evaluation_index(scheduler, timestep)
@@ -118,7 +117,7 @@ class GuidedCall:
             self.first_index = index
         order = max(1, int(getattr(scheduler, "order", 1)))
         steps = max(1, -(-(len(scheduler.timesteps) - self.first_index) // order))
-        return ((index - self.first_index) // order) / steps
+        return (index - self.first_index) // order, steps
 
     def step(self, call: dict) -> torch.Tensor:
         """The guided prediction for one model call of the pipeline (`call`: the model's arguments)."""
@@ -128,250 +127,255 @@ class GuidedCall:
         full = sample.shape[0]
         if full % chunks:
             raise ValueError(f"CFG is on but the model input batch {full} is not [uncond, cond] (odd size)")
-        b = full // chunks
         timestep = call[fam.timestep_argument]
-        f = self.fraction(timestep) if cfg.has_intervals else 0.0
-        pag_scale = 0.0
-        if cfg.pag_scale > 0 and _within(cfg.pag_interval, f):
-            pag_scale = cfg.pag_scale_at(_first(timestep)) if cfg.pag_adaptive_scale else cfg.pag_scale
-        sag = cfg.scale > 0 and _within(cfg.sag_interval, f)
-        start, stop = cfg.sag_interval
-        track = cfg.mode == "batched" and cfg.scale > 0 and not sag and start < stop and f < stop
+        needs_index = cfg.has_intervals or cfg.cfg_rule == "cfg_zero_star"
+        index, steps = self.position(timestep) if needs_index else (0, 1)
+        f = index / steps
         if chunks == 2 and not _within(cfg.cfg_interval, f):
             # CFG outside its interval: the cond rows alone, returned for both halves, so that the
             # pipeline's CFG line o_u + g * (o_c - o_u) gives the guided cond prediction.
+            b = full // 2
             rows = slice(fam.cond_chunk(2) * b, fam.cond_chunk(2) * b + b)
-            out = self.guided_rows(sample[rows], slice_batch(call, full, rows), 1, sag, pag_scale, track)
+            out = self.guided_rows(sample[rows], slice_batch(call, full, rows), 1, f, index, cfg_off=True)
             return torch.cat([out, out])
-        return self.guided_rows(sample, call, chunks, sag, pag_scale, track)
+        return self.guided_rows(sample, call, chunks, f, index)
 
-    def guided_rows(self, sample, call: dict, chunks: int, sag: bool, pag_scale: float, track: bool = False) -> torch.Tensor:
-        """The guided prediction of a batch of `chunks` CFG chunks with the terms this step runs
-        (`track`: see `Step.track`)."""
-        cfg, fam = self.config, self.family
-        if not sag and not pag_scale > 0 and not track:
-            self.last_sag = None
+    def guided_rows(self, sample, call: dict, chunks: int, fraction: float, index: int, cfg_off: bool = False) -> torch.Tensor:
+        """The guided prediction of a batch of `chunks` CFG chunks at step `index` (`fraction` of the call)."""
+        step = self.plan(sample, call, chunks, fraction, index, cfg_off)
+        batched = self.config.mode == "batched" and step.on and all(t.ready(step) for t in step.on)
+        step.variant = "batched" if batched else "exact"
+        for term in self.terms:
+            term.note_step(step)
+        if not step.watching and step.cfg is None:
             return self.model(sample, **call, return_dict=False)[0]
-        full = sample.shape[0]
-        b = full // chunks
-        g, c = fam.guide_chunk(chunks) * b, fam.cond_chunk(chunks) * b
-        scheduler = self.pipe.scheduler
-        noise = noise_of(scheduler, call[fam.timestep_argument], b, sample.device)
-        if sag:
-            image = fam.to_image(sample, call)
-            check_blur_size(image.shape[-2], image.shape[-1], cfg.blur_kernel_size)
-        state_key = (tuple(sample.shape), sample.dtype, sample.device, chunks)
-        store = self.graphs.state if self.graphs is not None else self.previous
-        batched = cfg.mode == "batched" and sag and self.last_sag == state_key and state_key in store
-        self.last_sag = state_key if sag or track else None
-        variant = "batched" if batched else "exact"
-        step = Step(sample, call, b, slice(g, g + b), slice(c, c + b), noise, prediction_of(scheduler), state_key, sag, pag_scale, track)
         out = None
         if self.graphs is not None:
-            out = self._graphed(variant, step, store)
+            out = self._graphed(step)
         if out is None:
-            out = self.run_step(variant, step, store)
+            out = self.run_step(step.variant, step)
         return out
 
-    def run_step(self, variant: str, step: Step, store: dict) -> torch.Tensor:
-        if variant == "batched":
-            return self._batched_step(step, store[step.state_key], store)
-        return self._exact_step(step, store)
+    def plan(self, sample, call: dict, chunks: int, fraction: float = 0.0, index: int = 0, cfg_off: bool = False) -> Step:
+        """The step's rows and terms (see `Step`)."""
+        cfg, fam = self.config, self.family
+        full = sample.shape[0]
+        b = full // chunks
+        for name in PER_IMAGE:
+            value = getattr(cfg, name)
+            if isinstance(value, tuple) and len(value) != b:
+                raise ValueError(
+                    f"{name} has {len(value)} values, but this call makes {b} images (batch size x "
+                    f"num_images_per_prompt): give one value per image, or one number for all"
+                )
+        cond = slice(fam.cond_chunk(chunks) * b, fam.cond_chunk(chunks) * b + b)
+        uncond = slice(fam.guide_chunk(chunks) * b, fam.guide_chunk(chunks) * b + b) if chunks == 2 else None
+        guide = uncond if uncond is not None else cond
+        g = None
+        if self.rule is not None and not cfg_off:
+            g = self._cfg_scale(chunks, sample.device)
+            if chunks == 2 and torch.is_tensor(g) and bool((g <= 1).any()):
+                # Images without CFG take their cond row as the guide branch.
+                mine = torch.as_tensor(cfg.cfg_scale if isinstance(cfg.cfg_scale, tuple) else [cfg.cfg_scale] * b)
+                rows = torch.arange(b)
+                guide = torch.where(mine > 1, uncond.start + rows, cond.start + rows).to(sample.device)
+        timestep = call[fam.timestep_argument]
+        plans, scales = {}, {}
+        for term in self.terms:
+            scale = term.scale(timestep)
+            plan = term.plan(fraction)
+            plans[term] = None if plan == "on" and not on(scale) else plan  # adaptive PAG's scale reaching 0
+            scales[term.name] = self._scale_tensor(term.scale_field, scale, sample.device) if isinstance(scale, tuple) else scale
+        runs = tuple(t for t in self.terms if plans[t] == "on")
+        watching = tuple(t for t in self.terms if plans[t] is not None)
+        noise = noise_of(self.pipe.scheduler, call[fam.timestep_argument], b, sample.device)
+        state_key = (tuple(sample.shape), sample.dtype, sample.device, chunks)
+        return Step(
+            sample,
+            call,
+            b,
+            chunks,
+            guide,
+            cond,
+            uncond,
+            noise,
+            prediction_of(self.pipe.scheduler),
+            state_key,
+            runs,
+            watching,
+            scales,
+            g,
+            index,
+        )
 
-    def _graphed(self, variant: str, step: Step, store: dict):
+    def _cfg_scale(self, chunks: int, device):
+        """The CFG scale where sagfast owns CFG: the config's (one per image: [B], 1 for the images
+        without CFG) or the pipeline's guidance_scale."""
+        g = self.config.cfg_scale
+        if g is None:
+            g = getattr(self.pipe, "guidance_scale", None) if hasattr(type(self.pipe), "guidance_scale") else None
+            g = float(self.arguments.get("guidance_scale", 1.0) if g is None else g)
+        if chunks == 1 and (max(g) if isinstance(g, tuple) else g) > 1:
+            raise ValueError(
+                f"cfg_scale {self.config.cfg_scale!r} asks for CFG, but this call runs without it (the pipeline "
+                "batches [uncond, cond] only when the call's guidance_scale > 1): call with guidance_scale > 1 (any "
+                "value: each image's cfg_scale applies), or give every image cfg_scale <= 1"
+            )
+        if isinstance(g, tuple):
+            return self._scale_tensor("cfg_scale", tuple(max(x, 1.0) for x in g), device)
+        return max(g, 1.0)
+
+    def _scale_tensor(self, field: str, value: tuple, device) -> torch.Tensor:
+        key = (field, value, device)
+        if key not in self.row_scales:
+            self.row_scales[key] = torch.tensor(value, dtype=torch.float32, device=device)
+        return self.row_scales[key]
+
+    def run_step(self, variant: str, step: Step) -> torch.Tensor:
+        step = dataclasses.replace(step, variant=variant)
+        if variant == "batched":
+            out = self._pass(step, main=True, terms=step.on)
+        else:
+            # With exact_pag_pass="degraded", the rows that do not need the main pass go with those that do.
+            late = self.config.exact_pag_pass == "degraded" and any(t.needs_main for t in step.on)
+            out = self._pass(step, main=True, terms=[t for t in step.on if not t.needs_main and not late])
+            second = [t for t in step.on if t.needs_main or late]
+            if second:
+                out.update(self._pass(step, terms=second))
+        if not step.on and step.cfg is None:
+            return out["main"]  # tracking only: the prediction is the model's
+        return self._combine(out, step)
+
+    def _graphed(self, step: Step):
         why = []
         if step.sample.device.type != "cuda":
             why.append(f"CUDA graphs need CUDA tensors, got {step.sample.device.type}")
-        if self.config.mask == "random" and (step.sag or step.track):
-            why.append('mask="random" draws from a generator the graph does not own')
+        for term in step.watching:
+            why += term.graph_refusals(step)
+        if self.rule is not None:
+            why += self.rule.graph_refusals()
         if why:
             self.graphs.clear()  # e.g. the pipeline moved to the CPU: free the GPU memory of its graphs
             for reason in why:
                 self.graphs.refuse(reason)
             return None
-        inputs, state = self.graph_inputs(step, store)
+        inputs, state = self.graph_inputs(step)
 
         def fn(inp):
-            s = dataclasses.replace(step, sample=inp["sample"], call=inp["call"], noise=Noise(*inp["noise"]), pag_scale=inp["pag_scale"])
-            return self.run_step(variant, s, store)
+            s = dataclasses.replace(step, sample=inp["sample"], call=inp["call"], noise=Noise(*inp["noise"]), scales=inp["scales"])
+            return self.run_step(step.variant, s)
 
-        return self.graphs.run(self.graph_variant(variant, step), fn, inputs, state)
+        return self.graphs.run(self.graph_variant(step.variant, step), fn, inputs, state)
 
     def graph_variant(self, variant: str, step: Step) -> tuple:
         """What a graph of this step bakes in besides its inputs: the config, the terms the step runs,
         CFG, the prediction type, and the map size where the call's inputs give it (Flux: token grids
         4x8 and 8x4 pack to one shape)."""
-        guide = (step.guide.start, step.guide.stop)  # a slice is unhashable before Python 3.12
-        terms = (step.sag, step.pag, step.track)
-        return (variant, terms, self.config, step.state_key[-1], guide, step.prediction_type, self.family.map_size(step.call))
+        guide = tuple(step.guide.tolist()) if torch.is_tensor(step.guide) else (step.guide.start, step.guide.stop)
+        zero = self.rule is not None and self.rule.zero(step.index)
+        terms = (tuple(t.name for t in step.on), tuple(t.name for t in step.watching), step.cfg is not None, zero)
+        return (variant, terms, self.config, step.chunks, guide, step.prediction_type, self.family.map_size(step.call))
 
-    def graph_inputs(self, step: Step, store: dict):
+    def graph_inputs(self, step: Step):
         """(inputs, state) of the graphed step: what is copied into static buffers before each replay,
         and the persistent batched-mode buffers the step reads and writes in place."""
         device = step.sample.device
-        # The timestep enters the graph as a device tensor, so one graph serves every step; so does an
-        # adaptive PAG scale (a constant one is part of the config the graph is keyed by).
+        # The timestep enters the graph as a device tensor, so one graph serves every step; so do the
+        # scales that change per step (adaptive PAG) or per image (a constant one is part of the config
+        # the graph is keyed by).
         call = dict(step.call, timestep=torch.as_tensor(step.call["timestep"], device=device))
-        pag_scale = step.pag_scale
-        if self.config.pag_adaptive_scale and step.pag:
-            pag_scale = torch.as_tensor(pag_scale, dtype=torch.float32, device=device)
+        scales = {
+            t.name: torch.as_tensor(step.scales[t.name], dtype=torch.float32, device=device)
+            if torch.is_tensor(step.scales[t.name]) or step.scales[t.name] != getattr(self.config, t.scale_field)
+            else step.scales[t.name]
+            for t in step.on
+        }
         n = step.noise
-        inputs = {"sample": step.sample, "call": call, "noise": (n.a, n.b, n.abar, n.scale), "pag_scale": pag_scale}
-        previous = store.get(step.state_key)
-        return inputs, ((previous.eps, previous.mask) if previous is not None and (step.sag or step.track) else ())
+        inputs = {"sample": step.sample, "call": call, "noise": (n.a, n.b, n.abar, n.scale), "scales": scales}
+        state = tuple(x for t in step.watching for x in t.graph_state(step))
+        return inputs, state
 
-    def _exact_step(self, step: Step, store: dict) -> torch.Tensor:
-        """Main pass, then (SAG) the degraded pass built from this step's own eps and mask. PAG's
-        perturbed rows go with the main pass, or with the degraded one (`exact_pag_pass`)."""
-        fam, guide = self.family, step.guide
-        late_pag = step.pag and step.sag and self.config.exact_pag_pass == "degraded"
-        out = self._pass(step, main=True, perturbed=step.pag and not late_pag)
-        o = out["main"]
-        image, o_image = fam.to_image(step.sample, step.call), fam.to_image(o, step.call)
-        c = predicted_channels(o_image, image)
-        if step.sag or step.track:
-            x0, eps = x0_eps(image[guide, :c], o_image[guide, :c], step.noise, step.prediction_type)
-            self._remember(step, store, eps, out["mask"])
-        if step.sag:
-            xd = self._model_input(self._degrade(x0, out["mask"], eps, step.noise), image[guide], step)
-            out.update(self._pass(step, degraded=xd, perturbed=late_pag))
-        elif not step.pag:
-            return o  # tracking only: the prediction is the model's
-        return self._combine(o, out.get("degraded"), out.get("perturbed"), step, c if o_image is o else None)
-
-    def _batched_step(self, step: Step, previous: Previous, store: dict) -> torch.Tensor:
-        """One model call on [main batch, perturbed (PAG), degraded], the degraded input built from the
-        current x and the previous evaluation's eps and mask (docs/design.md, "One call per step"):
-
-            x0' = (x - b * eps_prev) / a
-            xd  = a * Degrade(x0'; M_prev) + b * eps_prev  =  x - a * M_prev * (x0' - Blur(x0'))
-
-        which is the exact-mode input whenever eps_prev equals this step's eps. Where a = 0 (flow
-        matching's first step, sigma = 1) it is x itself: no division by zero is taken.
-        """
-        fam, guide, noise = self.family, step.guide, step.noise
-        image = fam.to_image(step.sample, step.call)
-        c = previous.eps.shape[1]
-        x = image[guide, :c]
-        a = noise.a.view(-1, *([1] * (x.dim() - 1)))
-        safe = Noise(torch.where(noise.a > 0, noise.a, torch.ones_like(noise.a)), noise.b, noise.abar, noise.scale)
-        x0_prev, _ = x0_eps(x, previous.eps, safe, "epsilon")  # eps is eps whatever the model predicts
-        xd = torch.where(a > 0, self._degrade(x0_prev, previous.mask, previous.eps, noise), x.float())
-        out = self._pass(step, main=True, perturbed=step.pag, degraded=self._model_input(xd, image[guide], step))
-        o = out["main"]
-        o_image = fam.to_image(o, step.call)
-        _, eps = x0_eps(x, o_image[guide, :c], noise, step.prediction_type)
-        self._remember(step, store, eps, out["mask"])
-        return self._combine(o, out["degraded"], out.get("perturbed"), step, c if o_image is o else None)
-
-    def _pass(self, step: Step, main: bool = False, perturbed: bool = False, degraded: torch.Tensor | None = None) -> dict:
-        """One model call on the rows [main batch][perturbed: the cond rows, PAG's layers perturbed]
-        [degraded: SAG's input, with the guide rows' conditioning]. Returns each part's output by name,
-        and with the main batch (SAG on) the [guide rows, h, w] mask as "mask"."""
-        parts, inputs, rows = [], [], []
+    def _pass(self, step: Step, main: bool = False, terms=()) -> dict:
+        """One model call on the rows [main batch][each term's rows: those without an attention rule
+        first]. Returns each part's output by name ("main", the terms' names)."""
+        parts, inputs, rows, rules = [], [], [], []
         if main:
             parts.append(("main", step.full))
             inputs.append(step.sample)
             rows.append(slice(None))
-        if perturbed:
-            parts.append(("perturbed", step.b))
-            inputs.append(step.sample[step.cond])
-            rows.append(step.cond)
-        if degraded is not None:
-            parts.append(("degraded", step.b))
-            inputs.append(degraded)
-            rows.append(step.guide)
+        at = step.full if main else 0
+        for term in sorted(terms, key=lambda t: t.layers_field is not None):
+            r = term.rows(step)
+            n = r.sample.shape[0]
+            parts.append((term.name, n))
+            inputs.append(r.sample)
+            rows.append(r.conditioning)
+            if r.rule is not None:
+                rules.append((slice(at, at + n), r.rule))
+            at += n
         sample = inputs[0] if len(inputs) == 1 else torch.cat(inputs)
         call = gather_batch(step.call, step.full, rows)
-        capture, cfg = self.capture, self.config
+        capture = self.capture
         capture.reinstall()
-        if main and (step.sag or step.track):
-            capture.arm(
-                step.guide, record_mass=cfg.mask == "attention", hw=self.family.map_size(step.call)
-            )  # the ablation's masks read no map
-        if perturbed:
-            start = step.full if main else 0
-            capture.perturb_rows = slice(start, start + step.b)
+        if main:
+            for term in step.watching:
+                term.before_main(step)
+        capture.rules = tuple(rules)
         try:
             o = self.model(sample, **call, return_dict=False)[0]
         finally:
             capture.disarm()
-            capture.perturb_rows = None
+            capture.rules = ()
         out, at = {}, 0
         for name, n in parts:
             out[name] = o[at : at + n] if len(parts) > 1 else o
             at += n
-        if main and (step.sag or step.track):
-            out["mask"] = self._mask(step)
+        if main:
+            for term in step.watching:
+                term.after_main(step, out["main"])
         return out
 
-    def _mask(self, step: Step) -> torch.Tensor:
-        """[guide rows, h, w] bool: the rows' SAG mask after a main pass (attention, global or random)."""
-        cfg, capture, device = self.config, self.capture, step.sample.device
-        if cfg.mask == "attention":
-            self.last_mask = capture.mask(self.layer_name)
-            return self.last_mask
-        hw = capture.map_size(self.layer_name)
-        if cfg.mask == "global":
-            return torch.ones(step.b, *hw, dtype=torch.bool, device=device)
-        if self.generators is None or self.generators[0].device != device:
-            self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in self.seeds]
-        if len(self.generators) == step.b:  # each image's mask from its own generator
-            noise = torch.cat([torch.rand(1, *hw, generator=g, device=device) for g in self.generators])
+    def _combine(self, out: dict, step: Step) -> torch.Tensor:
+        """`o[k] + sum_t s_t * (o[source_t] - o_t)` for each CFG chunk k (the terms this step runs), or
+        where sagfast owns CFG each image's guided prediction for every chunk; on the predicted channels
+        (the rest of o, a learned variance, as the main pass gave it)."""
+        fam, o = self.family, out["main"]
+        o_image = fam.to_image(o, step.call)
+        c = predicted_channels(o_image, fam.to_image(step.sample, step.call)) if o_image is o else o.shape[1]
+        whole = c == o.shape[1]
+
+        def part(t):
+            return t if whole else t[:, :c].contiguous()
+
+        terms = [(step.scales[t.name], part(o[step.guide if t.source == "guide" else step.cond]), part(out[t.name])) for t in step.on]
+        if step.cfg is None:
+            if not terms:
+                return o
+            (scale, pos, neg), *extra = terms
+            guided = ops.combine(part(o), pos, neg, scale, backend=self.config.backend, extra_terms=extra)
+            return guided if whole else torch.cat([guided, o[:, c:]], dim=1)
+        # sagfast owns CFG: each image's prediction R in fp32, returned for every chunk.
+        o_c = part(o[step.cond]).float()
+        if step.chunks == 2:
+            base, cfg_terms = self.rule.combine(part(o[step.uncond]).float(), o_c, step.cfg, step.index)
         else:
-            noise = torch.rand(step.b, *hw, generator=self.generators[0], device=device)
-        return noise < cfg.random_mask_ratio
-
-    def _model_input(self, xd: torch.Tensor, image: torch.Tensor, step: Step) -> torch.Tensor:
-        """The degraded latent in the model's layout and dtype, with the guide rows' extra input
-        channels (an inpainting UNet's mask and masked image) after it."""
-        xd = torch.cat([xd.to(step.sample.dtype), image[:, xd.shape[1] :]], dim=1)
-        return self.family.to_model_input(xd, step.call)
-
-    def _degrade(self, x0, mask, eps, noise: Noise) -> torch.Tensor:
-        """a * Degrade(x0; mask) + b * eps, through the variance-preserving op (sagfast.engine.schedule)."""
-        cfg = self.config
-        xd = ops.degrade(x0, mask, eps, noise.abar, cfg.blur_kernel_size, cfg.blur_sigma, backend=cfg.backend)
-        return xd if noise.scale is None else xd * noise.scale.view(-1, 1, 1, 1).to(xd.dtype)
-
-    def _combine(self, o, o_deg, o_ptb, step: Step, c: int | None) -> torch.Tensor:
-        """o[k] + s * (o_guide - o_deg) + s_pag * (o_cond - o_ptb) for each CFG chunk k (the terms this
-        step runs), on the first `c` channels (None: all); the rest of o (learned variance) as the main
-        pass gave it."""
-        cfg = self.config
-        whole = c is None or c == o.shape[1]
-        part = (lambda t: t) if whole else (lambda t: t[:, :c].contiguous())
-        terms = []
-        if o_deg is not None:
-            terms.append((cfg.scale, part(o[step.guide]), part(o_deg)))
-        if o_ptb is not None:
-            terms.append((step.pag_scale, part(o[step.cond]), part(o_ptb)))
-        (scale, pos, neg), *extra = terms
-        guided = ops.combine(part(o), pos, neg, scale, backend=cfg.backend, extra_terms=extra)
-        return guided if whole else torch.cat([guided, o[:, c:]], dim=1)
-
-    def _remember(self, step: Step, store: dict, eps, mask) -> None:
-        """Batched mode: keep this evaluation's eps and mask for the next one, in buffers that persist
-        per shape (a CUDA graph reads and writes them at fixed addresses)."""
-        if self.config.mode != "batched":
-            return
-        state = store.get(step.state_key)
-        if state is None or state.eps.shape != eps.shape or state.mask.shape != mask.shape:
-            # Normal tensors even under torch.inference_mode: a later call outside it writes into them.
-            with torch.inference_mode(False):
-                store[step.state_key] = Previous(torch.empty_like(eps), torch.empty_like(mask))
-            state = store[step.state_key]
-        state.eps.copy_(eps)
-        state.mask.copy_(mask)
+            base, cfg_terms = o_c, []
+        terms = cfg_terms + [(s, pos.float(), neg.float()) for s, pos, neg in terms]
+        guided = base
+        if terms:
+            (scale, pos, neg), *extra = terms
+            guided = ops.combine(
+                base.contiguous(), pos.contiguous(), neg.contiguous(), scale, backend=self.config.backend, extra_terms=extra
+            )
+        if self.rule.zero(step.index):
+            guided = torch.zeros_like(guided)
+        guided = guided.to(o.dtype)
+        chunks = [guided if whole else torch.cat([guided, o[k * step.b : (k + 1) * step.b, c:]], dim=1) for k in range(step.chunks)]
+        return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
 
 
 def _within(interval: tuple, fraction: float) -> bool:
     return interval[0] <= fraction < interval[1]
-
-
-def _first(timestep) -> float:
-    """A call's timestep as a Python number (the first row's, when it is per row)."""
-    return float(timestep.reshape(-1)[0]) if torch.is_tensor(timestep) else float(timestep)
 
 
 def _seeds_of(generator) -> list[int]:

@@ -66,10 +66,10 @@ class Family:
         outside `cfg_interval`): the last chunk of [uncond, cond]."""
         return chunks - 1
 
-    def pag_layers(self, model: torch.nn.Module, identifiers: tuple) -> list:
-        """The self-attention modules PAG perturbs for diffusers' `pag_applied_layers` identifiers,
-        matched as diffusers' `PAGMixin` matches them: a regular-expression search in each
-        self-attention layer's name (`_fake_integral_match` aside)."""
+    def matching_layers(self, model: torch.nn.Module, identifiers: tuple, field: str = "pag_layers") -> list:
+        """The self-attention modules a term changes (PAG's, SEG's) for layer identifiers (the config
+        `field`, named in errors), matched as diffusers' `PAGMixin` matches `pag_applied_layers`: a
+        regular-expression search in each self-attention layer's name (`_fake_integral_match` aside)."""
         model = getattr(model, "_orig_mod", model)
         modules = dict(model.named_modules())
         names = self_attention_layers(model)
@@ -78,10 +78,10 @@ class Family:
             try:
                 matched = [n for n in names if re.search(identifier, n) and not _fake_integral_match(identifier, n)]
             except re.error as e:
-                raise ValueError(f"pag_layers entry {identifier!r} is not a valid regular expression ({e})") from None
+                raise ValueError(f"{field} entry {identifier!r} is not a valid regular expression ({e})") from None
             if not matched:
                 raise ValueError(
-                    f"pag_layers entry {identifier!r} matches no self-attention layer of this {type(model).__name__} "
+                    f"{field} entry {identifier!r} matches no self-attention layer of this {type(model).__name__} "
                     f"(identifiers are searched in the layer names, as diffusers' pag_applied_layers). "
                     f"Its self-attention layers: {names or 'none'}"
                 )

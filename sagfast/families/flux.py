@@ -120,11 +120,12 @@ class FluxFamily(Family):
             )
         return 1
 
-    def pag_layers(self, model, identifiers: tuple) -> list:
+    def matching_layers(self, model, identifiers: tuple, field: str = "pag_layers") -> list:
+        term = field.split("_")[0].upper()
         raise ValueError(
-            "sagfast does not run PAG on Flux: its attention modules are FluxAttention, which diffusers' "
-            "pag_applied_layers matching does not select (diffusers has no Flux PAG pipeline), and the "
-            "guidance-distilled model is not trained for a perturbed branch. Use pag_scale=0 with Flux."
+            f"sagfast does not run {term} on Flux: its attention modules are FluxAttention, which diffusers' "
+            f"pag_applied_layers matching does not select (diffusers has no Flux pipeline for {term}), and its "
+            f"single-stream blocks do not say where the image tokens start. Use {term.lower()}_scale=0 with Flux."
         )
 
     def resolve_layer(self, model, layers: str):

@@ -1,0 +1,44 @@
+"""Adaptive projected guidance (Sadat et al. 2024, arXiv 2410.02416), as diffusers'
+AdaptiveProjectedGuidance: the CFG update `d = o_c - o_u` (with momentum: a running sum
+`d + momentum * previous`), its L2 norm per image capped at `apg_rescale`, split into the parts
+parallel and orthogonal to o_c, and
+
+    o = o_u + g * (d_orthogonal + apg_eta * d_parallel)
+
+The projection is computed in float64, as diffusers computes it. Images with g <= 1 get o_c.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sagfast.terms.cfg import CFGRule, row_scale
+
+
+class APG(CFGRule):
+    name = "apg"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.running = None
+        """The momentum's running average of the update, per image, over the call's steps."""
+
+    def combine(self, o_u, o_c, g, index: int):
+        cfg = self.config
+        dims = list(range(1, o_c.dim()))
+        diff = o_c - o_u
+        if cfg.apg_momentum is not None:
+            self.running = diff if self.running is None else diff + cfg.apg_momentum * self.running
+            diff = self.running
+        if cfg.apg_rescale > 0:
+            norm = diff.norm(p=2, dim=dims, keepdim=True)
+            diff = diff * torch.minimum(torch.ones_like(norm), cfg.apg_rescale / norm)
+        v0, v1 = diff.double(), torch.nn.functional.normalize(o_c.double(), dim=dims)
+        parallel = (v0 * v1).sum(dim=dims, keepdim=True) * v1
+        update = (v0 - parallel).to(diff.dtype) + cfg.apg_eta * parallel.to(diff.dtype)
+        scale = row_scale(g, o_c)
+        guided = torch.where(scale > 1, o_u + scale * update, o_c)
+        return guided, []
+
+    def graph_refusals(self) -> list[str]:
+        return ["APG's momentum is a running average kept between steps"] if self.config.apg_momentum is not None else []

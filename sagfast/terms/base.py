@@ -1,0 +1,128 @@
+"""What a guidance term is: rows of a model call beside the main batch, and its part of the combine.
+
+A term (one class per file in this folder) adds `+ s * (o[source] - o_term)` to every image's
+prediction, where `o_term` is the model's output on the term's own rows and `o[source]` the main
+pass's output on the rows those were derived from: the guide branch (SAG: uncond under CFG) or the
+cond branch (PAG, SEG). The engine (sagfast.engine.denoiser) plans each step from the terms the
+config asks for and names none of them:
+
+- exact mode: the main batch with the rows of every term that does not need the main pass (PAG,
+  SEG) in one call, then the rows of the terms that do (SAG: its input is built from the main pass's
+  prediction) in a second call;
+- batched mode: every term's rows in the main call, when each term that needs the main pass can build
+  its rows from the previous step instead (`ready`).
+
+A term says which of its rows' attention layers run differently (an `AttentionRule`: PAG's identity,
+SEG's blurred queries); the capture switch (sagfast.attention.capture) runs those rows through the
+rule and every other row through the layer's own processor, so one call holds them all.
+
+Terms are made per guided call (`Term(call)`): what they keep between steps lives in the call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass
+class Rows:
+    """A term's rows in one model call."""
+
+    sample: torch.Tensor
+    """Their latent, in the model's input layout."""
+    conditioning: slice | torch.Tensor
+    """The rows of the step's batch whose other inputs (text embeddings, added conditions, a per-row
+    timestep) they take."""
+    rule: AttentionRule | None = None
+    """How they run through some attention layers, or None: every layer as it is."""
+
+
+class AttentionRule:
+    """A term's rows through some attention layers: `layers` (the modules) and `fn(own, attn,
+    hidden_states, *args, **kwargs)`, where `own(attn, hidden_states, *args, **kwargs)` runs the layer's
+    own processor (a rule may call it on changed inputs, or not at all)."""
+
+    def __init__(self, layers, fn):
+        self.layers = frozenset(layers)
+        self.fn = fn
+
+    def __call__(self, own, attn, *args, **kwargs):
+        return self.fn(own, attn, *args, **kwargs)
+
+
+def on(scale) -> bool:
+    """Whether a scale (a number or one per image) is above 0 for any image."""
+    return max(scale) > 0 if isinstance(scale, tuple) else scale > 0
+
+
+class Term:
+    """A guidance term. Subclasses set the class attributes and override the steps they need."""
+
+    name: str = ""
+    """The key of its rows' output in a step."""
+
+    scale_field: str = ""
+    """Its SAGConfig scale (a number or one per image; 0 is off)."""
+
+    interval_field: str = ""
+    """Its SAGConfig guidance interval."""
+
+    layers_field: str | None = None
+    """Its SAGConfig layer identifiers, if its rule acts on chosen layers."""
+
+    source: str = "cond"
+    """Which branch its rows derive from and its term subtracts from: "cond" or "guide"."""
+
+    needs_main: bool = False
+    """Whether its rows' input is built from the same step's main pass (exact mode: a second call)."""
+
+    def __init__(self, call):
+        self.call = call
+        self.config = call.config
+        self.layers = self.layers_of(call.family, call.model, call.config) if self.layers_field else []
+
+    @classmethod
+    def requested(cls, config) -> bool:
+        """Whether the config turns this term on for any image."""
+        return on(getattr(config, cls.scale_field))
+
+    @classmethod
+    def layers_of(cls, family, model, config) -> list:
+        """The attention modules its rule changes (they get the capture switch when a pipeline is enabled)."""
+        return family.matching_layers(model, getattr(config, cls.layers_field), cls.layers_field) if cls.layers_field else []
+
+    def plan(self, fraction: float) -> str | None:
+        """ "on" when this step runs its rows (`fraction`: i / N of the call's steps), else None. A term may
+        answer "track": no rows, but it watches the main pass (SAG before its interval, batched)."""
+        start, stop = getattr(self.config, self.interval_field)
+        return "on" if start <= fraction < stop else None
+
+    def scale(self, timestep):
+        """Its scale at this step (`timestep`: the model call's): a number, or a tuple with one per image."""
+        return getattr(self.config, self.scale_field)
+
+    def note_step(self, step) -> None:
+        """Every step of the call, planned, whether or not the term runs in it."""
+
+    def ready(self, step) -> bool:
+        """Batched mode: whether its rows can be built before this step's main pass."""
+        return not self.needs_main
+
+    def before_main(self, step) -> None:
+        """Right before the main pass (the capture is being armed for it)."""
+
+    def after_main(self, step, o: torch.Tensor) -> None:
+        """Right after the main pass, with its output `o`."""
+
+    def rows(self, step) -> Rows:
+        raise NotImplementedError
+
+    def graph_state(self, step) -> tuple:
+        """Persistent tensors a CUDA graph of this step reads and writes in place (batched-mode state)."""
+        return ()
+
+    def graph_refusals(self, step) -> list[str]:
+        """Why a step with this term cannot be captured in a CUDA graph (empty when it can)."""
+        return []

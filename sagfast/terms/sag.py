@@ -1,0 +1,156 @@
+"""Self-Attention Guidance (Hong et al., ICCV 2023): the guide branch's prediction degraded where the
+model attends most, and `+ scale * (o_guide - o_degraded)`.
+
+Its rows are built from a main pass: the capture layer's switch records the guide rows' attention
+mass in the main pass (sagfast.attention.capture), the mask is `mass > threshold` on the layer's map,
+and the degraded input is the guide rows' predicted x0 blurred under the mask and re-noised to the
+step's noise level (sagfast.ops.degrade). In exact mode the main pass is this step's (a second model
+call); in batched mode it is the previous evaluation's eps and mask applied to this step's input, so
+the degraded rows join the main call (docs/design.md, "One call per step"):
+
+    x0' = (x - b * eps_prev) / a
+    xd  = a * Degrade(x0'; M_prev) + b * eps_prev  =  x - a * M_prev * (x0' - Blur(x0'))
+
+which is the exact-mode input whenever eps_prev equals this step's eps. Where a = 0 (flow matching's
+first step, sigma = 1) it is x itself: no division by zero is taken.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from sagfast import ops
+from sagfast.engine.schedule import Noise, x0_eps
+from sagfast.ops.degrade import check_blur_size
+from sagfast.terms.base import Rows, Term
+
+
+@dataclasses.dataclass
+class Previous:
+    """Batched mode: eps and mask of the previous evaluation."""
+
+    eps: torch.Tensor  # fp32 [B, C, H, W]
+    mask: torch.Tensor  # bool [B, h, w]
+
+
+def predicted_channels(o: torch.Tensor, sample: torch.Tensor) -> int:
+    """How many output channels are the prediction SAG reads and guides: a model with learned variance
+    (DiT, PixArt, DDPM's "learned_range") outputs 2C, the variance channels pass through untouched."""
+    return min(o.shape[1], sample.shape[1])
+
+
+class SAG(Term):
+    name = "sag"
+    scale_field = "scale"
+    interval_field = "sag_interval"
+    source = "guide"
+    needs_main = True
+
+    def __init__(self, call):
+        super().__init__(call)
+        self.previous: dict = {}
+        """Batched mode, eager: state key -> Previous (graphed steps keep theirs with the graphs)."""
+        self.last = None
+        """Batched mode: the state key of the previous evaluation when it recorded eps and mask (a SAG
+        step, or a tracked one), which are then this step's eps_prev and mask; else None, and the next
+        SAG step is exact."""
+        self.generators = None
+        self.x0 = self.eps = self.mask = None  # of the latest main pass
+
+    @property
+    def store(self) -> dict:
+        return self.call.graphs.state if self.call.graphs is not None else self.previous
+
+    def plan(self, fraction: float) -> str | None:
+        start, stop = self.config.sag_interval
+        if start <= fraction < stop:
+            return "on"
+        # Batched mode before the interval: the main pass still records eps and mask, so that the
+        # first SAG step can be batched.
+        return "track" if self.config.mode == "batched" and start < stop and fraction < stop else None
+
+    def ready(self, step) -> bool:
+        return self.last == step.state_key and step.state_key in self.store
+
+    def note_step(self, step) -> None:
+        """Every step of the call, whether or not SAG runs in it: which evaluation recorded last."""
+        self.last = step.state_key if self in step.watching else None
+
+    def before_main(self, step) -> None:
+        if self in step.on:
+            image = self.call.family.to_image(step.sample, step.call)
+            check_blur_size(image.shape[-2], image.shape[-1], self.config.blur_kernel_size)
+        # The ablation's masks read no map.
+        self.call.capture.arm(step.guide, record_mass=self.config.mask == "attention", hw=self.call.family.map_size(step.call))
+
+    def after_main(self, step, o: torch.Tensor) -> None:
+        fam = self.call.family
+        image, o_image = fam.to_image(step.sample, step.call), fam.to_image(o, step.call)
+        c = predicted_channels(o_image, image)
+        self.x0, self.eps = x0_eps(image[step.guide, :c], o_image[step.guide, :c], step.noise, step.prediction_type)
+        self.mask = self._mask(step)
+        self._remember(step)
+
+    def rows(self, step) -> Rows:
+        fam, noise = self.call.family, step.noise
+        image = fam.to_image(step.sample, step.call)
+        if step.variant == "exact":
+            xd = self._degrade(self.x0, self.mask, self.eps, noise)
+        else:
+            previous = self.store[step.state_key]
+            c = previous.eps.shape[1]
+            x = image[step.guide, :c]
+            a = noise.a.view(-1, *([1] * (x.dim() - 1)))
+            safe = Noise(torch.where(noise.a > 0, noise.a, torch.ones_like(noise.a)), noise.b, noise.abar, noise.scale)
+            x0_prev, _ = x0_eps(x, previous.eps, safe, "epsilon")  # eps is eps whatever the model predicts
+            xd = torch.where(a > 0, self._degrade(x0_prev, previous.mask, previous.eps, noise), x.float())
+        guide = image[step.guide]
+        # The guide rows' extra input channels (an inpainting UNet's mask and masked image) after it.
+        xd = torch.cat([xd.to(step.sample.dtype), guide[:, xd.shape[1] :]], dim=1)
+        return Rows(fam.to_model_input(xd, step.call), step.guide)
+
+    def graph_state(self, step) -> tuple:
+        previous = self.store.get(step.state_key)
+        return (previous.eps, previous.mask) if previous is not None else ()
+
+    def graph_refusals(self, step) -> list[str]:
+        return ['mask="random" draws from a generator the graph does not own'] if self.config.mask == "random" else []
+
+    def _mask(self, step) -> torch.Tensor:
+        """[guide rows, h, w] bool: the rows' SAG mask after a main pass (attention, global or random)."""
+        cfg, call, device = self.config, self.call, step.sample.device
+        if cfg.mask == "attention":
+            return call.capture.mask(call.layer_name)
+        hw = call.capture.map_size(call.layer_name)
+        if cfg.mask == "global":
+            return torch.ones(step.b, *hw, dtype=torch.bool, device=device)
+        if self.generators is None or self.generators[0].device != device:
+            self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in call.seeds]
+        if len(self.generators) == step.b:  # each image's mask from its own generator
+            noise = torch.cat([torch.rand(1, *hw, generator=g, device=device) for g in self.generators])
+        else:
+            noise = torch.rand(step.b, *hw, generator=self.generators[0], device=device)
+        return noise < cfg.random_mask_ratio
+
+    def _degrade(self, x0, mask, eps, noise: Noise) -> torch.Tensor:
+        """a * Degrade(x0; mask) + b * eps, through the variance-preserving op (sagfast.engine.schedule)."""
+        cfg = self.config
+        xd = ops.degrade(x0, mask, eps, noise.abar, cfg.blur_kernel_size, cfg.blur_sigma, backend=cfg.backend)
+        return xd if noise.scale is None else xd * noise.scale.view(-1, 1, 1, 1).to(xd.dtype)
+
+    def _remember(self, step) -> None:
+        """Batched mode: keep this evaluation's eps and mask for the next one, in buffers that persist
+        per shape (a CUDA graph reads and writes them at fixed addresses)."""
+        if self.config.mode != "batched":
+            return
+        store, eps, mask = self.store, self.eps, self.mask
+        state = store.get(step.state_key)
+        if state is None or state.eps.shape != eps.shape or state.mask.shape != mask.shape:
+            # Normal tensors even under torch.inference_mode: a later call outside it writes into them.
+            with torch.inference_mode(False):
+                store[step.state_key] = Previous(torch.empty_like(eps), torch.empty_like(mask))
+            state = store[step.state_key]
+        state.eps.copy_(eps)
+        state.mask.copy_(mask)

@@ -1,0 +1,243 @@
+"""The guidance terms and CFG rules against diffusers' own guider objects, and per-image settings.
+
+The reference is a denoising loop that does per step what diffusers' modular pipelines do with a
+guider (`set_state`, `prepare_inputs`, for each batch `prepare_models` / the UNet / `cleanup_models`,
+the guider's call, `scheduler.step`), on the plain UNet; sagfast runs the same components through
+`StableDiffusionPipeline` with the same latents. Final latents must agree within
+1e-4 * max(1, max |ref|), and each term must move them by more than 100x that from plain CFG, so a
+parity that holds because nothing happened cannot pass.
+
+diffusers 0.42.1's guiders are corrected in the test where they are faulty (each fault is named at
+its fix): PAG's step range excludes its start step (`start < i`), where every other guider and
+sagfast's intervals include it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from components import prompt_embeds, sd_pipeline
+from diffusers.guiders import (
+    AdaptiveProjectedGuidance,
+    ClassifierFreeGuidance,
+    ClassifierFreeZeroStarGuidance,
+    PerturbedAttentionGuidance,
+)
+from diffusers.hooks import LayerSkipConfig
+from test_families_flow import embeds, sd3
+
+import sagfast
+
+STEPS = 4
+SIZE = 32  # latent 16 x 16
+MID = "mid_block.attentions.0.transformer_blocks"
+
+
+class FixedPAG(PerturbedAttentionGuidance):
+    def _is_slg_enabled(self):
+        return self._enabled and self.skip_layer_guidance_scale != 0  # diffusers skips step 0
+
+
+def start_latents(n=1):
+    return torch.randn(n, 4, SIZE // 2, SIZE // 2, generator=torch.Generator().manual_seed(5))
+
+
+def guider_latents(guider, latents):
+    """The final latents of diffusers' modular denoise loop with `guider` on the tiny SD UNet."""
+    pipe = sd_pipeline()
+    unet, scheduler = pipe.unet, pipe.scheduler
+    pe, ne = prompt_embeds(latents.shape[0])
+    scheduler.set_timesteps(STEPS)
+    latents = latents * scheduler.init_noise_sigma
+    with torch.no_grad():
+        for i, t in enumerate(scheduler.timesteps):
+            guider.set_state(step=i, num_inference_steps=STEPS, timestep=t)
+            batches = guider.prepare_inputs({"encoder_hidden_states": (pe, ne)})
+            for batch in batches:
+                guider.prepare_models(unet)
+                x = scheduler.scale_model_input(latents, t)
+                batch.noise_pred = unet(x, t, encoder_hidden_states=batch.encoder_hidden_states, return_dict=False)[0]
+                guider.cleanup_models(unet)
+            pred = guider(batches).pred
+            latents = scheduler.step(pred, t, latents, return_dict=False)[0]
+    return latents
+
+
+def sagfast_latents(latents, guidance_scale=5.0, **config):
+    pipe = sagfast.enable(sd_pipeline(), **{"scale": 0.0, **config})
+    pe, ne = prompt_embeds(latents.shape[0])
+    out = pipe(
+        prompt_embeds=pe,
+        negative_prompt_embeds=ne,
+        latents=latents.clone(),
+        num_inference_steps=STEPS,
+        guidance_scale=guidance_scale,
+        height=SIZE,
+        width=SIZE,
+        output_type="latent",
+    )
+    return out.images
+
+
+CASES = {
+    "cfg": (lambda: ClassifierFreeGuidance(guidance_scale=5.0), dict(cfg_scale=5.0)),
+    "apg": (
+        lambda: AdaptiveProjectedGuidance(guidance_scale=5.0, eta=0.0),
+        dict(cfg_rule="apg", apg_eta=0.0),
+    ),
+    "apg-momentum": (
+        lambda: AdaptiveProjectedGuidance(
+            guidance_scale=5.0, adaptive_projected_guidance_momentum=-0.5, adaptive_projected_guidance_rescale=2.0, eta=0.0
+        ),
+        dict(cfg_rule="apg", apg_momentum=-0.5, apg_rescale=2.0, apg_eta=0.0),
+    ),
+    "cfg-zero-star": (lambda: ClassifierFreeZeroStarGuidance(guidance_scale=5.0, zero_init_steps=1), dict(cfg_rule="cfg_zero_star")),
+    "pag": (
+        lambda: FixedPAG(
+            guidance_scale=5.0,
+            perturbed_guidance_scale=3.0,
+            perturbed_guidance_start=0.0,
+            perturbed_guidance_stop=1.0,
+            perturbed_guidance_config=LayerSkipConfig(indices=[0], fqn=MID, skip_attention=False, skip_attention_scores=True),
+        ),
+        dict(pag_scale=3.0, pag_layers="mid"),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_each_term_matches_diffusers_guider(case):
+    make_guider, config = CASES[case]
+    x = start_latents()
+    want = guider_latents(make_guider(), x)
+    got = sagfast_latents(x, **config)
+    bound = 1e-4 * max(1.0, want.abs().max().item())
+    assert (got - want).abs().max().item() <= bound
+    if case != "cfg":
+        plain = guider_latents(ClassifierFreeGuidance(guidance_scale=5.0), x)
+        assert (want - plain).abs().max().item() > 100 * bound
+
+
+@pytest.mark.parametrize("mode", ["exact", "batched"])
+def test_sagfast_cfg_equals_the_pipelines_cfg_line_with_sag_and_pag(mode):
+    # Two layouts of one formula: o[k] + terms through the pipeline's CFG line, and R computed by
+    # sagfast and returned for both halves.
+    x = start_latents()
+    line = sagfast_latents(x, guidance_scale=5.0, scale=0.75, pag_scale=2.0, mode=mode)
+    owned = sagfast_latents(x, guidance_scale=2.0, cfg_scale=5.0, scale=0.75, pag_scale=2.0, mode=mode)
+    assert (owned - line).abs().max().item() <= 1e-5 * max(1.0, line.abs().max().item())
+
+
+# --- Per-image settings: one call of three images equals three one-image calls ------------------------
+
+PER_IMAGE = dict(scale=[0.0, 0.5, 1.0], cfg_scale=[1.0, 3.0, 7.5], pag_scale=[0.0, 3.0, 1.0])
+
+
+def sd_inputs(n):
+    pe, ne = prompt_embeds(n, seed=3)
+    return sd_pipeline, dict(prompt_embeds=pe, negative_prompt_embeds=ne, height=40, width=48), start_latents(n)
+
+
+def sd3_inputs(n):
+    pe, pooled = embeds(n=n, seed=1)
+    ne, npooled = embeds(n=n, seed=2)
+    latents = torch.randn(n, 4, 12, 10, generator=torch.Generator().manual_seed(5))
+    call = dict(
+        prompt_embeds=pe, pooled_prompt_embeds=pooled, negative_prompt_embeds=ne, negative_pooled_prompt_embeds=npooled, height=24, width=20
+    )
+    return sd3, call, latents
+
+
+def one_row(call: dict, i: int) -> dict:
+    return {k: v[i : i + 1] if torch.is_tensor(v) else v for k, v in call.items()}
+
+
+@pytest.mark.parametrize("mode", ["exact", "batched"])
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_images_with_mixed_settings_in_one_call_equal_their_own_calls(family, mode):
+    make, call, latents = (sd_inputs if family == "sd" else sd3_inputs)(3)
+    pipe = make()
+    layers = "mid" if family == "sd" else "transformer_blocks.1"
+    sagfast.enable(pipe, mode=mode, pag_layers=layers, **PER_IMAGE)
+    mixed = pipe(**call, latents=latents, guidance_scale=7.5, num_inference_steps=3, output_type="latent").images
+    for i in range(3):
+        g = PER_IMAGE["cfg_scale"][i]
+        sagfast.enable(pipe, mode=mode, pag_layers=layers, scale=PER_IMAGE["scale"][i], pag_scale=PER_IMAGE["pag_scale"][i])
+        alone = pipe(**one_row(call, i), latents=latents[i : i + 1], guidance_scale=g, num_inference_steps=3, output_type="latent").images
+        bound = 1e-4 * max(1.0, alone.abs().max().item())
+        assert (mixed[i : i + 1] - alone).abs().max().item() <= bound, f"image {i}"
+    assert (mixed[1] - mixed[2]).abs().max() > 0.01  # the settings did something different per image
+
+
+def test_a_per_image_field_of_the_wrong_length_is_refused_and_the_pipeline_still_runs():
+    pipe = sd_pipeline()
+    processors = dict(pipe.unet.attn_processors)
+    sagfast.enable(pipe, pag_scale=[1.0, 2.0, 3.0])
+    pe, ne = prompt_embeds(2)
+    call = dict(prompt_embeds=pe, negative_prompt_embeds=ne, num_inference_steps=2, output_type="latent", height=32, width=32)
+    with pytest.raises(ValueError, match=r"pag_scale has 3 values, but this call makes 2 images"):
+        pipe(**call)
+    sagfast.enable(pipe, pag_scale=[1.0, 2.0])
+    pipe(**call)
+    sagfast.disable(pipe)
+    assert {k: type(v) for k, v in pipe.unet.attn_processors.items()} == {k: type(v) for k, v in processors.items()}
+
+
+def test_cfg_per_image_needs_a_cfg_batch():
+    pipe = sagfast.enable(sd_pipeline(), cfg_scale=[1.0, 4.0])
+    pe, _ = prompt_embeds(2)
+    with pytest.raises(ValueError, match=r"guidance_scale > 1"):
+        pipe(prompt_embeds=pe, guidance_scale=1.0, num_inference_steps=2, output_type="latent", height=32, width=32)
+
+
+def test_sagfast_cfg_refuses_guidance_rescale():
+    pipe = sagfast.enable(sd_pipeline(), cfg_rule="apg")
+    pe, ne = prompt_embeds(1)
+    with pytest.raises(ValueError, match=r"guidance_rescale"):
+        pipe(prompt_embeds=pe, negative_prompt_embeds=ne, guidance_rescale=0.7, num_inference_steps=2, output_type="latent")
+
+
+# --- Calls per step ------------------------------------------------------------------------------------
+
+
+def batch_sizes(pipe, **call):
+    sizes = []
+    handle = pipe.unet.register_forward_pre_hook(lambda m, args, kwargs: sizes.append(args[0].shape[0]), with_kwargs=True)
+    try:
+        pipe(**call)
+    finally:
+        handle.remove()
+    return sizes
+
+
+@pytest.mark.parametrize(
+    "config, per_step",
+    [
+        (dict(scale=0.0, cfg_rule="apg"), [2]),
+        (dict(scale=0.0, cfg_rule="cfg_zero_star"), [2]),
+        (dict(scale=0.75, pag_scale=2.0, mode="exact"), [3, 1]),
+        (dict(scale=0.75, pag_scale=2.0, mode="batched"), [4]),
+    ],
+    ids=["apg", "cfg-zero-star", "sag+pag-exact", "sag+pag-batched"],
+)
+def test_rows_per_model_call(config, per_step):
+    pipe = sagfast.enable(sd_pipeline(), **config)
+    pe, ne = prompt_embeds(1)
+    sizes = batch_sizes(pipe, prompt_embeds=pe, negative_prompt_embeds=ne, num_inference_steps=3, output_type="latent", height=32, width=32)
+    if config.get("mode") == "batched":  # the first step of a call is exact
+        assert sizes == [3, 1, 4, 4]
+    else:
+        assert sizes == per_step * 3
+
+
+if __name__ == "__main__":  # the parity table of docs/guidance-engine.md: python tests/test_terms.py
+    x = start_latents()
+    plain = guider_latents(ClassifierFreeGuidance(guidance_scale=5.0), x)
+    print("| term | max abs diff | bound | max |ref| | effect: max |term - CFG| |")
+    print("|---|---|---|---|---|")
+    for case, (make_guider, config) in CASES.items():
+        want = guider_latents(make_guider(), x)
+        diff = (sagfast_latents(x, **config) - want).abs().max().item()
+        bound = 1e-4 * max(1.0, want.abs().max().item())
+        effect = (want - plain).abs().max().item()
+        print(f"| {case} | {diff:.1e} | {bound:.1e} | {want.abs().max().item():.1f} | {effect:.2f} |")
