@@ -26,6 +26,14 @@ sagfast.enable(pipe, scale=0.75, pag_scale=3.0, mode="batched", cfg_interval=(0.
 sagfast.enable(pipe, scale=0, pag_scale=3.0, pag_layers=["mid"])  # PAG alone = StableDiffusionPAGPipeline
 sagfast.drop_graphs(pipe)  # after set_adapters(...): forget the captured graphs
 
+# SEG (infinite query blur) and APG in the same engine; SAG + PAG + SEG batched is one call of 5B:
+sagfast.enable(pipe, scale=0, seg_scale=3.0, cfg_rule="apg", apg_eta=0.0)
+image = pipe("a photo of a cat").images[0]
+# Per-image settings, one model call for all three images (one value per image of the call):
+sagfast.enable(pipe, scale=[0.0, 0.5, 1.0], cfg_scale=[1.0, 3.0, 7.5], pag_scale=[0.0, 3.0, 1.0])
+images = pipe(["a cat", "a dog", "a fox"], guidance_scale=7.5).images  # guidance_scale > 1: CFG batch
+assert len(images) == 3
+
 # diffusers' StableDiffusionSAGPipeline, same components and call, any scheduler:
 pipe = sagfast.StableDiffusionSAGPipeline.from_pipe(pipe)
 image = pipe("a photo of a cat", sag_scale=0.75).images[0]

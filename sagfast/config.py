@@ -13,19 +13,20 @@ from sagfast.terms.cfg import CFGRule
 from sagfast.terms.cfg_zero_star import CFGZeroStar
 from sagfast.terms.pag import PAG
 from sagfast.terms.sag import SAG
+from sagfast.terms.seg import SEG
 
 MODES = ("exact", "batched")
 BACKENDS = ("auto", "triton", "cpp", "torch")
 MASKS = ("attention", "global", "random")
 PAG_PASSES = ("main", "degraded")
 FULL = (0.0, 1.0)
-PER_IMAGE = ("scale", "pag_scale", "cfg_scale")
+PER_IMAGE = ("scale", "pag_scale", "seg_scale", "cfg_scale")
 """Fields that take one number for every image or one value per image of the call."""
-TERMS = (SAG, PAG)
+TERMS = (SAG, PAG, SEG)
 """The guidance terms a config can turn on (sagfast.terms), in the order their rows join a model call."""
 CFG_RULES = {rule.name: rule for rule in (CFGRule, APG, CFGZeroStar)}
 """`cfg_rule` names and their rules."""
-INTERVALS = ("cfg_interval", "sag_interval", "pag_interval")
+INTERVALS = ("cfg_interval", "sag_interval", "pag_interval", "seg_interval")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,11 +105,27 @@ class SAGConfig:
     so PAG fades out as t falls (and its pass is skipped once the scale reaches 0). 0: constant."""
 
     exact_pag_pass: str = "main"
-    """Where the rows of the terms that do not need the main pass (PAG's) go in exact mode
+    """Where the rows of the terms that do not need the main pass (PAG's and SEG's) go in exact mode
     when SAG runs too (two calls a step either way): "main" runs [main batch, perturbed] then
     [degraded] (3B then B rows with PAG), "degraded" runs [main batch] then [degraded, perturbed] (2B
     then 2B: a lower activation peak, and the second call is no longer a small one). bench `step`
     measures both."""
+
+    seg_scale: float = 0.0
+    """Smoothed Energy Guidance (Hong 2024) scale in `+ s_seg * (o_cond - o_smoothed)`: the conditional
+    rows again, with the queries of `seg_layers` blurred over the layer's (h, w) grid by a Gaussian of
+    `seg_blur_sigma`. 0 (the default) is off; diffusers' guider defaults to 2.8. B more rows per step.
+    One number, or one per image (as `scale`)."""
+
+    seg_layers: tuple = ("mid",)
+    """Where SEG blurs the queries: identifiers matched as `pag_layers` (diffusers' PAG matching; the
+    SEG paper blurs the mid block's self-attention on SDXL)."""
+
+    seg_blur_sigma: float = 9999999.0
+    """Standard deviation of SEG's query blur in tokens of the layer's grid. At or above 9999.0
+    (diffusers' `seg_blur_threshold_inf`) the blur is infinite: every query becomes the mean query,
+    so every token attends uniformly (the paper's default). Smaller values smooth less; the paper
+    controls it on a log scale."""
 
     cfg_scale: object = None
     """Classifier-free guidance scale: None takes the pipeline call's `guidance_scale` and leaves the
@@ -153,6 +170,10 @@ class SAGConfig:
     pag_interval: tuple = (0.0, 1.0)
     """Steps with PAG (as `cfg_interval`); outside it no perturbed rows are run."""
 
+    seg_interval: tuple = (0.0, 1.0)
+    """Steps with SEG (as `cfg_interval`; diffusers' SEG guider counts `start < i`, sagfast `start <= i`
+    as for every interval)."""
+
     def __post_init__(self):
         problems = []
         # Numbers arrive from JSON bodies, numpy and torch: any real number (a 0-d tensor included) is
@@ -163,6 +184,7 @@ class SAGConfig:
             ("blur_sigma", 0.0, False),
             ("random_mask_ratio", 0.0, True),
             ("pag_adaptive_scale", 0.0, True),
+            ("seg_blur_sigma", 0.0, False),
             ("apg_rescale", 0.0, True),
             ("apg_eta", None, True),
         ):
@@ -200,7 +222,7 @@ class SAGConfig:
                 problems.append(f"{name} {why}, got {getattr(self, name)!r}")
             else:
                 object.__setattr__(self, name, interval)
-        for name in ("pag_layers",):
+        for name in ("pag_layers", "seg_layers"):
             value = getattr(self, name)
             layers = (value,) if isinstance(value, str) else value
             if isinstance(layers, (list, tuple)) and layers and all(isinstance(x, str) and x for x in layers):

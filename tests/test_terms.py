@@ -8,34 +8,67 @@ the guider's call, `scheduler.step`), on the plain UNet; sagfast runs the same c
 parity that holds because nothing happened cannot pass.
 
 diffusers 0.42.1's guiders are corrected in the test where they are faulty (each fault is named at
-its fix): PAG's step range excludes its start step (`start < i`), where every other guider and
-sagfast's intervals include it.
+its fix): SEG's `prepare_models` never counts its batches (its blur hook is never installed),
+`_gaussian_blur_2d` swaps the finite and infinite branches, and SEG's and PAG's step ranges exclude
+their start step (`start < i`), where every other guider and sagfast's intervals include it.
 """
 
 from __future__ import annotations
 
+import diffusers.hooks.smoothed_energy_guidance_utils as seg_utils
 import pytest
 import torch
+import torch.nn.functional as F
 from components import prompt_embeds, sd_pipeline
 from diffusers.guiders import (
     AdaptiveProjectedGuidance,
     ClassifierFreeGuidance,
     ClassifierFreeZeroStarGuidance,
     PerturbedAttentionGuidance,
+    SmoothedEnergyGuidance,
 )
 from diffusers.hooks import LayerSkipConfig
+from diffusers.hooks.smoothed_energy_guidance_utils import SmoothedEnergyGuidanceConfig
 from test_families_flow import embeds, sd3
 
 import sagfast
+from sagfast.terms.seg import blur_queries
 
 STEPS = 4
-SIZE = 32  # latent 16 x 16
+SIZE = 32  # latent 16 x 16, the mid block's map 8 x 8: square, as diffusers' SEG blur assumes
 MID = "mid_block.attentions.0.transformer_blocks"
+
+
+class FixedSEG(SmoothedEnergyGuidance):
+    def prepare_models(self, denoiser):
+        self._count_prepared += 1  # diffusers forgets this: its hook is then never installed
+        super().prepare_models(denoiser)
+
+    def _is_seg_enabled(self):
+        return self._enabled and self.seg_guidance_scale != 0  # the test runs it at every step
 
 
 class FixedPAG(PerturbedAttentionGuidance):
     def _is_slg_enabled(self):
         return self._enabled and self.skip_layer_guidance_scale != 0  # diffusers skips step 0
+
+
+def fixed_blur(query, kernel_size, sigma, sigma_threshold_inf):
+    """diffusers' `_gaussian_blur_2d` with its two branches the right way round (PR 14187)."""
+    b, n, c = query.shape
+    side = int(n**0.5)
+    grid = query.permute(0, 2, 1).reshape(b, c, side, side)
+    if sigma >= sigma_threshold_inf:
+        grid = grid.mean(dim=(-2, -1), keepdim=True).expand_as(grid)
+    else:
+        kernel_size = min(kernel_size, side - (side % 2 - 1))
+        half = (kernel_size - 1) / 2
+        x = torch.linspace(-half, half, steps=kernel_size)
+        pdf = torch.exp(-0.5 * (x / sigma).pow(2))
+        k1 = (pdf / pdf.sum()).to(query)
+        k2 = torch.matmul(k1[:, None], k1[None, :]).expand(c, 1, kernel_size, kernel_size)
+        grid = F.conv2d(F.pad(grid, [kernel_size // 2] * 4, mode="reflect"), k2, groups=c)
+    return grid.reshape(b, c, n).permute(0, 2, 1)
 
 
 def start_latents(n=1):
@@ -102,11 +135,27 @@ CASES = {
         ),
         dict(pag_scale=3.0, pag_layers="mid"),
     ),
+    "seg-infinite": (
+        lambda: FixedSEG(
+            guidance_scale=5.0, seg_guidance_scale=10.0, seg_guidance_config=SmoothedEnergyGuidanceConfig(indices=[0], fqn=MID)
+        ),
+        dict(seg_scale=10.0, seg_layers="mid"),
+    ),
+    "seg-sigma-2": (
+        lambda: FixedSEG(
+            guidance_scale=5.0,
+            seg_guidance_scale=10.0,
+            seg_blur_sigma=2.0,
+            seg_guidance_config=SmoothedEnergyGuidanceConfig(indices=[0], fqn=MID),
+        ),
+        dict(seg_scale=10.0, seg_layers="mid", seg_blur_sigma=2.0),
+    ),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_each_term_matches_diffusers_guider(case):
+def test_each_term_matches_diffusers_guider(case, monkeypatch):
+    monkeypatch.setattr(seg_utils, "_gaussian_blur_2d", fixed_blur)
     make_guider, config = CASES[case]
     x = start_latents()
     want = guider_latents(make_guider(), x)
@@ -126,6 +175,39 @@ def test_sagfast_cfg_equals_the_pipelines_cfg_line_with_sag_and_pag(mode):
     line = sagfast_latents(x, guidance_scale=5.0, scale=0.75, pag_scale=2.0, mode=mode)
     owned = sagfast_latents(x, guidance_scale=2.0, cfg_scale=5.0, scale=0.75, pag_scale=2.0, mode=mode)
     assert (owned - line).abs().max().item() <= 1e-5 * max(1.0, line.abs().max().item())
+
+
+@pytest.mark.parametrize("h, w, sigma", [(5, 7, 1.0), (8, 3, 0.6), (6, 6, 2.5)])
+def test_query_blur_matches_a_dense_2d_gaussian(h, w, sigma):
+    # The reference: each output token a weighted sum over the reflect-padded grid with the 2-D kernel
+    # written out as one (kh x kw) window, per axis cut as the SEG reference cuts it.
+    q = torch.randn(2, h * w, 3, generator=torch.Generator().manual_seed(0))
+    size = int(torch.tensor(6 * sigma).ceil()) + 1
+    size -= 1 - size % 2 if size % 2 == 0 else 0
+    kh, kw = (min(size, side - (side % 2 - 1)) for side in (h, w))
+
+    def pdf(k):
+        x = torch.arange(k, dtype=torch.float64) - (k - 1) / 2
+        p = torch.exp(-0.5 * (x / sigma) ** 2)
+        return p / p.sum()
+
+    kernel = pdf(kh)[:, None] * pdf(kw)[None, :]
+    grid = q.double().transpose(1, 2).reshape(2, 3, h, w)
+    padded = F.pad(grid, (kw // 2, kw // 2, kh // 2, kh // 2), mode="reflect")
+    want = torch.zeros_like(grid)
+    for i in range(kh):
+        for j in range(kw):
+            want += kernel[i, j] * padded[..., i : i + h, j : j + w]
+    want = want.reshape(2, 3, h * w).transpose(1, 2)
+    torch.testing.assert_close(blur_queries(q, h, w, sigma).double(), want, rtol=1e-5, atol=1e-6)
+    if h == w:  # diffusers' blur (its branches put right) on a square grid
+        torch.testing.assert_close(blur_queries(q, h, w, sigma), fixed_blur(q, size, sigma, 9999.0), rtol=1e-5, atol=1e-6)
+
+
+def test_infinite_blur_is_the_mean_query():
+    q = torch.randn(2, 15, 4)
+    out = blur_queries(q, 3, 5, 9999.0)
+    assert torch.allclose(out, q.mean(dim=1, keepdim=True).expand_as(q))
 
 
 # --- Per-image settings: one call of three images equals three one-image calls ------------------------
@@ -215,22 +297,25 @@ def batch_sizes(pipe, **call):
     [
         (dict(scale=0.0, cfg_rule="apg"), [2]),
         (dict(scale=0.0, cfg_rule="cfg_zero_star"), [2]),
-        (dict(scale=0.75, pag_scale=2.0, mode="exact"), [3, 1]),
-        (dict(scale=0.75, pag_scale=2.0, mode="batched"), [4]),
+        (dict(scale=0.0, seg_scale=2.0), [3]),
+        (dict(scale=0.0, pag_scale=2.0, seg_scale=2.0), [4]),
+        (dict(scale=0.75, pag_scale=2.0, seg_scale=2.0, mode="exact"), [4, 1]),
+        (dict(scale=0.75, pag_scale=2.0, seg_scale=2.0, mode="batched"), [5]),
     ],
-    ids=["apg", "cfg-zero-star", "sag+pag-exact", "sag+pag-batched"],
+    ids=["apg", "cfg-zero-star", "seg", "pag+seg", "sag+pag+seg-exact", "sag+pag+seg-batched"],
 )
 def test_rows_per_model_call(config, per_step):
     pipe = sagfast.enable(sd_pipeline(), **config)
     pe, ne = prompt_embeds(1)
     sizes = batch_sizes(pipe, prompt_embeds=pe, negative_prompt_embeds=ne, num_inference_steps=3, output_type="latent", height=32, width=32)
     if config.get("mode") == "batched":  # the first step of a call is exact
-        assert sizes == [3, 1, 4, 4]
+        assert sizes == [4, 1, 5, 5]
     else:
         assert sizes == per_step * 3
 
 
 if __name__ == "__main__":  # the parity table of docs/guidance-engine.md: python tests/test_terms.py
+    seg_utils._gaussian_blur_2d = fixed_blur
     x = start_latents()
     plain = guider_latents(ClassifierFreeGuidance(guidance_scale=5.0), x)
     print("| term | max abs diff | bound | max |ref| | effect: max |term - CFG| |")
