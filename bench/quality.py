@@ -25,7 +25,8 @@ Conditional settings (labels 0-9 in turn): no guidance (g = 1), CFG only (g), SA
 the conditional branch) and CFG + SAG over the SAG scales, in exact and in batched mode.
 Guidance-engine settings (--rows engine; conditional, CFG g, SAG at the first of --scales, PAG 1.0): CFG
 alone, + PAG, + SAG, + SAG + PAG (exact and batched), SAG on the second half of the steps, PAG on the first,
-CFG on the first 60% only, and that with SAG + PAG batched: FID, accuracy and wall time per setting.
+CFG on the first 60% only, and that with SAG + PAG batched; SEG 1.0 (infinite blur), APG (eta 0), CFG-Zero*
+and SAG + PAG + SEG batched: FID, accuracy and wall time per setting.
 Unconditional settings (the SAG paper's main claim is on unconditional sampling): the null class
 without CFG (g = 1: the model's unconditional branch alone), without SAG and with SAG (exact) at each
 of --scales, FID against all 5,000 real digits. The DiT takes the null class as label 10; the UNet's
@@ -108,6 +109,10 @@ def engine_settings(guidance: float, sag: float, pag: float = 1.0) -> list[dict]
         row("cfg_pag_half", f"CFG + PAG {pag:g}, pag_interval (0, 0.5)", pag_interval=(0.0, 0.5), **both),
         row("cfg_interval", "CFG, cfg_interval (0, 0.6)", cfg_interval=(0.0, 0.6)),
         row("cfg_interval_sag_pag_batched", f"CFG (0, 0.6) + SAG + PAG {pag:g} batched", "batched", sag, cfg_interval=(0.0, 0.6), **both),
+        row("cfg_seg", f"CFG + SEG {pag:g} (infinite blur)", seg_scale=pag),
+        row("apg", "APG (eta 0)", cfg_rule="apg", apg_eta=0.0),
+        row("cfg_zero_star", "CFG-Zero*", cfg_rule="cfg_zero_star"),
+        row("cfg_sag_pag_seg_batched", f"CFG + SAG + PAG + SEG {pag:g} batched", "batched", sag, seg_scale=pag, **both),
     ]
 
 
@@ -189,10 +194,13 @@ def generate(
     pipe = load_model(model)
     classifier = load_classifier()
     engine = dict(setting.get("engine") or {})
-    if engine.get("pag_scale") and model == "dit":
-        # diffusers' "mid" names UNet blocks; the DiT's PAG layer is its middle block's self-attention,
-        # the layer SAG reads by default.
-        engine.setdefault("pag_layers", f"transformer_blocks.{len(pipe.transformer.transformer_blocks) // 2}.attn1")
+    if model == "dit":
+        # diffusers' "mid" names UNet blocks; the DiT's PAG and SEG layer is its middle block's
+        # self-attention, the layer SAG reads by default.
+        middle = f"transformer_blocks.{len(pipe.transformer.transformer_blocks) // 2}.attn1"
+        for term in ("pag", "seg"):
+            if engine.get(f"{term}_scale"):
+                engine.setdefault(f"{term}_layers", middle)
     if setting["sag"] is not None or engine:
         fields = dict(sag_options or {}, **engine)
         sagfast.enable(pipe, SAGConfig(scale=setting["scale"], mode=setting["sag"] or "exact", **fields))

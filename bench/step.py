@@ -47,9 +47,21 @@ SAGFAST = {
         "(k) sagfast SAG+PAG exact [u,c]+[deg,ptb]",
         dict(mode="exact", pag_scale=3.0, exact_pag_pass="degraded"),
     ),
-    "sagfast_sag_pag_batched": ("(l) sagfast SAG+PAG batched [u,c,ptb,deg]", dict(mode="batched", pag_scale=3.0)),
+    "sagfast_sag_pag_batched": ("(l) sagfast SAG+PAG batched [u,c,deg,ptb]", dict(mode="batched", pag_scale=3.0)),
+    "sagfast_seg": ("(m) sagfast SEG, infinite blur [u,c,seg]", dict(scale=0, seg_scale=3.0)),
+    "sagfast_apg": ("(n) sagfast APG [u,c]", dict(scale=0, cfg_rule="apg", apg_eta=0.0)),
+    "sagfast_cfg_zero_star": ("(o) sagfast CFG-Zero* [u,c]", dict(scale=0, cfg_rule="cfg_zero_star")),
+    "sagfast_sag_pag_seg_batched": (
+        "(p) sagfast SAG+PAG+SEG batched [u,c,deg,ptb,seg]",
+        dict(mode="batched", pag_scale=3.0, seg_scale=3.0),
+    ),
 }
 """sagfast variants: (label, SAGConfig fields; SAG scale 0.75 unless given)."""
+
+MIXED = 4
+MIXED_SETTINGS = dict(cfg_scale=[1.0, 3.0, 5.0, 7.5], scale=[0.0, 0.5, 0.75, 1.0], pag_scale=[0.0, 1.0, 2.0, 3.0])
+"""The per-image rows: MIXED images whose settings all differ (image 0 without any guidance), one
+call with per-image fields vs one call per image with that image's scalars (exact mode)."""
 
 LABELS = {
     "cfg": "(a) CFG only",
@@ -58,6 +70,8 @@ LABELS = {
     "floor_graph": "(b) floor + CUDA graph",
     "diffusers_sag": "(c) diffusers SAG pipeline",
     "pag": "(g) diffusers PAG (mid)",
+    "mixed_one_call": f"(q) {MIXED} images, mixed settings, one sagfast call",
+    "mixed_separate": f"(r) {MIXED} images, the same settings, one call each",
     **{name: label for name, (label, _) in SAGFAST.items()},
     **{name + "_graph": label + " + CUDA graph" for name, (label, _) in SAGFAST.items()},
 }
@@ -156,6 +170,21 @@ class PipelineRunner:
         return sum(steady) / len(steady)
 
 
+class SeparateCalls:
+    """One pipeline call per image, one after another: the seconds of one step of all of them."""
+
+    def __init__(self, runners: list):
+        self.runners = runners
+        self.first_steps = []
+        self.peak_bytes = []
+
+    def __call__(self) -> float:
+        total = sum(runner() for runner in self.runners)
+        self.first_steps.append(sum(r.first_steps[-1] for r in self.runners))
+        self.peak_bytes += [max(r.peak_bytes) for r in self.runners if r.peak_bytes][:1]
+        return total
+
+
 def build_variants(
     spec, size: int, steps: int, device, dtype, wanted: list | None, log, vae: str = "stub", batch: int = 1
 ) -> tuple[dict, dict, dict]:
@@ -206,6 +235,18 @@ def build_variants(
             skipped[name] = f"error: sagfast.enable failed: {type(exc).__name__}: {exc}"
             continue
         runners[name] = PipelineRunner(pipe, call, steps, device, False)
+    if want("mixed_one_call"):
+        pipe = pipe_of(classes["base"])
+        sagfast.enable(pipe, **MIXED_SETTINGS)
+        runners["mixed_one_call"] = PipelineRunner(pipe, dict(call, num_images_per_prompt=MIXED), steps, device, False)
+    if want("mixed_separate"):
+        separate = []
+        for i in range(MIXED):
+            pipe = pipe_of(classes["base"])
+            sagfast.enable(pipe, scale=MIXED_SETTINGS["scale"][i], pag_scale=MIXED_SETTINGS["pag_scale"][i])
+            one = dict(call, num_images_per_prompt=1, guidance_scale=MIXED_SETTINGS["cfg_scale"][i])
+            separate.append(PipelineRunner(pipe, one, steps, device, False))
+        runners["mixed_separate"] = SeparateCalls(separate)
     if want("pag"):
         runners["pag"] = PipelineRunner(
             pipe_of(classes["pag"], pag_applied_layers=["mid"]), dict(call, pag_scale=3.0), steps, device, False
@@ -291,6 +332,8 @@ def run(opts, record: dict, log=common.log) -> dict:
             if base:
                 r = common.paired_ratio(s, base)
                 row.update(x_cfg=r["median"], x_cfg_min=r["min"], x_cfg_max=r["max"])
+            if key == "mixed_one_call" and isinstance(samples.get("mixed_separate"), list):
+                row.update(x_separate=common.paired_ratio(s, samples["mixed_separate"])["median"])
             if floor and key.startswith("sagfast"):
                 row.update(
                     over_floor_ms=_median_diff(s, floor),
@@ -306,6 +349,9 @@ def run(opts, record: dict, log=common.log) -> dict:
         "(b) is the floor of exact SAG only: batched mode makes one larger call per step and can go below it.",
         "A '+ CUDA graph' variant's x CFG and over floor are to (a) and (b) + CUDA graph of the same run.",
         f"Random weights, DDIM, guidance 7.5, batch {opts.batch}, dtype {str(dtype).replace('torch.', '')}.",
+        f"(q)/(r): {MIXED} images with per-image settings {MIXED_SETTINGS} (image 0: no CFG, no SAG, no PAG); "
+        "(q) is one call with per-image fields, (r) one call per image with its scalars, timed as the sum of their "
+        "steps; x separate: median per-round ratio (q)/(r). Their x CFG is to (a) at the run's batch.",
     ]
     return {
         "title": "Step time per mode",
@@ -322,6 +368,7 @@ def run(opts, record: dict, log=common.log) -> dict:
             ("min_ms", "min"),
             ("x_cfg", "x CFG"),
             ("over_floor_ms", "over floor (ms)"),
+            ("x_separate", "x separate"),
             ("status", "status"),
         ],
         "plots": [("step.png", lambda plt: _plot(plt, rows))],
