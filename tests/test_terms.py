@@ -15,11 +15,14 @@ their start step (`start < i`), where every other guider and sagfast's intervals
 
 from __future__ import annotations
 
+import math
+
 import diffusers.hooks.smoothed_energy_guidance_utils as seg_utils
 import pytest
 import torch
 import torch.nn.functional as F
 from components import prompt_embeds, sd_pipeline
+from diffusers import DDIMScheduler
 from diffusers.guiders import (
     AdaptiveProjectedGuidance,
     ClassifierFreeGuidance,
@@ -177,12 +180,14 @@ def test_sagfast_cfg_equals_the_pipelines_cfg_line_with_sag_and_pag(mode):
     assert (owned - line).abs().max().item() <= 1e-5 * max(1.0, line.abs().max().item())
 
 
-@pytest.mark.parametrize("h, w, sigma", [(5, 7, 1.0), (8, 3, 0.6), (6, 6, 2.5)])
-def test_query_blur_matches_a_dense_2d_gaussian(h, w, sigma):
-    # The reference: each output token a weighted sum over the reflect-padded grid with the 2-D kernel
-    # written out as one (kh x kw) window, per axis cut as the SEG reference cuts it.
-    q = torch.randn(2, h * w, 3, generator=torch.Generator().manual_seed(0))
-    size = int(torch.tensor(6 * sigma).ceil()) + 1
+def dense_blur(q, h, w, sigma):
+    """The test's own query blur: each output token a weighted sum over the reflect-padded grid with
+    the 2-D kernel written out as one (kh x kw) window, per axis cut as the SEG reference cuts it; the
+    mean query where the blur is infinite."""
+    if sigma >= 9999.0:
+        return q.mean(dim=1, keepdim=True).expand_as(q)
+    b, n, c = q.shape
+    size = math.ceil(6 * sigma) + 1
     size -= 1 - size % 2 if size % 2 == 0 else 0
     kh, kw = (min(size, side - (side % 2 - 1)) for side in (h, w))
 
@@ -192,16 +197,53 @@ def test_query_blur_matches_a_dense_2d_gaussian(h, w, sigma):
         return p / p.sum()
 
     kernel = pdf(kh)[:, None] * pdf(kw)[None, :]
-    grid = q.double().transpose(1, 2).reshape(2, 3, h, w)
+    grid = q.double().transpose(1, 2).reshape(b, c, h, w)
     padded = F.pad(grid, (kw // 2, kw // 2, kh // 2, kh // 2), mode="reflect")
-    want = torch.zeros_like(grid)
+    out = torch.zeros_like(grid)
     for i in range(kh):
         for j in range(kw):
-            want += kernel[i, j] * padded[..., i : i + h, j : j + w]
-    want = want.reshape(2, 3, h * w).transpose(1, 2)
-    torch.testing.assert_close(blur_queries(q, h, w, sigma).double(), want, rtol=1e-5, atol=1e-6)
+            out += kernel[i, j] * padded[..., i : i + h, j : j + w]
+    return out.reshape(b, c, n).transpose(1, 2).to(q.dtype)
+
+
+@pytest.mark.parametrize("h, w, sigma", [(5, 7, 1.0), (8, 3, 0.6), (6, 6, 2.5)])
+def test_query_blur_matches_a_dense_2d_gaussian(h, w, sigma):
+    q = torch.randn(2, h * w, 3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(blur_queries(q, h, w, sigma), dense_blur(q, h, w, sigma), rtol=1e-5, atol=1e-6)
     if h == w:  # diffusers' blur (its branches put right) on a square grid
+        size = math.ceil(6 * sigma) + 1 - math.ceil(6 * sigma) % 2
         torch.testing.assert_close(blur_queries(q, h, w, sigma), fixed_blur(q, size, sigma, 9999.0), rtol=1e-5, atol=1e-6)
+
+
+def one_step(pipe, call, **kwargs):
+    return pipe(**call, **kwargs, num_inference_steps=1, output_type="latent").images
+
+
+@pytest.mark.parametrize("sigma", [9999999.0, 1.0], ids=["infinite", "sigma-1"])
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_seg_blurs_the_queries_on_the_layers_true_grid(family, sigma):
+    # One step is linear in the model's output (DDIM: in eps; flow-matching Euler: in v), so the SEG
+    # step is L_cfg + s * (L_cond - L_smoothed), each L a plain one-step run: L_smoothed with the
+    # test's own blur hooked on the layer's `to_q`, on a non-square grid (SD: the UNet's mid level
+    # 10 x 12 of a 20 x 24 latent; SD3: 6 x 5 patches of a 12 x 10 latent, joint attention).
+    make, call, latents = (sd_inputs if family == "sd" else sd3_inputs)(1)
+    pipe = make()
+    if family == "sd":  # trailing spacing: the one step starts at t = 999, where the model's output counts
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+        layers, attn, grid = "mid", pipe.unet.mid_block.attentions[0].transformer_blocks[0].attn1, (10, 12)
+    else:
+        layers, attn, grid = "transformer_blocks.1", pipe.transformer.transformer_blocks[1].attn, (6, 5)
+    call = dict(call, latents=latents)
+    cfg, cond = one_step(pipe, call, guidance_scale=5.0), one_step(pipe, call, guidance_scale=1.0)
+    handle = attn.to_q.register_forward_hook(lambda module, args, out: dense_blur(out, *grid, sigma))
+    smoothed = one_step(pipe, call, guidance_scale=1.0)
+    handle.remove()
+    want = cfg + 5.0 * (cond - smoothed)
+    sagfast.enable(pipe, scale=0.0, seg_scale=5.0, seg_layers=layers, seg_blur_sigma=sigma)
+    got = one_step(pipe, call, guidance_scale=5.0)
+    bound = 1e-4 * max(1.0, want.abs().max().item())
+    assert (got - want).abs().max().item() <= bound
+    assert (want - cfg).abs().max().item() > 100 * bound
 
 
 def test_infinite_blur_is_the_mean_query():
@@ -217,7 +259,8 @@ PER_IMAGE = dict(scale=[0.0, 0.5, 1.0], cfg_scale=[1.0, 3.0, 7.5], pag_scale=[0.
 
 def sd_inputs(n):
     pe, ne = prompt_embeds(n, seed=3)
-    return sd_pipeline, dict(prompt_embeds=pe, negative_prompt_embeds=ne, height=40, width=48), start_latents(n)
+    latents = torch.randn(n, 4, 20, 24, generator=torch.Generator().manual_seed(5))
+    return sd_pipeline, dict(prompt_embeds=pe, negative_prompt_embeds=ne, height=40, width=48), latents
 
 
 def sd3_inputs(n):
@@ -326,3 +369,22 @@ if __name__ == "__main__":  # the parity table of docs/guidance-engine.md: pytho
         bound = 1e-4 * max(1.0, want.abs().max().item())
         effect = (want - plain).abs().max().item()
         print(f"| {case} | {diff:.1e} | {bound:.1e} | {want.abs().max().item():.1f} | {effect:.2f} |")
+    print()
+    print("| family | mode | image 0 | image 1 | image 2 | max |one-image| |")
+    print("|---|---|---|---|---|---|")
+    for family in ("sd", "sd3"):
+        for mode in ("exact", "batched"):
+            make, call, latents = (sd_inputs if family == "sd" else sd3_inputs)(3)
+            pipe, layers = make(), "mid" if family == "sd" else "transformer_blocks.1"
+            sagfast.enable(pipe, mode=mode, pag_layers=layers, **PER_IMAGE)
+            mixed = pipe(**call, latents=latents, guidance_scale=7.5, num_inference_steps=3, output_type="latent").images
+            diffs, top = [], 0.0
+            for i in range(3):
+                sagfast.enable(pipe, mode=mode, pag_layers=layers, scale=PER_IMAGE["scale"][i], pag_scale=PER_IMAGE["pag_scale"][i])
+                g = PER_IMAGE["cfg_scale"][i]
+                alone = pipe(
+                    **one_row(call, i), latents=latents[i : i + 1], guidance_scale=g, num_inference_steps=3, output_type="latent"
+                ).images
+                diffs.append((mixed[i : i + 1] - alone).abs().max().item())
+                top = max(top, alone.abs().max().item())
+            print(f"| {family} | {mode} | " + " | ".join(f"{d:.1e}" for d in diffs) + f" | {top:.1f} |")
