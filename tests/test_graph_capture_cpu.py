@@ -157,6 +157,31 @@ def test_a_sag_plus_pag_step_stays_on_the_device(mode, layout, adaptive):
     assert out.shape == step.sample.shape and out.device.type == "meta"
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(scale=0.0, seg_scale=2.0),
+        dict(scale=0.0, seg_scale=2.0, seg_blur_sigma=1.0),
+        dict(mode="batched", pag_scale=2.0, seg_scale=2.0),
+        dict(scale=[0.0, 0.5], cfg_scale=[1.0, 4.0], pag_scale=[1.0, 0.0]),
+        dict(scale=0.0, cfg_rule="apg"),
+        dict(cfg_rule="cfg_zero_star", zero_init_steps=0),
+    ],
+    ids=["seg", "seg-sigma-1", "sag-pag-seg-batched", "per-image", "apg", "cfg-zero-star"],
+)
+def test_the_engines_terms_and_cfg_rules_stay_on_the_device(config):
+    # Per-image scales and the CFG rules enter the step as device tensors made once per call; SEG's
+    # blur and the rules' projections run on the device.
+    pipe = sagfast.enable(sd_pipeline(), backend="torch", **config)
+    with meta_call(pipe) as call:
+        step = meta_step(call, cfg_on=True)
+        if config.get("mode") == "batched":
+            call.run_step("exact", step)
+        out, found = watched(call, config.get("mode", "exact"), step)
+    assert found == []
+    assert out.shape == step.sample.shape and out.device.type == "meta"
+
+
 @pytest.mark.parametrize("scheduler_cls", [None, EulerDiscreteScheduler, DPMSolverMultistepScheduler], ids=["ddim", "euler", "dpm"])
 def test_alpha_bar_of_a_device_timestep_waits_for_nothing(scheduler_cls):
     # Outside the graph, but once per step: a read-back or a copy from host memory here would make the

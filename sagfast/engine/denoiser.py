@@ -97,7 +97,7 @@ class GuidedCall:
         self.terms = tuple(term(self) for term in TERMS if term.requested(config))
         self.capture.ruled = frozenset(layer for term in self.terms for layer in term.layers)
         self.rule = CFG_RULES[config.cfg_rule](config) if config.owns_cfg else None
-        self.row_scales: dict = {}  # (field, device) -> [B] fp32 tensor of a per-image scale
+        self.row_scales: dict = {}  # per-image scales and guide rows as device tensors, made once per call
         self.first_index = None
         """Where the call's first evaluation is in the scheduler's timesteps (img2img starts mid-way)."""
         self.denoiser = GuidedDenoiser(self)
@@ -174,11 +174,10 @@ class GuidedCall:
         g = None
         if self.rule is not None and not cfg_off:
             g = self._cfg_scale(chunks, sample.device)
-            if chunks == 2 and torch.is_tensor(g) and bool((g <= 1).any()):
-                # Images without CFG take their cond row as the guide branch.
-                mine = torch.as_tensor(cfg.cfg_scale if isinstance(cfg.cfg_scale, tuple) else [cfg.cfg_scale] * b)
-                rows = torch.arange(b)
-                guide = torch.where(mine > 1, uncond.start + rows, cond.start + rows).to(sample.device)
+            if chunks == 2 and isinstance(cfg.cfg_scale, tuple) and min(cfg.cfg_scale) <= 1:
+                # Images without CFG take their cond row as the guide branch (decided on the host).
+                rows = tuple((uncond.start if x > 1 else cond.start) + i for i, x in enumerate(cfg.cfg_scale))
+                guide = self._rows_tensor(rows, sample.device)
         timestep = call[fam.timestep_argument]
         plans, scales = {}, {}
         for term in self.terms:
@@ -224,6 +223,12 @@ class GuidedCall:
         if isinstance(g, tuple):
             return self._scale_tensor("cfg_scale", tuple(max(x, 1.0) for x in g), device)
         return max(g, 1.0)
+
+    def _rows_tensor(self, rows: tuple, device) -> torch.Tensor:
+        key = ("rows", rows, device)
+        if key not in self.row_scales:
+            self.row_scales[key] = torch.tensor(rows, dtype=torch.long, device=device)
+        return self.row_scales[key]
 
     def _scale_tensor(self, field: str, value: tuple, device) -> torch.Tensor:
         key = (field, value, device)

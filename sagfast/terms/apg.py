@@ -36,9 +36,10 @@ class APG(CFGRule):
         v0, v1 = diff.double(), torch.nn.functional.normalize(o_c.double(), dim=dims)
         parallel = (v0 * v1).sum(dim=dims, keepdim=True) * v1
         update = (v0 - parallel).to(diff.dtype) + cfg.apg_eta * parallel.to(diff.dtype)
+        if not torch.is_tensor(g):
+            return (o_u + g * update if g > 1 else o_c), []
         scale = row_scale(g, o_c)
-        guided = torch.where(scale > 1, o_u + scale * update, o_c)
-        return guided, []
+        return torch.where(scale > 1, o_u + scale * update, o_c), []
 
     def graph_refusals(self) -> list[str]:
         return ["APG's momentum is a running average kept between steps"] if self.config.apg_momentum is not None else []

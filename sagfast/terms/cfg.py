@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 
 
-def row_scale(g, like: torch.Tensor) -> torch.Tensor:
-    """A scale (a number or one per image, [B]) as fp32 [B, 1, ...] against `like`'s rows."""
-    g = torch.as_tensor(g, dtype=torch.float32, device=like.device)
+def row_scale(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-image scale [B] as fp32 [B, 1, ...] against `like`'s rows."""
+    g = g.to(device=like.device, dtype=torch.float32)
     return g.reshape(-1, *([1] * (like.dim() - 1))).expand(like.shape[0], *([1] * (like.dim() - 1)))
 
 
