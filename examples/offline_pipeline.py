@@ -111,6 +111,53 @@ def tiny_stable_diffusion(seed: int = 0) -> StableDiffusionPipeline:
     return pipe
 
 
+def tiny_modular_sdxl(seed: int = 0):
+    """What `ModularPipeline.from_pretrained(<an SDXL repo>)` with its components loaded gives, tiny and
+    offline: diffusers' modular SDXL blocks on two tiny CLIP text encoders (the second with a
+    projection for the pooled embedding) and a tiny SDXL-conditioned UNet."""
+    from diffusers import EulerDiscreteScheduler
+    from diffusers.modular_pipelines import StableDiffusionXLAutoBlocks
+    from transformers import CLIPTextModelWithProjection
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed + 1)
+    second = CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=HIDDEN,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+            projection_dim=HIDDEN,
+        )
+    ).eval()
+    unet = tiny_unet(
+        seed,
+        cross_attention_dim=2 * HIDDEN,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + HIDDEN,
+    )
+    pipe = StableDiffusionXLAutoBlocks().init_pipeline()
+    pipe.update_components(
+        text_encoder=tiny_text_encoder(len(tokenizer), seed),
+        text_encoder_2=second,
+        tokenizer=tokenizer,
+        tokenizer_2=tiny_tokenizer(),
+        unet=unet,
+        vae=tiny_vae(seed),
+        scheduler=EulerDiscreteScheduler.from_config(sd15_scheduler().config),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 if __name__ == "__main__":
     import sagfast
 

@@ -39,3 +39,19 @@ def test_examples_use_runs_every_call_of_the_readme():
     done = subprocess.run([sys.executable, str(EXAMPLES / "use.py")], capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "every call of the README's Use section ran" in done.stdout
+
+
+MODULAR_LOAD = "pipe = ModularPipeline.from_pretrained(...)  # e.g. an SDXL repo, then pipe.load_components()"
+
+
+def test_the_readme_modular_section_runs_as_written():
+    sys.path.insert(0, str(EXAMPLES))
+    from offline_pipeline import tiny_modular_sdxl
+
+    text = (REPO / "README.md").read_text()
+    start = text.index("```python\n", text.index("\n## diffusers modular pipelines\n")) + len("```python\n")
+    block = text[start : text.index("```", start)]
+    assert block.count(MODULAR_LOAD) == 1
+    scope = {"tiny_modular_sdxl": tiny_modular_sdxl}
+    exec(compile(block.replace(MODULAR_LOAD, "pipe = tiny_modular_sdxl()"), "README.md (modular)", "exec"), scope)
+    assert scope["image"].size == (32, 32)
