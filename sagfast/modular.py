@@ -157,16 +157,36 @@ class RecordingModel:
         self.model = model
         self.view = view
         self.baseline = _hooks(model)
+        self.pre_hooks = set(model._forward_pre_hooks)
 
     def __getattr__(self, name):
         return getattr(self.model, name)
 
     def __call__(self, *args, **kwargs):
+        args, kwargs = self._own_inputs(args, kwargs)
         now = _hooks(self.model)
         perturbed = [(module, module.forward) for module, names in now.items() if names != self.baseline.get(module)]
         pending = Pending(self.view.block)
         self.view.calls.append((args, kwargs, perturbed, pending))
         return (pending,)
+
+    def _own_inputs(self, args, kwargs):
+        """The call's inputs through the forward pre-hooks a condition's `prepare_models` put on the model
+        itself (sagfast's SAG guider replaces the degraded condition's latent so): they act on this
+        condition's inputs, and are gone (cleaned up) when the joined call runs."""
+        with_kwargs = self.model._forward_pre_hooks_with_kwargs
+        for key, hook in list(self.model._forward_pre_hooks.items()):
+            if key in self.pre_hooks:
+                continue
+            if key in with_kwargs:
+                result = hook(self.model, args, kwargs)
+                if result is not None:
+                    args, kwargs = result
+            else:
+                result = hook(self.model, args)
+                if result is not None:
+                    args = result if isinstance(result, tuple) else (result,)
+        return args, kwargs
 
 
 class JoiningGuider:
@@ -176,17 +196,32 @@ class JoiningGuider:
     def __init__(self, guider, view: DeferredComponents):
         self.guider = guider
         self.view = view
+        self.batches = []
 
     def __getattr__(self, name):
         return getattr(self.guider, name)
 
+    def prepare_inputs(self, *args, **kwargs):
+        self.batches = self.guider.prepare_inputs(*args, **kwargs)
+        return self.batches
+
+    def prepare_inputs_from_block_state(self, *args, **kwargs):
+        self.batches = self.guider.prepare_inputs_from_block_state(*args, **kwargs)
+        return self.batches
+
     def prepare_models(self, denoiser):
+        # A condition whose inputs are built from the earlier ones' predictions (SAG's exact degraded
+        # pass) needs them now: the calls deferred so far run first, as one.
+        needs = getattr(self.guider, "needs_predictions", None)
+        if needs is not None and needs():
+            self.run_deferred(self.batches)
         return self.guider.prepare_models(denoiser.model if isinstance(denoiser, RecordingModel) else denoiser)
 
     def cleanup_models(self, denoiser):
         return self.guider.cleanup_models(denoiser.model if isinstance(denoiser, RecordingModel) else denoiser)
 
-    def __call__(self, guider_state):
+    def run_deferred(self, guider_state) -> None:
+        """Run the recorded calls as one and hand each condition of `guider_state` its rows."""
         calls, self.view.__dict__["calls"] = self.view.calls, []
         if calls:
             outputs = run_joined(next(iter(self.view.models.values())).model, calls)
@@ -194,6 +229,9 @@ class JoiningGuider:
                 for (_, _, _, pending), out in zip(calls, outputs):
                     if getattr(batch, "noise_pred", None) is pending:
                         batch.noise_pred = out
+
+    def __call__(self, guider_state):
+        self.run_deferred(guider_state)
         return self.guider(guider_state)
 
 

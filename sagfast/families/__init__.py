@@ -23,6 +23,18 @@ def family_of(pipe) -> Family:
     return family
 
 
+def family_of_model(model) -> Family:
+    """The family whose denoiser class `model` is (a torch.compile'd model through `_orig_mod`), for
+    code that sees a denoiser without its pipeline (a diffusers guider)."""
+    original = getattr(model, "_orig_mod", model)
+    names = {cls.__name__ for cls in type(original).__mro__}
+    for family in FAMILIES:
+        if family.model_class in names:
+            return family
+    known = ", ".join(dict.fromkeys(family.model_class for family in FAMILIES))
+    raise ValueError(f"sagfast does not know the denoiser {type(original).__name__}. Denoisers it guides: {known}")
+
+
 def family_of_class(cls: type) -> Family:
     """The family that knows the batch layout of the pipeline class `cls`."""
     for family in FAMILIES:
@@ -36,4 +48,4 @@ def family_of_class(cls: type) -> Family:
     )
 
 
-__all__ = ["FAMILIES", "Family", "family_of", "family_of_class"]
+__all__ = ["FAMILIES", "Family", "family_of", "family_of_class", "family_of_model"]

@@ -41,6 +41,23 @@ def predicted_channels(o: torch.Tensor, sample: torch.Tensor) -> int:
     return min(o.shape[1], sample.shape[1])
 
 
+def degraded_input(x0, mask, eps, noise: Noise, kernel_size: int, sigma: float, backend: str = "auto") -> torch.Tensor:
+    """Exact mode's degraded input: a * Degrade(x0; mask) + b * eps, through the variance-preserving op
+    (sagfast.engine.schedule), for the guide rows' x0 and eps [B, C, H, W] and mask [B, h, w]."""
+    xd = ops.degrade(x0, mask, eps, noise.abar, kernel_size, sigma, backend=backend)
+    return xd if noise.scale is None else xd * noise.scale.view(-1, 1, 1, 1).to(xd.dtype)
+
+
+def degraded_from_previous(x, previous: Previous, noise: Noise, kernel_size: int, sigma: float, backend: str = "auto"):
+    """Batched mode's degraded input: this step's guide input `x` with the previous evaluation's eps and
+    mask (the module docstring's formula); x itself where a = 0."""
+    a = noise.a.view(-1, *([1] * (x.dim() - 1)))
+    safe = Noise(torch.where(noise.a > 0, noise.a, torch.ones_like(noise.a)), noise.b, noise.abar, noise.scale)
+    x0_prev, _ = x0_eps(x, previous.eps, safe, "epsilon")  # eps is eps whatever the model predicts
+    xd = degraded_input(x0_prev, previous.mask, previous.eps, noise, kernel_size, sigma, backend)
+    return torch.where(a > 0, xd, x.float())
+
+
 class SAG(Term):
     name = "sag"
     scale_field = "scale"
@@ -96,16 +113,13 @@ class SAG(Term):
     def rows(self, step) -> Rows:
         fam, noise = self.call.family, step.noise
         image = fam.to_image(step.sample, step.call)
+        cfg = self.config
         if step.variant == "exact":
-            xd = self._degrade(self.x0, self.mask, self.eps, noise)
+            xd = degraded_input(self.x0, self.mask, self.eps, noise, cfg.blur_kernel_size, cfg.blur_sigma, cfg.backend)
         else:
             previous = self.store[step.state_key]
-            c = previous.eps.shape[1]
-            x = image[step.guide, :c]
-            a = noise.a.view(-1, *([1] * (x.dim() - 1)))
-            safe = Noise(torch.where(noise.a > 0, noise.a, torch.ones_like(noise.a)), noise.b, noise.abar, noise.scale)
-            x0_prev, _ = x0_eps(x, previous.eps, safe, "epsilon")  # eps is eps whatever the model predicts
-            xd = torch.where(a > 0, self._degrade(x0_prev, previous.mask, previous.eps, noise), x.float())
+            x = image[step.guide, : previous.eps.shape[1]]
+            xd = degraded_from_previous(x, previous, noise, cfg.blur_kernel_size, cfg.blur_sigma, cfg.backend)
         guide = image[step.guide]
         # The guide rows' extra input channels (an inpainting UNet's mask and masked image) after it.
         xd = torch.cat([xd.to(step.sample.dtype), guide[:, xd.shape[1] :]], dim=1)
@@ -133,12 +147,6 @@ class SAG(Term):
         else:
             noise = torch.rand(step.b, *hw, generator=self.generators[0], device=device)
         return noise < cfg.random_mask_ratio
-
-    def _degrade(self, x0, mask, eps, noise: Noise) -> torch.Tensor:
-        """a * Degrade(x0; mask) + b * eps, through the variance-preserving op (sagfast.engine.schedule)."""
-        cfg = self.config
-        xd = ops.degrade(x0, mask, eps, noise.abar, cfg.blur_kernel_size, cfg.blur_sigma, backend=cfg.backend)
-        return xd if noise.scale is None else xd * noise.scale.view(-1, 1, 1, 1).to(xd.dtype)
 
     def _remember(self, step) -> None:
         """Batched mode: keep this evaluation's eps and mask for the next one, in buffers that persist

@@ -1,0 +1,301 @@
+"""Self-Attention Guidance as a diffusers guider, for diffusers' modular pipelines.
+
+    guider = SelfAttentionGuidance(guidance_scale=5.0, sag_scale=0.75).bind(pipe)
+    pipe.update_components(guider=guider)
+
+A modular pipeline's denoise loop runs a guider's conditions one model pass each (`prepare_inputs`,
+then per condition `prepare_models`, the model, `cleanup_models`, then the guider's call). This
+guider's conditions are the conditional branch, the unconditional one (with CFG) and SAG's degraded
+pass, which takes the guide branch's inputs (uncond under CFG, else cond):
+
+- the guide condition's `prepare_models` puts a diffusers hook on the capture layer (sagfast's
+  families name it: "mid" is the UNet's first mid-block self-attention, a transformer's middle block)
+  that runs the layer through sagfast's capture processor, which records the attention mass and the
+  mask `mass > threshold` on the layer's map (never the N x N map);
+- the degraded condition's `prepare_models` puts a forward pre-hook on the denoiser that replaces its
+  latent input by the degraded input: the guide prediction's x0 blurred under the mask and re-noised
+  to the step's noise level (`sagfast.ops.degrade`), or in batched mode the previous step's eps and
+  mask applied to this step's input;
+- the call combines `cfg + sag_scale * (o_guide - o_degraded)`.
+
+A guider is handed the denoiser and the timestep, never the scheduler, and the degraded input needs
+the step's noise level: `bind(pipe)` gives the guider the pipeline whose `scheduler` it reads at each
+step (any scheduler sagfast accepts, any betas). The binding is not part of the config: a guider from
+`from_pretrained` or `new()` is bound again.
+
+With `sagfast.modular.batch_guidance(pipe)` the conditions share model calls: in batched mode one per
+step after the first; in exact mode the degraded pass is a second call (it needs this step's guide
+prediction).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.configuration_utils import register_to_config
+from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
+from diffusers.hooks import HookRegistry, ModelHook
+
+from sagfast.engine.schedule import check_scheduler, noise_of, prediction_of, x0_eps
+from sagfast.families import family_of_model
+from sagfast.ops.degrade import check_blur_size
+from sagfast.ops.mask import to_map
+from sagfast.terms.sag import Previous, degraded_from_previous, degraded_input, predicted_channels
+
+CAPTURE_HOOK = "sagfast_sag_capture"
+MODES = ("exact", "batched")
+
+
+class CaptureHook(ModelHook):
+    """On the capture layer for the guide condition's pass: runs the layer through the family's capture
+    processor and hands the mask to `record` (all the rows it is given are guide rows)."""
+
+    def __init__(self, make_processor, record):
+        super().__init__()
+        self.make_processor = make_processor
+        self.record = record
+
+    def new_forward(self, module, hidden_states, *args, **kwargs):
+        processor = self.make_processor()
+        out = processor(module, hidden_states, *args, **kwargs)
+        self.record(processor.mask)
+        return out
+
+
+class SelfAttentionGuidance(BaseGuidance):
+    """Classifier-free guidance plus SAG (Hong et al., ICCV 2023) as a diffusers guider.
+
+    Args:
+        guidance_scale: CFG scale; at or below 1 there is no unconditional pass and SAG guides the
+            conditional branch.
+        sag_scale: SAG scale s in `cfg + s * (o_guide - o_degraded)`; 0 runs no degraded pass.
+        sag_layers: the capture layer, as sagfast's `layers`: "mid" or a module name.
+        threshold: the mask is `attention mass > threshold` (mass averaged over heads; 1 is the mean).
+        blur_kernel_size, blur_sigma: the Gaussian blur of the predicted x0 under the mask.
+        mode: "exact" (the degraded pass from this step's guide prediction: two model calls per step when
+            batched) or "batched" (from the previous step's eps and mask: one call when batched; the
+            first step is exact).
+        backend: the ops' backend ("auto", "triton", "cpp", "torch").
+        start, stop: the fraction of the steps where SAG runs, `start <= step / steps < stop` (as
+            sagfast's `sag_interval`); CFG runs on every step.
+    """
+
+    _input_predictions = ["pred_cond", "pred_uncond", "pred_sag"]
+
+    @register_to_config
+    def __init__(
+        self,
+        guidance_scale: float = 7.5,
+        sag_scale: float = 0.75,
+        sag_layers: str = "mid",
+        threshold: float = 1.0,
+        blur_kernel_size: int = 9,
+        blur_sigma: float = 1.0,
+        mode: str = "exact",
+        backend: str = "auto",
+        start: float = 0.0,
+        stop: float = 1.0,
+        enabled: bool = True,
+    ):
+        super().__init__(start, stop, enabled)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        for name, value in (("guidance_scale", guidance_scale), ("sag_scale", sag_scale), ("threshold", threshold)):
+            if not (isinstance(value, (int, float)) and value == value and value >= 0):
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if not (isinstance(blur_kernel_size, int) and blur_kernel_size >= 1 and blur_kernel_size % 2 == 1):
+            raise ValueError(f"blur_kernel_size must be an odd int >= 1, got {blur_kernel_size!r}")
+        if not (isinstance(blur_sigma, (int, float)) and blur_sigma > 0):
+            raise ValueError(f"blur_sigma must be a number > 0, got {blur_sigma!r}")
+        self.guidance_scale = guidance_scale
+        self.sag_scale = sag_scale
+        self.sag_layers = sag_layers
+        self.threshold = threshold
+        self.blur_kernel_size = blur_kernel_size
+        self.blur_sigma = blur_sigma
+        self.mode = mode
+        self.backend = backend
+        self.pipe = None
+        self._batches = []
+        self._mask = None
+        self._hw = None
+        self._handles = []
+        self._previous = None
+        """Batched mode: (step, CFG on, Previous) of the last step that recorded its guide eps and mask."""
+        self._x = None
+
+    def bind(self, pipe) -> SelfAttentionGuidance:
+        """Read the noise level from `pipe.scheduler` at every step (a pipeline, or anything with a
+        `scheduler`). Returns the guider."""
+        if getattr(pipe, "scheduler", None) is None:
+            raise ValueError(
+                f"SelfAttentionGuidance.bind takes the pipeline whose scheduler it reads the noise level from; "
+                f"this {type(pipe).__name__} has no `scheduler`"
+            )
+        self.pipe = pipe
+        return self
+
+    # -- which conditions run -------------------------------------------------------------------------
+
+    def _is_cfg_enabled(self) -> bool:
+        return self._enabled and self.guidance_scale > 1.0
+
+    def _is_sag_enabled(self) -> bool:
+        if not self._enabled or self.sag_scale == 0 or self._num_inference_steps is None:
+            return False
+        return self._start <= self._step / self._num_inference_steps < self._stop
+
+    def _records(self) -> bool:
+        """Whether this step's guide pass records eps and mask: a SAG step, or in batched mode a step
+        before the interval's end (so that the first SAG step can already be batched)."""
+        if self._is_sag_enabled():
+            return True
+        return self.mode == "batched" and self._enabled and self.sag_scale != 0 and self._step / self._num_inference_steps < self._stop
+
+    @property
+    def num_conditions(self) -> int:
+        return 1 + self._is_cfg_enabled() + self._is_sag_enabled()
+
+    @property
+    def is_conditional(self) -> bool:
+        """Whether the condition prepared last takes the conditional inputs (read by the SDXL loop's
+        ControlNet guess mode)."""
+        return self._conditions()[self._count_prepared - 1][0] == 0
+
+    @property
+    def _guide_index(self) -> int:
+        return 1 if self._is_cfg_enabled() else 0
+
+    def _from_previous(self) -> bool:
+        previous = self._previous
+        return self.mode == "batched" and previous is not None and previous[0] == self._step - 1 and previous[1] == self._is_cfg_enabled()
+
+    def needs_predictions(self) -> bool:
+        """Whether the condition prepared next takes the earlier conditions' predictions as input (the
+        degraded pass in exact mode or on batched mode's first step): `batch_guidance` then runs the
+        calls it has deferred before preparing it."""
+        return self._is_sag_enabled() and self._count_prepared == len(self._batches) - 1 and not self._from_previous()
+
+    def set_state(self, step: int, num_inference_steps: int, timestep) -> None:
+        super().set_state(step, num_inference_steps, timestep)
+        if step == 0:
+            self._previous = None
+        self._mask = self._x = None
+
+    def _conditions(self) -> list:
+        """(tuple index of the inputs, prediction name) per condition: cond, uncond with CFG, and SAG's
+        degraded pass on the guide branch's inputs."""
+        conditions = [(0, "pred_cond"), (1, "pred_uncond")][: 1 + self._is_cfg_enabled()]
+        if self._is_sag_enabled():
+            conditions.append((self._guide_index, "pred_sag"))
+        return conditions
+
+    def prepare_inputs(self, data: dict) -> list:
+        self._batches = [self._prepare_batch(data, i, name) for i, name in self._conditions()]
+        return self._batches
+
+    def prepare_inputs_from_block_state(self, data, input_fields: dict) -> list:
+        self._batches = [self._prepare_batch_from_block_state(input_fields, data, i, name) for i, name in self._conditions()]
+        return self._batches
+
+    # -- the passes ----------------------------------------------------------------------------------
+
+    def prepare_models(self, denoiser: torch.nn.Module) -> None:
+        index = self._count_prepared
+        self._count_prepared += 1
+        if index == self._guide_index and self._records():
+            self._arm_capture(denoiser)
+        elif self._is_sag_enabled() and index == len(self._batches) - 1:
+            self._degrade_input(denoiser)
+
+    def cleanup_models(self, denoiser: torch.nn.Module) -> None:
+        for module in denoiser.modules():
+            registry = getattr(module, "_diffusers_hook", None)
+            if registry is not None and registry.get_hook(CAPTURE_HOOK) is not None:
+                registry.remove_hook(CAPTURE_HOOK, recurse=False)
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _scheduler(self):
+        if self.pipe is None:
+            raise RuntimeError(
+                "SelfAttentionGuidance needs the pipeline's scheduler for the noise level of its degraded pass, "
+                "and a diffusers guider is only handed the model: set it with "
+                "`pipe.update_components(guider=SelfAttentionGuidance(...).bind(pipe))`"
+            )
+        check_scheduler(self.pipe.scheduler)
+        return self.pipe.scheduler
+
+    def _arm_capture(self, denoiser) -> None:
+        self._scheduler()
+        family = family_of_model(denoiser)
+        name, attn, owner, patch = family.resolve_layer(denoiser, self.sag_layers)
+        backend, threshold = self.backend, self.threshold
+
+        def record(mask):
+            self._mask = mask
+
+        def make_processor():
+            return family.capture_processor(slice(None), backend, False, threshold)
+
+        def record_hw(module, args, kwargs):
+            hidden = args[0] if args else kwargs[family.sample_argument if module is denoiser else "hidden_states"]
+            if hidden.dim() == 4:
+                self._hw = (hidden.shape[-2] // patch, hidden.shape[-1] // patch)
+
+        def record_x(module, args, kwargs):
+            self._x = args[0] if args else kwargs[family.sample_argument]
+
+        HookRegistry.check_if_exists_or_initialize(attn).register_hook(CaptureHook(make_processor, record), CAPTURE_HOOK)
+        self._handles.append(owner.register_forward_pre_hook(record_hw, with_kwargs=True))
+        self._handles.append(denoiser.register_forward_pre_hook(record_x, with_kwargs=True))
+
+    def _noise(self, x):
+        return noise_of(self._scheduler(), self._timestep, x.shape[0], x.device)
+
+    def _degrade_input(self, denoiser) -> None:
+        family = family_of_model(denoiser)
+        argument = family.sample_argument
+        guide = self._batches[self._guide_index]
+
+        def replace(module, args, kwargs):
+            x = args[0] if args else kwargs[argument]
+            check_blur_size(x.shape[-2], x.shape[-1], self.blur_kernel_size)
+            noise = self._noise(x)
+            if self._from_previous():
+                previous = self._previous[2]
+                xd = degraded_from_previous(
+                    x[:, : previous.eps.shape[1]], previous, noise, self.blur_kernel_size, self.blur_sigma, self.backend
+                )
+            else:
+                c = predicted_channels(guide.noise_pred, x)
+                x0, eps = x0_eps(x[:, :c], guide.noise_pred[:, :c], noise, prediction_of(self._scheduler()))
+                xd = degraded_input(x0, self._map_mask(), eps, noise, self.blur_kernel_size, self.blur_sigma, self.backend)
+            xd = torch.cat([xd.to(x.dtype), x[:, xd.shape[1] :]], dim=1)
+            if args:
+                return (xd, *args[1:]), kwargs
+            return args, {**kwargs, argument: xd}
+
+        self._handles.append(denoiser.register_forward_pre_hook(replace, with_kwargs=True))
+
+    def _map_mask(self) -> torch.Tensor:
+        if self._mask is None or self._hw is None:
+            raise RuntimeError(f"SAG's capture layer {self.sag_layers!r} did not run in the guide condition's model pass")
+        return to_map(self._mask, self._hw)
+
+    # -- the combine ---------------------------------------------------------------------------------
+
+    def forward(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor | None = None, pred_sag: torch.Tensor | None = None):
+        pred = pred_cond if pred_uncond is None else pred_uncond + self.guidance_scale * (pred_cond - pred_uncond)
+        guide = pred_cond if pred_uncond is None else pred_uncond
+        if pred_sag is not None:
+            pred = pred + self.sag_scale * (guide - pred_sag)
+        if self.mode == "batched" and self._records() and self._x is not None:
+            x = self._x
+            c = predicted_channels(guide, x)
+            _, eps = x0_eps(x[:, :c], guide[:, :c], self._noise(x), prediction_of(self._scheduler()))
+            self._previous = (self._step, self._is_cfg_enabled(), Previous(eps, self._map_mask()))
+        return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
+
+
+__all__ = ["SelfAttentionGuidance"]

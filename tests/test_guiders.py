@@ -1,0 +1,174 @@
+"""`sagfast.guiders.SelfAttentionGuidance` in diffusers' modular pipelines (SDXL, SD3), on tiny random
+components: the final latents of `sagfast.enable` on the standard pipeline with the same components,
+latents and scales; its conditions through `batch_guidance`; its config through save/load.
+
+The modular SDXL pipeline defaults to CFG 7.5 where `StableDiffusionXLPipeline` defaults to 5.0:
+every call here sets 5.0 on both. Nothing else needed aligning (both use the one scheduler object's
+config; neither rescales). The modular loop runs each condition as its own model call where the
+standard pipeline batches [uncond, cond]: float reordering of about 1e-4 on latents of size ~60.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers.guiders import ClassifierFreeGuidance
+from diffusers.modular_pipelines import StableDiffusion3AutoBlocks
+from test_families_flow import embeds, sd3
+from test_modular import inputs, modular_sdxl, run
+from test_pipelines import sdxl_pipeline
+
+import sagfast
+from sagfast.guiders import SelfAttentionGuidance
+from sagfast.modular import batch_guidance, unbatch_guidance
+
+
+def sdxl_reference(**config):
+    call = inputs()
+    call.pop("output")
+    pipe = sagfast.enable(sdxl_pipeline(), **config)
+    return pipe(**call, guidance_scale=5.0, output_type="latent").images
+
+
+def modular_sd3(guider):
+    std = sd3()
+    blocks = StableDiffusion3AutoBlocks()
+    blocks.sub_blocks.pop("text_encoder")  # takes prompt embeddings
+    blocks.sub_blocks.pop("decode")  # the latents are the result
+    pipe = blocks.init_pipeline()
+    pipe.update_components(transformer=std.transformer, vae=std.vae, scheduler=std.scheduler, guider=guider)
+    return pipe
+
+
+def sd3_inputs():
+    pe, pooled = embeds(1, seed=1)
+    ne, npooled = embeds(1, seed=2)
+    return dict(
+        prompt_embeds=pe,
+        pooled_prompt_embeds=pooled,
+        negative_prompt_embeds=ne,
+        negative_pooled_prompt_embeds=npooled,
+        latents=torch.randn(1, 4, 12, 10, generator=torch.Generator().manual_seed(4)),  # map 6 x 5
+        num_inference_steps=3,
+        height=24,
+        width=20,
+    )
+
+
+def sd3_run(pipe):
+    sizes = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda m, a, k: sizes.append(k["hidden_states"].shape[0]), with_kwargs=True)
+    try:
+        return pipe(**sd3_inputs(), output="latents"), sizes
+    finally:
+        handle.remove()
+
+
+def sd3_reference(**config):
+    return sagfast.enable(sd3(), **config)(**sd3_inputs(), guidance_scale=5.0, output_type="latent").images
+
+
+@pytest.mark.parametrize("mode", ["exact", "batched"])
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_the_guider_gives_sagfast_enable_on_the_standard_pipeline(family, mode):
+    make, go, reference = (modular_sdxl, run, sdxl_reference) if family == "sdxl" else (modular_sd3, sd3_run, sd3_reference)
+    pipe = make(ClassifierFreeGuidance(guidance_scale=5.0))
+    cfg, _ = go(pipe)
+    pipe.update_components(guider=SelfAttentionGuidance(guidance_scale=5.0, sag_scale=0.75, mode=mode).bind(pipe))
+    got, sizes = go(pipe)
+    want = reference(scale=0.75, mode=mode)
+    bound = 1e-4 * max(1.0, want.abs().max().item())
+    assert (got - want).abs().max().item() <= bound
+    assert (got - cfg).abs().max().item() > 100 * bound  # SAG moved the latents
+    steps = 4 if family == "sdxl" else 3
+    assert len(sizes) == 3 * steps  # cond, uncond, degraded: one pass each, as diffusers' loop runs them
+
+
+@pytest.mark.parametrize("mode", ["exact", "batched"])
+def test_batch_guidance_joins_the_guiders_conditions(mode):
+    pipe = modular_sdxl(ClassifierFreeGuidance(guidance_scale=5.0))
+    pipe.update_components(guider=SelfAttentionGuidance(guidance_scale=5.0, sag_scale=0.75, mode=mode).bind(pipe))
+    want, _ = run(pipe)
+    batch_guidance(pipe)
+    got, sizes = run(pipe)
+    # exact: [cond, uncond] then the degraded pass built from them; batched: the degraded rows from
+    # the previous step's eps and mask join the main call after the first step.
+    assert sizes == ([2, 1] * 4 if mode == "exact" else [2, 1, 3, 3, 3])
+    bound = 1e-5 * max(1.0, want.abs().max().item())
+    assert (got - want).abs().max().item() <= bound
+    unbatch_guidance(pipe)
+    again, sizes = run(pipe)
+    assert len(sizes) == 12 and torch.equal(again, want)
+
+
+def test_sag_scale_zero_is_the_cfg_guider():
+    pipe = modular_sdxl(ClassifierFreeGuidance(guidance_scale=5.0))
+    cfg, _ = run(pipe)
+    pipe.update_components(guider=SelfAttentionGuidance(guidance_scale=5.0, sag_scale=0.0).bind(pipe))
+    got, sizes = run(pipe)
+    assert len(sizes) == 8 and torch.equal(got, cfg)
+
+
+def test_start_and_stop_count_steps_as_sagfasts_interval():
+    pipe = modular_sdxl(ClassifierFreeGuidance(guidance_scale=5.0))
+    pipe.update_components(guider=SelfAttentionGuidance(guidance_scale=5.0, start=0.5, stop=1.0).bind(pipe))
+    got, sizes = run(pipe)
+    assert len(sizes) == 2 + 2 + 3 + 3  # SAG on steps 2 and 3 of 4
+    want = sdxl_reference(scale=0.75, sag_interval=(0.5, 1.0))
+    assert (got - want).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item())
+
+
+def test_without_cfg_sag_guides_the_conditional_branch():
+    pipe = modular_sdxl(ClassifierFreeGuidance(guidance_scale=1.0))
+    pipe.update_components(guider=SelfAttentionGuidance(guidance_scale=1.0, sag_scale=0.75).bind(pipe))
+    got, sizes = run(pipe)
+    assert len(sizes) == 2 * 4
+    call = inputs()
+    call.pop("output")
+    want = sagfast.enable(sdxl_pipeline(), scale=0.75)(**call, guidance_scale=1.0, output_type="latent").images
+    assert (got - want).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item())
+
+
+def test_the_config_round_trips_through_save_and_load(tmp_path):
+    guider = SelfAttentionGuidance(
+        guidance_scale=4.0, sag_scale=0.5, sag_layers="mid", threshold=1.2, blur_sigma=2.0, mode="batched", stop=0.8
+    )
+    guider.save_pretrained(tmp_path)
+    assert (tmp_path / "guider_config.json").is_file()
+    loaded = SelfAttentionGuidance.from_pretrained(tmp_path)
+    fields = {k: v for k, v in guider.config.items() if not k.startswith("_")}
+    assert {k: v for k, v in loaded.config.items() if not k.startswith("_")} == fields
+    assert (loaded.guidance_scale, loaded.sag_scale, loaded.threshold, loaded.blur_sigma, loaded.mode) == (4.0, 0.5, 1.2, 2.0, "batched")
+    assert loaded._stop == 0.8
+
+    pipe = modular_sdxl(ClassifierFreeGuidance(guidance_scale=5.0))
+    pipe.update_components(guider=guider.bind(pipe))
+    want, _ = run(pipe)
+    pipe.update_components(guider=loaded.bind(pipe))
+    got, _ = run(pipe)
+    assert torch.equal(got, want)
+
+
+def test_an_unbound_guider_says_how_to_bind_it_and_leaves_the_model_as_it_was():
+    pipe = modular_sdxl(SelfAttentionGuidance(guidance_scale=5.0))
+    processors = dict(pipe.unet.attn_processors)
+    with pytest.raises(RuntimeError, match=r"bind\(pipe\)"):
+        run(pipe)
+    assert dict(pipe.unet.attn_processors) == processors
+    assert not pipe.unet._forward_pre_hooks and not any(getattr(m, "_diffusers_hook", None) for m in pipe.unet.modules())
+    pipe.guider.bind(pipe)
+    run(pipe)  # bound, the same pipeline runs
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("mode", "fast"), ("sag_scale", -1.0), ("sag_scale", float("nan")), ("blur_kernel_size", 4), ("blur_sigma", 0.0), ("threshold", "1")],
+)
+def test_bad_config_is_refused_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        SelfAttentionGuidance(**{field: value})
+
+
+def test_bind_refuses_what_has_no_scheduler():
+    with pytest.raises(ValueError, match="scheduler"):
+        SelfAttentionGuidance().bind(object())
