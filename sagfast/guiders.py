@@ -16,7 +16,13 @@ pass, which takes the guide branch's inputs (uncond under CFG, else cond):
   latent input by the degraded input: the guide prediction's x0 blurred under the mask and re-noised
   to the step's noise level (`sagfast.ops.degrade`), or in batched mode the previous step's eps and
   mask applied to this step's input;
-- the call combines `cfg + sag_scale * (o_guide - o_degraded)`.
+- with `perturbed_guidance_scale > 0` (PAG), the perturbed condition (the cond inputs again) puts a
+  diffusers hook on each PAG layer that runs sagfast's identity attention (each query attends to
+  its own key only);
+- the call combines `cfg + sag_scale * (o_guide - o_degraded) + perturbed_guidance_scale * (o_cond -
+  o_perturbed)`.
+
+The conditions run in the order cond, uncond (with CFG), perturbed (with PAG), degraded (with SAG).
 
 A guider is handed the denoiser and the timestep, never the scheduler, and the degraded input needs
 the step's noise level: `bind(pipe)` gives the guider the pipeline whose `scheduler` it reads at each
@@ -42,6 +48,7 @@ from sagfast.ops.mask import to_map
 from sagfast.terms.sag import Previous, degraded_from_previous, degraded_input, predicted_channels
 
 CAPTURE_HOOK = "sagfast_sag_capture"
+PERTURB_HOOK = "sagfast_pag_identity"
 MODES = ("exact", "batched")
 
 
@@ -61,8 +68,22 @@ class CaptureHook(ModelHook):
         return out
 
 
+class PerturbHook(ModelHook):
+    """On each PAG layer for the perturbed condition's pass: the family's perturbed attention (every
+    query attends only to its own key, sagfast.attention.identity)."""
+
+    def __init__(self, perturbed):
+        super().__init__()
+        self.perturbed = perturbed
+
+    def new_forward(self, module, hidden_states, *args, **kwargs):
+        return self.perturbed(module, hidden_states, *args, **kwargs)
+
+
 class SelfAttentionGuidance(BaseGuidance):
-    """Classifier-free guidance plus SAG (Hong et al., ICCV 2023) as a diffusers guider.
+    """Classifier-free guidance plus SAG (Hong et al., ICCV 2023), and optionally PAG (Ahn et al. 2024),
+    as a diffusers guider: `cfg + sag_scale * (o_guide - o_degraded) + perturbed_guidance_scale *
+    (o_cond - o_perturbed)`.
 
     Args:
         guidance_scale: CFG scale; at or below 1 there is no unconditional pass and SAG guides the
@@ -77,9 +98,16 @@ class SelfAttentionGuidance(BaseGuidance):
         backend: the ops' backend ("auto", "triton", "cpp", "torch").
         start, stop: the fraction of the steps where SAG runs, `start <= step / steps < stop` (as
             sagfast's `sag_interval`); CFG runs on every step.
+        perturbed_guidance_scale: PAG's scale (diffusers' PerturbedAttentionGuidance name); 0 runs no
+            perturbed pass.
+        perturbed_guidance_layers: the self-attention layers PAG perturbs, as sagfast's `pag_layers`
+            (identifiers searched in the layer names, as diffusers' `pag_applied_layers`: "mid",
+            "down_blocks.1", "transformer_blocks.2"), not diffusers' guider's block indices.
+        perturbed_guidance_start, perturbed_guidance_stop: PAG's fraction of the steps, counted as
+            `start`/`stop` (sagfast's `pag_interval`; diffusers' PAG guider defaults to 0.01-0.2).
     """
 
-    _input_predictions = ["pred_cond", "pred_uncond", "pred_sag"]
+    _input_predictions = ["pred_cond", "pred_uncond", "pred_perturbed", "pred_sag"]
 
     @register_to_config
     def __init__(
@@ -94,18 +122,38 @@ class SelfAttentionGuidance(BaseGuidance):
         backend: str = "auto",
         start: float = 0.0,
         stop: float = 1.0,
+        perturbed_guidance_scale: float = 0.0,
+        perturbed_guidance_layers: str | list = "mid",
+        perturbed_guidance_start: float = 0.0,
+        perturbed_guidance_stop: float = 1.0,
         enabled: bool = True,
     ):
         super().__init__(start, stop, enabled)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        for name, value in (("guidance_scale", guidance_scale), ("sag_scale", sag_scale), ("threshold", threshold)):
+        numbers = ("guidance_scale", guidance_scale), ("sag_scale", sag_scale), ("threshold", threshold)
+        for name, value in (*numbers, ("perturbed_guidance_scale", perturbed_guidance_scale)):
             if not (isinstance(value, (int, float)) and value == value and value >= 0):
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
         if not (isinstance(blur_kernel_size, int) and blur_kernel_size >= 1 and blur_kernel_size % 2 == 1):
             raise ValueError(f"blur_kernel_size must be an odd int >= 1, got {blur_kernel_size!r}")
         if not (isinstance(blur_sigma, (int, float)) and blur_sigma > 0):
             raise ValueError(f"blur_sigma must be a number > 0, got {blur_sigma!r}")
+        layers = (perturbed_guidance_layers,) if isinstance(perturbed_guidance_layers, str) else tuple(perturbed_guidance_layers)
+        if not layers or not all(isinstance(layer, str) for layer in layers):
+            raise ValueError(
+                "perturbed_guidance_layers takes layer identifiers (a string or a list of strings: 'mid', "
+                f"'down_blocks.1', 'transformer_blocks.2'), got {perturbed_guidance_layers!r}"
+            )
+        if not (0.0 <= perturbed_guidance_start <= perturbed_guidance_stop <= 1.0):
+            raise ValueError(
+                "perturbed_guidance_start and perturbed_guidance_stop must satisfy 0 <= start <= stop <= 1, "
+                f"got {perturbed_guidance_start!r}, {perturbed_guidance_stop!r}"
+            )
+        self.perturbed_guidance_scale = perturbed_guidance_scale
+        self.perturbed_guidance_layers = layers
+        self.perturbed_guidance_start = perturbed_guidance_start
+        self.perturbed_guidance_stop = perturbed_guidance_stop
         self.guidance_scale = guidance_scale
         self.sag_scale = sag_scale
         self.sag_layers = sag_layers
@@ -119,6 +167,9 @@ class SelfAttentionGuidance(BaseGuidance):
         self._mask = None
         self._hw = None
         self._handles = []
+        self._step_handles = []
+        """Hooks kept to the guider's call: the map-size recorder must see the guide rows' pass, which
+        `batch_guidance` runs after the condition's cleanup, when it joins the calls."""
         self._previous = None
         """Batched mode: (step, CFG on, Previous) of the last step that recorded its guide eps and mask."""
         self._x = None
@@ -144,6 +195,11 @@ class SelfAttentionGuidance(BaseGuidance):
             return False
         return self._start <= self._step / self._num_inference_steps < self._stop
 
+    def _is_pag_enabled(self) -> bool:
+        if not self._enabled or self.perturbed_guidance_scale == 0 or self._num_inference_steps is None:
+            return False
+        return self.perturbed_guidance_start <= self._step / self._num_inference_steps < self.perturbed_guidance_stop
+
     def _records(self) -> bool:
         """Whether this step's guide pass records eps and mask: a SAG step, or in batched mode a step
         before the interval's end (so that the first SAG step can already be batched)."""
@@ -153,7 +209,7 @@ class SelfAttentionGuidance(BaseGuidance):
 
     @property
     def num_conditions(self) -> int:
-        return 1 + self._is_cfg_enabled() + self._is_sag_enabled()
+        return 1 + self._is_cfg_enabled() + self._is_pag_enabled() + self._is_sag_enabled()
 
     @property
     def is_conditional(self) -> bool:
@@ -179,12 +235,16 @@ class SelfAttentionGuidance(BaseGuidance):
         super().set_state(step, num_inference_steps, timestep)
         if step == 0:
             self._previous = None
-        self._mask = self._x = None
+        self._mask = self._x = self._hw = None
+        self._remove(self._step_handles)
 
     def _conditions(self) -> list:
-        """(tuple index of the inputs, prediction name) per condition: cond, uncond with CFG, and SAG's
-        degraded pass on the guide branch's inputs."""
+        """(tuple index of the inputs, prediction name) per condition: cond, uncond with CFG, PAG's
+        perturbed pass on the cond inputs, and SAG's degraded pass on the guide branch's inputs (last:
+        its input is built from the others' predictions)."""
         conditions = [(0, "pred_cond"), (1, "pred_uncond")][: 1 + self._is_cfg_enabled()]
+        if self._is_pag_enabled():
+            conditions.append((0, "pred_perturbed"))
         if self._is_sag_enabled():
             conditions.append((self._guide_index, "pred_sag"))
         return conditions
@@ -206,15 +266,25 @@ class SelfAttentionGuidance(BaseGuidance):
             self._arm_capture(denoiser)
         elif self._is_sag_enabled() and index == len(self._batches) - 1:
             self._degrade_input(denoiser)
+        elif self._conditions()[index][1] == "pred_perturbed":
+            family = family_of_model(denoiser)
+            layers = family.matching_layers(denoiser, self.perturbed_guidance_layers, "perturbed_guidance_layers")
+            for layer in layers:
+                HookRegistry.check_if_exists_or_initialize(layer).register_hook(PerturbHook(family.perturbed_attention), PERTURB_HOOK)
 
     def cleanup_models(self, denoiser: torch.nn.Module) -> None:
         for module in denoiser.modules():
             registry = getattr(module, "_diffusers_hook", None)
-            if registry is not None and registry.get_hook(CAPTURE_HOOK) is not None:
-                registry.remove_hook(CAPTURE_HOOK, recurse=False)
-        for handle in self._handles:
+            for name in (CAPTURE_HOOK, PERTURB_HOOK):
+                if registry is not None and registry.get_hook(name) is not None:
+                    registry.remove_hook(name, recurse=False)
+        self._remove(self._handles)
+
+    @staticmethod
+    def _remove(handles: list) -> None:
+        for handle in handles:
             handle.remove()
-        self._handles = []
+        handles.clear()
 
     def _scheduler(self):
         if self.pipe is None:
@@ -247,7 +317,7 @@ class SelfAttentionGuidance(BaseGuidance):
             self._x = args[0] if args else kwargs[family.sample_argument]
 
         HookRegistry.check_if_exists_or_initialize(attn).register_hook(CaptureHook(make_processor, record), CAPTURE_HOOK)
-        self._handles.append(owner.register_forward_pre_hook(record_hw, with_kwargs=True))
+        self._step_handles.append(owner.register_forward_pre_hook(record_hw, with_kwargs=True))
         self._handles.append(denoiser.register_forward_pre_hook(record_x, with_kwargs=True))
 
     def _noise(self, x):
@@ -285,11 +355,20 @@ class SelfAttentionGuidance(BaseGuidance):
 
     # -- the combine ---------------------------------------------------------------------------------
 
-    def forward(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor | None = None, pred_sag: torch.Tensor | None = None):
+    def forward(
+        self,
+        pred_cond: torch.Tensor,
+        pred_uncond: torch.Tensor | None = None,
+        pred_perturbed: torch.Tensor | None = None,
+        pred_sag: torch.Tensor | None = None,
+    ):
+        self._remove(self._step_handles)
         pred = pred_cond if pred_uncond is None else pred_uncond + self.guidance_scale * (pred_cond - pred_uncond)
         guide = pred_cond if pred_uncond is None else pred_uncond
         if pred_sag is not None:
             pred = pred + self.sag_scale * (guide - pred_sag)
+        if pred_perturbed is not None:
+            pred = pred + self.perturbed_guidance_scale * (pred_cond - pred_perturbed)
         if self.mode == "batched" and self._records() and self._x is not None:
             x = self._x
             c = predicted_channels(guide, x)

@@ -84,21 +84,53 @@ def test_the_guider_gives_sagfast_enable_on_the_standard_pipeline(family, mode):
     assert len(sizes) == 3 * steps  # cond, uncond, degraded: one pass each, as diffusers' loop runs them
 
 
-@pytest.mark.parametrize("mode", ["exact", "batched"])
-def test_batch_guidance_joins_the_guiders_conditions(mode):
+PAG = dict(pag_scale=3.0, pag_layers="mid")
+PAG_GUIDER = dict(perturbed_guidance_scale=3.0, perturbed_guidance_layers="mid")
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+@pytest.mark.parametrize("sag, mode", [(0.0, "exact"), (0.75, "exact"), (0.75, "batched")])
+def test_sag_and_pag_in_one_guider_give_sagfast_enable(family, sag, mode):
+    make, go, reference = (modular_sdxl, run, sdxl_reference) if family == "sdxl" else (modular_sd3, sd3_run, sd3_reference)
+    layers = "mid" if family == "sdxl" else "transformer_blocks.1"
+    pipe = make(ClassifierFreeGuidance(guidance_scale=5.0))
+    guider = SelfAttentionGuidance(
+        guidance_scale=5.0, sag_scale=sag, mode=mode, perturbed_guidance_scale=3.0, perturbed_guidance_layers=layers
+    )
+    pipe.update_components(guider=guider.bind(pipe))
+    got, sizes = go(pipe)
+    want = reference(scale=sag, mode=mode, pag_scale=3.0, pag_layers=layers)
+    plain = reference(scale=sag, mode=mode)
+    bound = 1e-4 * max(1.0, want.abs().max().item())
+    assert (got - want).abs().max().item() <= bound
+    assert (want - plain).abs().max().item() > 100 * bound  # PAG moved the latents
+    steps = 4 if family == "sdxl" else 3
+    assert len(sizes) == (3 + (sag > 0)) * steps
+
+
+@pytest.mark.parametrize(
+    "config, per_step",
+    [
+        (dict(mode="exact"), [2, 1] * 4),  # [cond, uncond], then the degraded pass built from them
+        (dict(mode="batched"), [2, 1, 3, 3, 3]),  # the degraded rows join the main call after step 0
+        (dict(mode="exact", **PAG_GUIDER), [3, 1] * 4),
+        (dict(mode="batched", **PAG_GUIDER), [3, 1, 4, 4, 4]),
+    ],
+)
+def test_batch_guidance_joins_the_guiders_conditions(config, per_step):
     pipe = modular_sdxl(ClassifierFreeGuidance(guidance_scale=5.0))
-    pipe.update_components(guider=SelfAttentionGuidance(guidance_scale=5.0, sag_scale=0.75, mode=mode).bind(pipe))
-    want, _ = run(pipe)
+    pipe.update_components(guider=SelfAttentionGuidance(guidance_scale=5.0, sag_scale=0.75, **config).bind(pipe))
+    want, unbatched = run(pipe)
     batch_guidance(pipe)
+    # A fresh guider: nothing it records may be left over from the unbatched run.
+    pipe.update_components(guider=SelfAttentionGuidance(guidance_scale=5.0, sag_scale=0.75, **config).bind(pipe))
     got, sizes = run(pipe)
-    # exact: [cond, uncond] then the degraded pass built from them; batched: the degraded rows from
-    # the previous step's eps and mask join the main call after the first step.
-    assert sizes == ([2, 1] * 4 if mode == "exact" else [2, 1, 3, 3, 3])
+    assert sizes == per_step and sum(sizes) == sum(unbatched)
     bound = 1e-5 * max(1.0, want.abs().max().item())
     assert (got - want).abs().max().item() <= bound
     unbatch_guidance(pipe)
     again, sizes = run(pipe)
-    assert len(sizes) == 12 and torch.equal(again, want)
+    assert sizes == unbatched and torch.equal(again, want)
 
 
 def test_sag_scale_zero_is_the_cfg_guider():
@@ -162,7 +194,17 @@ def test_an_unbound_guider_says_how_to_bind_it_and_leaves_the_model_as_it_was():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("mode", "fast"), ("sag_scale", -1.0), ("sag_scale", float("nan")), ("blur_kernel_size", 4), ("blur_sigma", 0.0), ("threshold", "1")],
+    [
+        ("mode", "fast"),
+        ("sag_scale", -1.0),
+        ("sag_scale", float("nan")),
+        ("blur_kernel_size", 4),
+        ("blur_sigma", 0.0),
+        ("threshold", "1"),
+        ("perturbed_guidance_scale", -2.0),
+        ("perturbed_guidance_layers", [0]),
+        ("perturbed_guidance_stop", 2.0),
+    ],
 )
 def test_bad_config_is_refused_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):

@@ -44,14 +44,18 @@ def test_examples_use_runs_every_call_of_the_readme():
 MODULAR_LOAD = "pipe = ModularPipeline.from_pretrained(...)  # e.g. an SDXL repo, then pipe.load_components()"
 
 
-def test_the_readme_modular_section_runs_as_written():
+def test_the_readme_modular_section_runs_as_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the block saves a guider config to ./my-guider
     sys.path.insert(0, str(EXAMPLES))
     from offline_pipeline import tiny_modular_sdxl
 
     text = (REPO / "README.md").read_text()
-    start = text.index("```python\n", text.index("\n## diffusers modular pipelines\n")) + len("```python\n")
-    block = text[start : text.index("```", start)]
-    assert block.count(MODULAR_LOAD) == 1
+    section = text[text.index("\n## diffusers modular pipelines\n") : text.index("\n## Architecture\n")]
+    blocks = [part.split("```")[0] for part in section.split("```python\n")[1:]]
+    assert len(blocks) == 2 and blocks[0].count(MODULAR_LOAD) == 1
     scope = {"tiny_modular_sdxl": tiny_modular_sdxl}
-    exec(compile(block.replace(MODULAR_LOAD, "pipe = tiny_modular_sdxl()"), "README.md (modular)", "exec"), scope)
-    assert scope["image"].size == (32, 32)
+    for k, block in enumerate(blocks):
+        exec(compile(block.replace(MODULAR_LOAD, "pipe = tiny_modular_sdxl()"), f"README.md (modular {k})", "exec"), scope)
+        assert scope["image"].size == (32, 32)
+    saved = scope["SelfAttentionGuidance"].from_pretrained("my-guider")
+    assert saved.sag_scale == 0.75 and saved.guidance_scale == 5.0
