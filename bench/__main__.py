@@ -51,7 +51,7 @@ def _timing(p: argparse.ArgumentParser) -> None:
 
 
 def _pipelines(p: argparse.ArgumentParser, variants: bool = True) -> None:
-    p.add_argument("--models", help="comma-separated: tiny, sd15, sdxl (e2e: digits, sd15)")
+    p.add_argument("--models", help="comma-separated: tiny, tiny_xl, sd15, sdxl (e2e: digits, sd15)")
     p.add_argument("--full", action="store_true", help="on CPU too: the SDXL-shaped model (slow)")
     p.add_argument("--size", type=_positive, help="image side in pixels (default per model and device)")
     if variants:
@@ -60,7 +60,9 @@ def _pipelines(p: argparse.ArgumentParser, variants: bool = True) -> None:
             "--variants",
             help="comma-separated step variants: cfg, floor, cfg_graph, floor_graph (CUDA), diffusers_sag, pag, sagfast_exact, sagfast_batched, "
             "sagfast_sag_interval, sagfast_pag, sagfast_sag_pag_exact, sagfast_sag_pag_exact_degraded, "
-            "sagfast_sag_pag_batched, and any sagfast variant + _graph (CUDA)",
+            "sagfast_sag_pag_batched, and any sagfast variant + _graph (CUDA); on an SDXL-shaped model (tiny_xl, sdxl) "
+            "the modular pipeline's modular_cfg, modular_pag, modular_sag, modular_sag_batched_mode, each also + _joined "
+            "(sagfast.modular.batch_guidance)",
         )
 
 

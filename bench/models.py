@@ -3,6 +3,8 @@
 - "tiny":  UNet block_out_channels (32, 64), cross-attention dim 32 (the test suite's tiny model).
 - "sd15":  the SD 1.5 UNet's shape: block_out_channels (320, 640, 1280, 1280), attention_head_dim 8,
            cross_attention_dim 768, 77 text tokens (~860M parameters).
+- "tiny_xl": the tiny UNet with SDXL's conditioning (text_time added embeddings, pooled text, two
+           transformer layers in its attention level): what diffusers' modular SDXL pipeline takes.
 - "sdxl":  the SDXL base UNet's shape: block_out_channels (320, 640, 1280), transformer depths
            (1, 2, 10), head dims (5, 10, 20), cross_attention_dim 2048, text_time conditioning (~2.6B).
 
@@ -50,6 +52,32 @@ TINY = ModelSpec(
     default_size=128,
 )
 
+TINY_XL = ModelSpec(
+    name="tiny_xl",
+    unet=dict(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=[2, 4],
+        norm_num_groups=8,
+        transformer_layers_per_block=(1, 2),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+    ),
+    cross_dim=64,
+    tokens=8,
+    default_size=128,
+    xl=True,
+    pooled_dim=32,
+)
+
 SD15 = ModelSpec(
     name="sd15",
     unet=dict(
@@ -93,7 +121,7 @@ SDXL = ModelSpec(
     pooled_dim=1280,
 )
 
-MODELS = {m.name: m for m in (TINY, SD15, SDXL)}
+MODELS = {m.name: m for m in (TINY, TINY_XL, SD15, SDXL)}
 
 
 def _to(module, device, dtype):

@@ -15,6 +15,12 @@ Variants (all on one shared UNet with random weights, DDIM, guidance 7.5, batch 
   (j) (k)          sagfast SAG+PAG exact: [u, c, ptb] then [deg] (j), or [u, c] then [deg, ptb] (k)
   (l)              sagfast SAG+PAG batched: one call of [u, c, ptb, deg] (4B)
   *+graph          every sagfast variant with CUDA graphs (cuda_graph=True), on CUDA only
+  (m)-(p)          sagfast SEG, APG, CFG-Zero*, SAG+PAG+SEG batched
+  (q) (r)          4 images with mixed settings in one call, and one call per image
+  (s)-(y)          SDXL-shaped models only (tiny_xl, sdxl): diffusers' modular SDXL pipeline with a CFG,
+                   PAG or sagfast SAG guider, its loop as diffusers runs it (one model call per
+                   condition) and with `sagfast.modular.batch_guidance` ("joined"); the step is marked
+                   at the scheduler's step (modular pipelines take no step callback)
 
 Method: each variant runs the whole pipeline for `steps` steps with output_type="latent" (no VAE
 decode). A step-end callback marks the time (perf_counter on CPU; a CUDA event on GPU, read after one
@@ -63,6 +69,17 @@ MIXED_SETTINGS = dict(cfg_scale=[1.0, 3.0, 5.0, 7.5], scale=[0.0, 0.5, 0.75, 1.0
 """The per-image rows: MIXED images whose settings all differ (image 0 without any guidance), one
 call with per-image fields vs one call per image with that image's scalars (exact mode)."""
 
+MODULAR = {
+    "modular_cfg": "(s) modular SDXL, CFG guider [c]+[u]",
+    "modular_cfg_joined": "(t) modular SDXL, CFG guider, batch_guidance [c,u]",
+    "modular_pag": "(u) modular SDXL, PAG guider [c]+[u]+[ptb]",
+    "modular_pag_joined": "(v) modular SDXL, PAG guider, batch_guidance [c,u,ptb]",
+    "modular_sag": "(w) modular SDXL, SAG guider exact [c]+[u]+[deg]",
+    "modular_sag_joined": "(x) modular SDXL, SAG guider exact, batch_guidance [c,u]+[deg]",
+    "modular_sag_batched_mode_joined": "(y) modular SDXL, SAG guider batched, batch_guidance [c,u,deg]",
+}
+"""The modular rows; a name without "_joined" runs diffusers' loop as it is."""
+
 LABELS = {
     "cfg": "(a) CFG only",
     "floor": "(b) CFG + dummy batch-B call (floor)",
@@ -74,6 +91,7 @@ LABELS = {
     "mixed_separate": f"(r) {MIXED} images, the same settings, one call each",
     **{name: label for name, (label, _) in SAGFAST.items()},
     **{name + "_graph": label + " + CUDA graph" for name, (label, _) in SAGFAST.items()},
+    **MODULAR,
 }
 
 
@@ -170,6 +188,76 @@ class PipelineRunner:
         return sum(steady) / len(steady)
 
 
+class ModularRunner(PipelineRunner):
+    """Calls a modular pipeline for `steps` steps; the step is marked when its scheduler steps (a
+    modular pipeline takes no step-end callback)."""
+
+    def __call__(self) -> float:
+        clock = common.StepClock(self.device)
+        scheduler = self.pipe.scheduler
+
+        def step(*args, **kwargs):
+            out = type(scheduler).step(scheduler, *args, **kwargs)
+            clock.mark()
+            return out
+
+        scheduler.step = step  # an instance attribute for this call only: the class's method stays
+        common.sync(self.device)
+        clock.mark()
+        try:
+            with torch.inference_mode():
+                self.pipe(num_inference_steps=self.steps, output="latents", **self.kwargs)
+        finally:
+            del scheduler.step
+        steps = clock.intervals()
+        if len(steps) != self.steps:
+            raise RuntimeError(f"expected {self.steps} step marks, got {len(steps)}")
+        self.first_steps.append(steps[0])
+        steady = steps[1:] or steps
+        return sum(steady) / len(steady)
+
+
+def modular_guider(name: str, pipe):
+    """The guider of a modular row (guidance 7.5 as the other rows; PAG 3 and SAG 0.75 on "mid")."""
+    from diffusers.guiders import ClassifierFreeGuidance, PerturbedAttentionGuidance
+    from diffusers.hooks import LayerSkipConfig
+
+    from sagfast.guiders import SelfAttentionGuidance
+
+    if name.startswith("modular_cfg"):
+        return ClassifierFreeGuidance(guidance_scale=7.5)
+    if name.startswith("modular_pag"):
+        mid = LayerSkipConfig(
+            indices=[0], fqn="mid_block.attentions.0.transformer_blocks", skip_attention=False, skip_attention_scores=True
+        )
+        return PerturbedAttentionGuidance(
+            guidance_scale=7.5,
+            perturbed_guidance_scale=3.0,
+            perturbed_guidance_start=0.0,
+            perturbed_guidance_stop=1.0,
+            perturbed_guidance_config=mid,
+        )
+    mode = "batched" if "batched_mode" in name else "exact"
+    return SelfAttentionGuidance(guidance_scale=7.5, sag_scale=0.75, mode=mode).bind(pipe)
+
+
+def modular_pipeline(name: str, spec, unet, device, dtype, vae: str):
+    """diffusers' modular SDXL pipeline (its text-encoder, IP-adapter and decode blocks dropped: it takes
+    embeddings and returns latents) on the bench's UNet, with the row's guider."""
+    from diffusers.modular_pipelines import StableDiffusionXLAutoBlocks
+
+    from sagfast.modular import batch_guidance
+
+    blocks = StableDiffusionXLAutoBlocks()
+    for block in ("text_encoder", "ip_adapter", "decode"):
+        blocks.sub_blocks.pop(block)
+    pipe = blocks.init_pipeline()
+    pipe.update_components(unet=unet, vae=models.build_vae(vae, device, dtype), scheduler=models.scheduler())
+    pipe.update_components(guider=modular_guider(name, pipe))
+    pipe.set_progress_bar_config(disable=True)
+    return batch_guidance(pipe) if name.endswith("_joined") else pipe
+
+
 class SeparateCalls:
     """One pipeline call per image, one after another: the seconds of one step of all of them."""
 
@@ -247,6 +335,16 @@ def build_variants(
             one = dict(call, num_images_per_prompt=1, guidance_scale=MIXED_SETTINGS["cfg_scale"][i])
             separate.append(PipelineRunner(pipe, one, steps, device, False))
         runners["mixed_separate"] = SeparateCalls(separate)
+    for name in MODULAR:
+        if not want(name):
+            continue
+        if not spec.xl:
+            if wanted is not None:
+                skipped[name] = f"the modular SDXL pipeline needs an SDXL-shaped UNet (--models tiny_xl or sdxl), not {spec.name}"
+            continue
+        pipe = modular_pipeline(name, spec, unet, device, dtype, vae)
+        modular_call = {k: v for k, v in call.items() if k != "guidance_scale"}  # the guider holds the scale
+        runners[name] = ModularRunner(pipe, modular_call, steps, device, False)
     if want("pag"):
         runners["pag"] = PipelineRunner(
             pipe_of(classes["pag"], pag_applied_layers=["mid"]), dict(call, pag_scale=3.0), steps, device, False
@@ -263,10 +361,12 @@ def plan(opts, device) -> list:
     """[(model name, image size, steps, rounds)] for this run."""
     cuda = device.type == "cuda"
     names = models.default_names(opts, cuda)
+    if not opts.models:  # the modular rows' SDXL-shaped model, next to the tiny one
+        names = [*names[:1], "tiny_xl", *names[1:]]
     out = []
     for name in names:
         spec = models.MODELS[name]
-        if name == "tiny":
+        if name in ("tiny", "tiny_xl"):
             size, steps, rounds = spec.default_size, 5, (7 if opts.quick else 11)
         elif name == "sd15":
             size, steps, rounds = (512, 10, 5) if cuda else (256, 2, 5)
@@ -275,7 +375,7 @@ def plan(opts, device) -> list:
         size = opts.size or size
         steps = opts.steps or steps
         rounds = opts.rounds or rounds
-        if cuda and name == "tiny":
+        if cuda and name in ("tiny", "tiny_xl"):
             steps = opts.steps or 10
         out.append((name, size, steps, rounds))
     return out
@@ -287,7 +387,9 @@ def run(opts, record: dict, log=common.log) -> dict:
     warmup = opts.warmup if opts.warmup is not None else (2 if device.type == "cuda" else 1)
     for name, size, steps, rounds in plan(opts, device):
         spec = models.MODELS[name]
-        runners, skipped, info = build_variants(spec, size, steps, device, dtype, opts.variants, log, batch=opts.batch)
+        # The tiny SDXL-shaped model is there for the modular rows (and CFG, their baseline).
+        wanted = opts.variants or (["cfg", *MODULAR] if name == "tiny_xl" else None)
+        runners, skipped, info = build_variants(spec, size, steps, device, dtype, wanted, log, batch=opts.batch)
         log(f"step: {name} {size}x{size}, {steps} steps, {rounds} rounds + {warmup} warm-up: {list(runners)}")
         samples = common.interleave(runners, rounds, warmup, log)
         raw[name] = {
@@ -334,6 +436,9 @@ def run(opts, record: dict, log=common.log) -> dict:
                 row.update(x_cfg=r["median"], x_cfg_min=r["min"], x_cfg_max=r["max"])
             if key == "mixed_one_call" and isinstance(samples.get("mixed_separate"), list):
                 row.update(x_separate=common.paired_ratio(s, samples["mixed_separate"])["median"])
+            unjoined = samples.get(key.replace("_batched_mode", "").removesuffix("_joined"))
+            if key.endswith("_joined") and isinstance(unjoined, list):
+                row.update(x_separate=common.paired_ratio(s, unjoined)["median"])
             if floor and key.startswith("sagfast"):
                 row.update(
                     over_floor_ms=_median_diff(s, floor),
@@ -352,6 +457,8 @@ def run(opts, record: dict, log=common.log) -> dict:
         f"(q)/(r): {MIXED} images with per-image settings {MIXED_SETTINGS} (image 0: no CFG, no SAG, no PAG); "
         "(q) is one call with per-image fields, (r) one call per image with its scalars, timed as the sum of their "
         "steps; x separate: median per-round ratio (q)/(r). Their x CFG is to (a) at the run's batch.",
+        "Modular rows (SDXL-shaped models): x CFG is to (a), the standard pipeline's one [u, c] call; a joined row's "
+        "x separate is its ratio to the same guider without batch_guidance ((y): to (w), exact SAG unjoined).",
     ]
     return {
         "title": "Step time per mode",

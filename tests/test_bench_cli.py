@@ -16,6 +16,23 @@ def _strict(const):
     raise ValueError(f"invalid JSON constant {const}")
 
 
+def test_cli_step_modular_rows(tmp_path):
+    out = tmp_path / "out"
+    variants = "cfg,modular_cfg,modular_cfg_joined,modular_sag_batched_mode_joined"
+    common = ["--quick", "--device", "cpu", "--steps", "2", "--rounds", "1", "--warmup", "0", "--threads", "1"]
+    cmd = [sys.executable, "-m", "bench", "step", *common, "--out", str(out), "--models", "tiny_xl,tiny", "--variants", variants]
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = {(r["model"], r["key"]): r for r in json.loads((out / "step.json").read_text(), parse_constant=_strict)["rows"]}
+    for key in variants.split(","):
+        assert rows["tiny_xl", key]["status"] == "ok", rows["tiny_xl", key]
+        assert math.isfinite(rows["tiny_xl", key]["ms_per_step"])
+    assert math.isfinite(rows["tiny_xl", "modular_cfg_joined"]["x_separate"])
+    # asked for on a model without SDXL's conditioning: listed with the reason
+    assert "needs an SDXL-shaped UNet" in rows["tiny", "modular_cfg"]["status"]
+
+
 def test_cli_step_quick_writes_valid_json(tmp_path):
     out = tmp_path / "out"
     cmd = [
