@@ -214,3 +214,54 @@ def test_bad_config_is_refused_naming_the_field(field, value):
 def test_bind_refuses_what_has_no_scheduler():
     with pytest.raises(ValueError, match="scheduler"):
         SelfAttentionGuidance().bind(object())
+
+
+if __name__ == "__main__":  # the parity tables of docs/modular.md: python tests/test_guiders.py
+    print("| pipeline | guider | max abs diff to sagfast.enable | bound | SAG/PAG effect |")
+    print("|---|---|---|---|---|")
+    for family in ("sdxl", "sd3"):
+        make, go, reference = (modular_sdxl, run, sdxl_reference) if family == "sdxl" else (modular_sd3, sd3_run, sd3_reference)
+        layers = "mid" if family == "sdxl" else "transformer_blocks.1"
+        cfg = reference(scale=0.0)
+        for label, guider_config, config in (
+            ("SAG exact", dict(), dict(scale=0.75)),
+            ("SAG batched", dict(mode="batched"), dict(scale=0.75, mode="batched")),
+            (
+                "PAG",
+                dict(sag_scale=0.0, perturbed_guidance_scale=3.0, perturbed_guidance_layers=layers),
+                dict(scale=0.0, pag_scale=3.0, pag_layers=layers),
+            ),
+            (
+                "SAG + PAG exact",
+                dict(perturbed_guidance_scale=3.0, perturbed_guidance_layers=layers),
+                dict(scale=0.75, pag_scale=3.0, pag_layers=layers),
+            ),
+        ):
+            pipe = make(ClassifierFreeGuidance(guidance_scale=5.0))
+            pipe.update_components(guider=SelfAttentionGuidance(guidance_scale=5.0, **guider_config).bind(pipe))
+            got, _ = go(pipe)
+            want = reference(**config)
+            bound = 1e-4 * max(1.0, want.abs().max().item())
+            print(f"| {family} | {label} | {(got - want).abs().max().item():.1e} | {bound:.1e} | {(want - cfg).abs().max().item():.2f} |")
+    print()
+    print("| guider | calls per step, loop | calls per step, batch_guidance | max abs diff | bound |")
+    print("|---|---|---|---|---|")
+    from test_modular import GUIDERS
+
+    cases = {name: make for name, make in GUIDERS.items()}
+    cases["sag exact"] = lambda: SelfAttentionGuidance(guidance_scale=5.0)
+    cases["sag batched"] = lambda: SelfAttentionGuidance(guidance_scale=5.0, mode="batched")
+    cases["sag + pag batched"] = lambda: SelfAttentionGuidance(guidance_scale=5.0, mode="batched", **PAG_GUIDER)
+    for name, make in cases.items():
+        pipe = modular_sdxl(ClassifierFreeGuidance(guidance_scale=5.0))
+        pipe.update_components(guider=make())
+        if isinstance(pipe.guider, SelfAttentionGuidance):
+            pipe.guider.bind(pipe)
+        want, loop = run(pipe)
+        batch_guidance(pipe)
+        pipe.update_components(guider=make())
+        if isinstance(pipe.guider, SelfAttentionGuidance):
+            pipe.guider.bind(pipe)
+        got, joined = run(pipe)
+        bound = 1e-5 * max(1.0, want.abs().max().item())
+        print(f"| {name} | {loop} | {joined} | {(got - want).abs().max().item():.1e} | {bound:.1e} |")
