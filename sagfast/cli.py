@@ -11,6 +11,14 @@
         The same with a local diffusers Stable Diffusion folder (SD 1.x / 2.x / XL, local files only):
         rows the prompts, columns CFG, CFG + SAG (exact) and CFG + SAG (batched).
 
+    sagfast serve [--host 127.0.0.1] [--port 8000] [--model NAME=PATH_OR_REPO ...] [--replicas 1]
+                  [--gpus-per-replica 0] [--max-batch-size 8] [--batch-wait-ms 10] [--max-queue 64]
+                  [--max-steps 50] [--max-size 1024] [--group-by shape|settings] [--address RAY_ADDRESS]
+        The embedded digit models ("digits-unet", "digits-dit") and any diffusers pipeline sagfast
+        guides, on Ray Serve (`pip install "sagfast[serve]"`): POST /v1/images, GET /v1/models, GET
+        /health, GET /docs. Requests that share the model, steps, size and SAG mode share one guided
+        pipeline call, whatever their guidance settings. Prints the URL when ready; Ctrl-C stops it.
+
 Grid geometry (digit demo): each cell is `--samples` digits side by side, each 32x32 upscaled by 3
 (96 px), 4 px gaps, a 36 px label column on the left and a 40 px header (two-line column titles); a
 panel is `36 + 6 * (samples * 96 + 4)` by `40 + 10 * (96 + 4)` pixels (636 x 1040 for 1 sample), and
@@ -416,6 +424,85 @@ def _check(p: argparse.ArgumentParser, args) -> None:
                 p.error(f"argument --{name.replace('_', '-')}: only with --model DIR")
 
 
+def _model_spec(text: str) -> tuple[str, str]:
+    name, sep, source = text.partition("=")
+    if not sep or not name or not source:
+        raise argparse.ArgumentTypeError(f"NAME=PATH_OR_REPO expected (e.g. sd=./my-sd-folder), got {text!r}")
+    return name, source
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number >= 0 expected, got {text!r}") from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"a number >= 0 expected, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a port 1..65535 expected, got {text}")
+    return value
+
+
+def _serve_parser(sub) -> None:
+    s = sub.add_parser(
+        "serve",
+        help="serve guided pipelines over HTTP on Ray Serve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    s.add_argument("--port", type=_port, default=8000, help="HTTP port (default 8000)")
+    s.add_argument(
+        "--model", type=_model_spec, action="append", default=[], help="NAME=PATH_OR_REPO: a diffusers pipeline to serve too (repeat)"
+    )
+    s.add_argument("--no-digits", action="store_true", help="do not serve the embedded digit models")
+    s.add_argument("--replicas", type=_positive, default=1, help="replicas of the deployment (default 1)")
+    s.add_argument("--gpus-per-replica", type=_fraction, default=0.0, help="GPUs per replica; > 0 runs the models on CUDA (default 0: CPU)")
+    s.add_argument("--max-batch-size", type=_positive, default=8, help="requests per model call at most (default 8; 1: no batching)")
+    s.add_argument("--batch-wait-ms", type=_fraction, default=10.0, help="how long a batch waits for more requests (default 10 ms)")
+    s.add_argument("--max-queue", type=_positive, default=64, help="requests a replica holds before answering 503 (default 64)")
+    s.add_argument("--max-steps", type=_positive, default=50, help="largest `steps` a request may ask (default 50)")
+    s.add_argument("--max-size", type=_pixels, default=1024, help="largest image side in pixels (default 1024)")
+    s.add_argument(
+        "--group-by",
+        choices=("shape", "settings"),
+        default="shape",
+        help="shape: any guidance settings share a call (default); settings: only identical ones",
+    )
+    s.add_argument("--address", help="join the Ray cluster at this address (e.g. auto, or HEAD_IP:6379) instead of starting one")
+
+
+def _serve(args) -> int:
+    import signal
+    import threading
+
+    from sagfast.serving import DEFAULT_MODELS, start, stop
+    from sagfast.serving.schema import Limits
+
+    specs = {} if args.no_digits else dict(DEFAULT_MODELS)
+    for name, source in args.model:
+        specs[name] = source
+    if not specs:
+        raise SystemExit("sagfast serve: no models to serve (--no-digits and no --model)")
+    limits = Limits(args.max_steps, args.max_size, args.max_batch_size, args.batch_wait_ms, args.max_queue, args.group_by)
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    try:
+        url = start(specs, limits, args.host, args.port, args.replicas, args.gpus_per_replica, args.address)
+        print(f"sagfast serving {', '.join(specs)} at {url} (API docs: {url}/docs)", flush=True)
+        stopped.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop()
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sagfast", description="Self-Attention Guidance for diffusers, fast.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -438,6 +525,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--negative-prompt", help="with --model")
     d.add_argument("--height", type=_pixels, help="with --model: image height in pixels (a multiple of 8)")
     d.add_argument("--width", type=_pixels, help="with --model: image width in pixels (a multiple of 8)")
+    _serve_parser(sub)
     return p
 
 
@@ -453,6 +541,8 @@ def main(argv=None) -> int:
             _demo(args)
         finally:
             torch.set_num_threads(threads_before)  # main() may run inside another program (tests)
+    elif args.command == "serve":
+        return _serve(args)
     return 0
 
 

@@ -15,8 +15,8 @@ answer is the number of requests in the image's call.
 
 Under load and faults:
 - a replica holds at most `max_queue` requests (waiting or running); one more is answered 503 with
-  `Retry-After`, and Ray Serve's own router queue is bounded the same (`max_queued_requests`), so
-  there is no unbounded backlog;
+  `Retry-After`; Ray Serve's router queue in front of the replicas is bounded at 4 x `max_queue`
+  (`max_queued_requests`; past it Ray Serve answers 503 itself), so there is no unbounded backlog;
 - a client that disconnects has its request cancelled by Ray Serve; a cancelled request still
   waiting for its batch is dropped before the call (Ray Serve's batch queue skips it);
 - an error inside a group's call fails that group's requests with 500 and the error in the body;
@@ -70,7 +70,11 @@ def make_deployment(limits: Limits):
         # Not FastAPI's default: it echoes the input, and a NaN in it cannot be encoded (a 500).
         return error(422, "invalid request", field_errors(exc.errors()))
 
-    @serve.deployment(max_ongoing_requests=limits.max_queue + limits.max_batch_size, max_queued_requests=limits.max_queue)
+    # The replica answers 503 with Retry-After past `max_queue`; Ray Serve's router queue is bounded
+    # too, looser (a burst arrives at the router before any request is assigned to a replica: at
+    # `max_queue` it drops requests the replica would have taken), as a backstop: past it Ray Serve
+    # itself answers 503 (plain text, no Retry-After).
+    @serve.deployment(max_ongoing_requests=limits.max_queue + limits.max_batch_size, max_queued_requests=4 * limits.max_queue)
     @serve.ingress(api)
     class SagfastServer:
         def __init__(self, specs: dict, device: str = "cpu"):

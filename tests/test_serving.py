@@ -1,0 +1,171 @@
+"""`sagfast serve`: the batching rule on the digit models, and one end-to-end run of the real Ray Serve
+deployment answering real HTTP on 127.0.0.1 (the slower fault tests: tests/test_serving_faults.py).
+
+The end-to-end test starts a local Ray instance and the deployment in this process, sends concurrent
+requests with mixed guidance settings, and checks: every answer 200, calls shared by requests with
+different settings, each image equal to the same request sent alone, the 422 cases (NaN sent as
+the JSON literal NaN, as Python's json writes it), 503 with Retry-After on a full queue, /docs.
+It stops Serve and the Ray instance it started (ray.shutdown ends the processes ray.init began).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import socket
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+pytest.importorskip("ray.serve")
+
+from sagfast.serving import DEFAULT_MODELS, start, stop  # noqa: E402
+from sagfast.serving.engine import decode_png, group_key, load_models, run_group, subject_problem  # noqa: E402
+from sagfast.serving.schema import Limits, request_model  # noqa: E402
+
+LIMITS = Limits(max_steps=12, max_size=64, max_batch_size=4, batch_wait_ms=200.0, max_queue=6)
+ImageRequest = request_model(LIMITS)
+
+MIXED = [
+    dict(label=1, seed=11, guidance_scale=3.0, sag_scale=0.75),
+    dict(label=2, seed=12, guidance_scale=1.0, sag_scale=0.0, pag_scale=1.0),
+    dict(label=3, seed=13, guidance_scale=5.0, sag_scale=0.5, pag_scale=2.0),
+    dict(label=4, seed=14, guidance_scale=2.0, sag_scale=1.0, seg_scale=1.0),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def answer_of(raw: bytes):
+    try:
+        return json.loads(raw or b"{}")
+    except json.JSONDecodeError:
+        return {"text": raw.decode(errors="replace")}
+
+
+def post(url: str, body, timeout: float = 120.0):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url + "/v1/images", data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, answer_of(response.read()), {k.lower(): v for k, v in response.headers.items()}
+    except urllib.error.HTTPError as e:
+        return e.code, answer_of(e.read()), {k.lower(): v for k, v in e.headers.items()}
+
+
+# -- the batching rule, without a server -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digit_models():
+    return load_models(DEFAULT_MODELS)
+
+
+@pytest.mark.parametrize("name", ["digits-unet", "digits-dit"])
+def test_mixed_settings_in_one_call_give_each_image_its_own_result(digit_models, name):
+    requests = [ImageRequest(model=name, steps=4, **fields) for fields in MIXED]
+    together = run_group(digit_models[name], requests)
+    plain = run_group(digit_models[name], [ImageRequest(model=name, steps=4, label=1, seed=11, guidance_scale=1.0, sag_scale=0.0)])[0]
+    for request, image in zip(requests, together):
+        alone = run_group(digit_models[name], [request])[0]
+        assert image.dtype == np.uint8 and image.shape == (32, 32, 1)
+        assert np.abs(image.astype(int) - alone.astype(int)).max() <= 1
+    assert np.abs(together[0].astype(int) - plain.astype(int)).max() > 1  # the settings did act
+
+
+def test_requests_share_a_call_by_model_steps_size_and_mode():
+    a = ImageRequest(model="digits-unet", label=1, guidance_scale=3.0)
+    b = ImageRequest(model="digits-unet", label=5, seed=9, guidance_scale=7.0, pag_scale=2.0)
+    assert group_key(a) == group_key(b)
+    for other in (dict(steps=5), dict(mode="batched"), dict(model="digits-dit")):
+        assert group_key(ImageRequest(**{**a.model_dump(), **other})) != group_key(a)
+    assert group_key(a, "settings") != group_key(b, "settings")  # what other serving engines batch
+
+
+def test_a_request_must_fit_its_model(digit_models):
+    unet = digit_models["digits-unet"]
+    assert subject_problem(unet, ImageRequest(model="digits-unet", prompt="a cat"))[0] == "label"
+    assert subject_problem(unet, ImageRequest(model="digits-unet", label=1, size=64))[0] == "size"
+    assert subject_problem(unet, ImageRequest(model="digits-unet", label=1, size=32)) is None
+
+
+# -- the deployment, end to end --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server():
+    url = start(DEFAULT_MODELS, LIMITS, port=free_port())
+    try:
+        yield url
+    finally:
+        stop()
+
+
+def test_concurrent_mixed_requests_share_calls_and_equal_their_own_answers(server):
+    bodies = [dict(model="digits-unet", steps=4, **fields) for fields in MIXED]
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda body: post(server, body), bodies))
+    assert [status for status, _, _ in answers] == [200] * len(bodies), answers
+    assert max(body["batch_size"] for _, body, _ in answers) > 1  # settings differed, the call was shared
+    for body, (_, answer, _) in zip(bodies, answers):
+        assert answer["seed"] == body["seed"] and set(answer["timings"]) == {"queue_ms", "run_ms", "total_ms"}
+        status, alone, _ = post(server, body)
+        assert status == 200 and alone["batch_size"] == 1
+        diff = np.abs(decode_png(answer["image"]).astype(int) - decode_png(alone["image"]).astype(int)).max()
+        assert diff <= 1  # 1/255
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        (b'{"model": "digits-unet", "label": 1, "sag_scale": NaN}', "sag_scale"),
+        (b'{"model": "digits-unet", "label": 1, "guidance_scale": Infinity}', "guidance_scale"),
+        ({"model": "digits-unet", "label": 1, "color": "red"}, "color"),
+        ({"model": "digits-unet", "label": "1"}, "label"),
+        ({"model": "digits-unet", "label": 10}, "label"),
+        ({"model": "digits-unet", "label": 1, "steps": 0}, "steps"),
+        ({"model": "digits-unet", "label": 1, "steps": 13}, "steps"),
+        ({"model": "digits-unet", "label": 1, "pag_scale": -1.0}, "pag_scale"),
+        ({"model": "digits-unet", "label": 1, "size": 72}, "size"),
+        ({"model": "digits-unet", "label": 1, "size": 60}, "size"),
+        ({"model": "digits-unet", "label": 1, "mode": "fast"}, "mode"),
+        ({"model": "nope", "label": 1}, "model"),
+        ({"model": "digits-unet", "prompt": "a cat"}, "label"),
+        ({"model": "digits-unet", "label": 1, "size": 64}, "size"),
+    ],
+)
+def test_bad_requests_get_422_naming_the_field(server, body, field):
+    status, answer, _ = post(server, body)
+    assert status == 422, answer
+    assert field in {error["field"] for error in answer["errors"]} or field in json.dumps(answer["errors"]), answer
+
+
+def test_a_full_queue_answers_503_with_retry_after(server):
+    body = dict(model="digits-dit", steps=12, label=7)
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda seed: post(server, dict(body, seed=seed)), range(12)))
+    statuses = [status for status, _, _ in answers]
+    assert set(statuses) <= {200, 503} and statuses.count(503) >= 1 and statuses.count(200) >= LIMITS.max_queue - 1, statuses
+    for status, answer, headers in answers:
+        if status == 503:
+            assert int(headers["retry-after"]) >= 1 and "retry" in answer["error"]
+    with urllib.request.urlopen(server + "/health", timeout=30) as response:
+        assert json.loads(response.read())["in_flight"] == 0  # nothing left behind
+
+
+def test_models_health_and_docs(server):
+    with urllib.request.urlopen(server + "/v1/models", timeout=30) as response:
+        models = {m["id"]: m for m in json.loads(response.read())["models"]}
+    assert set(models) == {"digits-unet", "digits-dit"} and models["digits-unet"]["size"] == 32
+    with urllib.request.urlopen(server + "/openapi.json", timeout=30) as response:
+        schema = json.loads(response.read())
+    steps = schema["components"]["schemas"]["ImageRequest"]["properties"]["steps"]
+    assert steps["maximum"] == LIMITS.max_steps
+    with urllib.request.urlopen(server + "/docs", timeout=30) as response:
+        assert response.status == 200
