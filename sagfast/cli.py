@@ -491,9 +491,11 @@ def _serve(args) -> int:
         raise SystemExit("sagfast serve: no models to serve (--no-digits and no --model)")
     limits = Limits(args.max_steps, args.max_size, args.max_batch_size, args.batch_wait_ms, args.max_queue, args.group_by)
     stopped = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
     try:
         url = start(specs, limits, args.host, args.port, args.replicas, args.gpus_per_replica, args.address)
+        # After start: ray.init installs its own SIGTERM handler (it aborts the process); a SIGTERM
+        # (a process manager, a container stop) is to stop the server as Ctrl-C does.
+        signal.signal(signal.SIGTERM, lambda *_: stopped.set())
         print(f"sagfast serving {', '.join(specs)} at {url} (API docs: {url}/docs)", flush=True)
         stopped.wait()
     except KeyboardInterrupt:
