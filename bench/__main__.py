@@ -1,6 +1,7 @@
 """python -m bench SCENARIO [--quick] [--out DIR] [...]   (python -m bench SCENARIO --help: its options)
 
-Scenarios: step, overhead, memory, kernels, e2e, or all (each in turn, plus DIR/PERFORMANCE.md).
+Scenarios: step, overhead, memory, kernels, e2e, or all (each in turn, plus DIR/PERFORMANCE.md);
+serve (the server under load: starts local Ray Serve servers, so not part of all).
 Each exits non-zero when a row it ran failed (a row skipped for a stated reason is not a failure) and
 writes DIR/<scenario>.json (machine, versions, dtype, settings, rows, raw samples), .csv, .md
 (a markdown table) and, where it helps, a .png plot.
@@ -28,6 +29,10 @@ def _positive(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
+
+
+def _positive_list(text: str) -> list:
+    return [_positive(part) for part in text.split(",")]
 
 
 def _count(text: str) -> int:
@@ -72,6 +77,7 @@ SCENARIO_HELP = {
     "memory": "peak memory of the attention-mass capture against the dense map",
     "kernels": "each op per backend against its PyTorch reference",
     "e2e": "whole pipeline calls per mode",
+    "serve": "sagfast serve under closed-loop load: no batching, identical-settings batching, mixed batching",
     "all": "every scenario in turn, plus DIR/PERFORMANCE.md",
 }
 
@@ -89,6 +95,9 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--batch", type=_positive, default=1, help="images per call (B; a CFG call is 2B)")
         if name in ("memory", "all"):
             s.add_argument("--tokens", help="comma-separated N (default 1024,4096,16384)")
+        if name == "serve":
+            s.add_argument("--concurrency", type=_positive_list, help="comma-separated client counts (default 1,2,4,8,16; --quick 1,4,8)")
+            s.add_argument("--requests", type=_positive, help="requests per concurrency level (default 64; --quick 24)")
     return p
 
 
@@ -97,7 +106,17 @@ def parse(argv=None):
     opts = p.parse_args(argv)
     # What a scenario has no option for, as the scenarios read it (settings_of records them all).
     for name, value in dict(
-        models=None, variants=None, tokens=None, full=False, size=None, steps=None, rounds=None, warmup=None, batch=1
+        models=None,
+        variants=None,
+        tokens=None,
+        full=False,
+        size=None,
+        steps=None,
+        rounds=None,
+        warmup=None,
+        batch=1,
+        concurrency=None,
+        requests=None,
     ).items():
         opts.__dict__.setdefault(name, value)
     opts.command = "python -m bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
@@ -113,7 +132,23 @@ def parse(argv=None):
 
 
 def settings_of(opts) -> dict:
-    keep = ("scenario", "quick", "full", "models", "variants", "size", "steps", "rounds", "warmup", "tokens", "threads", "out", "command")
+    keep = (
+        "scenario",
+        "quick",
+        "full",
+        "models",
+        "variants",
+        "size",
+        "steps",
+        "rounds",
+        "warmup",
+        "tokens",
+        "threads",
+        "out",
+        "command",
+        "concurrency",
+        "requests",
+    )
     return {k: getattr(opts, k) for k in keep}
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import socket
+import subprocess
 import urllib.error
 import urllib.request
 
@@ -169,3 +170,20 @@ def test_models_health_and_docs(server):
     assert steps["maximum"] == LIMITS.max_steps
     with urllib.request.urlopen(server + "/docs", timeout=30) as response:
         assert response.status == 200
+
+
+def test_the_readme_serving_section_runs_as_written(server):
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text[text.index("\n## Serving\n") : text.index("\n## Architecture\n")]
+    bash = section.split("```bash\n")[1].split("```")[0]
+    assert "sagfast serve --host 127.0.0.1 --port 8000" in bash
+    # the curl line, as written, against this server
+    curl = bash[bash.index("curl") :].replace("\\\n", " ").replace("http://127.0.0.1:8000", server)
+    done = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=120)
+    assert json.loads(done.stdout)["batch_size"] >= 1, done.stdout[:300]
+    block = section.split("```python\n")[1].split("```")[0]
+    scope = {}
+    exec(compile(block.replace("http://127.0.0.1:8000", server), "README.md (serving)", "exec"), scope)
+    assert scope["image"].size == (32, 32) and scope["answer"]["seed"] == 1
