@@ -55,21 +55,13 @@ TINY = ModelSpec(
 TINY_XL = ModelSpec(
     name="tiny_xl",
     unet=dict(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        TINY.unet,
         cross_attention_dim=64,
-        attention_head_dim=[2, 4],
-        norm_num_groups=8,
         transformer_layers_per_block=(1, 2),
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=6 * 8 + 32,
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # 6 time ids x 8, and the pooled text (32)
     ),
     cross_dim=64,
     tokens=8,

@@ -180,6 +180,10 @@ class PipelineRunner:
             self.pipe(num_inference_steps=self.steps, output_type="latent", **kw)
         if self.device.type == "cuda":
             self.peak_bytes.append(torch.cuda.max_memory_allocated(self.device))
+        return self.steady(clock)
+
+    def steady(self, clock) -> float:
+        """The mean of the call's steady-state steps (steps 2..n) from its step marks."""
         steps = clock.intervals()
         if len(steps) != self.steps:
             raise RuntimeError(f"expected {self.steps} step marks, got {len(steps)}")
@@ -209,12 +213,7 @@ class ModularRunner(PipelineRunner):
                 self.pipe(num_inference_steps=self.steps, output="latents", **self.kwargs)
         finally:
             del scheduler.step
-        steps = clock.intervals()
-        if len(steps) != self.steps:
-            raise RuntimeError(f"expected {self.steps} step marks, got {len(steps)}")
-        self.first_steps.append(steps[0])
-        steady = steps[1:] or steps
-        return sum(steady) / len(steady)
+        return self.steady(clock)
 
 
 def modular_guider(name: str, pipe):
