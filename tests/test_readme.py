@@ -50,7 +50,8 @@ def test_the_readme_modular_section_runs_as_written(tmp_path, monkeypatch):
     from offline_pipeline import tiny_modular_sdxl
 
     text = (REPO / "README.md").read_text()
-    section = text[text.index("\n## diffusers modular pipelines\n") : text.index("\n## Architecture\n")]
+    start = text.index("\n## diffusers modular pipelines\n")
+    section = text[start : text.index("\n## ", start + 1)]
     blocks = [part.split("```")[0] for part in section.split("```python\n")[1:]]
     assert len(blocks) == 2 and blocks[0].count(MODULAR_LOAD) == 1
     scope = {"tiny_modular_sdxl": tiny_modular_sdxl}

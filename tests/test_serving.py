@@ -176,7 +176,8 @@ def test_the_readme_serving_section_runs_as_written(server):
     from pathlib import Path
 
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = text[text.index("\n## Serving\n") : text.index("\n## Architecture\n")]
+    start = text.index("\n## Serving\n")
+    section = text[start : text.index("\n## ", start + 1)]
     bash = section.split("```bash\n")[1].split("```")[0]
     assert "sagfast serve --host 127.0.0.1 --port 8000" in bash
     # the curl line, as written, against this server
