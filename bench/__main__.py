@@ -94,7 +94,11 @@ def parser() -> argparse.ArgumentParser:
         if name in ("step", "all"):
             s.add_argument("--batch", type=_positive, default=1, help="images per call (B; a CFG call is 2B)")
         if name in ("memory", "all"):
-            s.add_argument("--tokens", help="comma-separated N (default 1024,4096,16384)")
+            s.add_argument(
+                "--tokens", help="comma-separated N (default 1024,4096,16384; Wan video: 32760 at 480p, 75600 at 720p, 81 frames)"
+            )
+            s.add_argument("--heads", type=_positive, help="attention heads (default 8)")
+            s.add_argument("--head-dim", type=_positive, help="head dimension (default 40)")
         if name == "serve":
             s.add_argument("--concurrency", type=_positive_list, help="comma-separated client counts (default 1,2,4,8,16; --quick 1,4,8)")
             s.add_argument("--requests", type=_positive, help="requests per concurrency level (default 64; --quick 24)")
@@ -117,6 +121,8 @@ def parse(argv=None):
         batch=1,
         concurrency=None,
         requests=None,
+        heads=None,
+        head_dim=None,
     ).items():
         opts.__dict__.setdefault(name, value)
     opts.command = "python -m bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
@@ -148,6 +154,8 @@ def settings_of(opts) -> dict:
         "command",
         "concurrency",
         "requests",
+        "heads",
+        "head_dim",
     )
     return {k: getattr(opts, k) for k in keep}
 

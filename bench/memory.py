@@ -36,6 +36,9 @@ import torch.nn.functional as F
 from bench import common
 
 HEADS, HEAD_DIM, BATCH = 8, 40, 1
+VIDEO_TOKENS = {32760: "Wan 480p, 81 frames: 21 x 30 x 52", 75600: "Wan 720p, 81 frames: 21 x 45 x 80"}
+"""Video capture layers' N (latent frames x h x w after Wan's (1, 2, 2) patching): with `--tokens`
+these run sagfast and SDPA only (the dense map, 4 GiB per head at 480p, is given analytically)."""
 SAGFAST_BACKENDS = ("torch", "cpp", "triton")
 TILE_BYTES = (1 << 23) * 4  # sagfast.ops.attention_mass: one fp32 tile of at most 2**23 elements
 
@@ -92,18 +95,19 @@ def _refuses(fn) -> str | None:
         return f"{type(exc).__name__}: {str(exc).split('cannot run these inputs: ', 1)[-1]}"
 
 
-def analytic(variant: str, n: int, elt: int) -> int:
-    bh = BATCH * HEADS
+def analytic(variant: str, n: int, elt: int, heads: int = HEADS, head_dim: int = HEAD_DIM) -> int:
+    bh = BATCH * heads
+    out = bh * n * head_dim * elt
     if variant.startswith("sagfast[") and variant != "sagfast[torch]":
         # a tiled kernel: output + lse + fp32 mass, no tile worth counting
-        return bh * n * HEAD_DIM * elt + 2 * bh * n * 4
+        return out + 2 * bh * n * 4
     if variant == "diffusers":
         # baddbmm scores and softmax probabilities alive together (2 maps), then the head mean (1/H map)
-        return 2 * bh * n * n * elt + BATCH * n * n * elt + bh * n * HEAD_DIM * elt
+        return 2 * bh * n * n * elt + BATCH * n * n * elt + out
     if variant in ("sagfast", "sagfast[torch]"):
         # (for "auto" this is the worst case: the torch reference) output + lse + fp32 mass accumulator + up to three fp32 tiles alive (scores, scores - lse, exp)
-        return bh * n * HEAD_DIM * elt + 2 * bh * n * 4 + 3 * min(TILE_BYTES, bh * n * n * 4)
-    return bh * n * HEAD_DIM * elt
+        return out + 2 * bh * n * 4 + 3 * min(TILE_BYTES, bh * n * n * 4)
+    return out
 
 
 def run(opts, record: dict, log=common.log) -> dict:
@@ -130,14 +134,15 @@ def run(opts, record: dict, log=common.log) -> dict:
             tokens = []
     else:
         method = "torch.cuda.max_memory_allocated minus allocated before"
-    attn = Attention(query_dim=HEADS * HEAD_DIM, heads=HEADS, dim_head=HEAD_DIM).to(device, dtype)
+    heads, head_dim = opts.heads or HEADS, opts.head_dim or HEAD_DIM
+    attn = Attention(query_dim=heads * head_dim, heads=heads, dim_head=head_dim).to(device, dtype)
     scale = attn.scale
 
     def diffusers_way(q3, k3, v3):
         probs = attn.get_attention_scores(q3, k3, None)  # [B*H, N, N]
         out = torch.bmm(probs, v3)
         n = probs.shape[-1]
-        mask = probs.reshape(BATCH, HEADS, n, n).mean(1, keepdim=False).sum(1, keepdim=False) > 1.0
+        mask = probs.reshape(BATCH, heads, n, n).mean(1, keepdim=False).sum(1, keepdim=False) > 1.0
         return out, mask
 
     def sagfast_way(q, k, v, backend="auto"):
@@ -151,15 +156,17 @@ def run(opts, record: dict, log=common.log) -> dict:
     rows = []
     for n in shown:
         g = torch.Generator().manual_seed(n)
-        q, k, v = (torch.randn(BATCH, HEADS, n, HEAD_DIM, generator=g).to(device, dtype) for _ in range(3))
-        q3, k3, v3 = (t.reshape(BATCH * HEADS, n, HEAD_DIM) for t in (q, k, v))
-        dense = BATCH * HEADS * n * n * elt
+        q, k, v = (torch.randn(BATCH, heads, n, head_dim, generator=g).to(device, dtype) for _ in range(3))
+        q3, k3, v3 = (t.reshape(BATCH * heads, n, head_dim) for t in (q, k, v))
+        dense = BATCH * heads * n * n * elt
         cases = [("sdpa", lambda: sdpa_way(q, k, v)), ("sagfast", lambda: sagfast_way(q, k, v))]
         for be in SAGFAST_BACKENDS:
             cases.append((f"sagfast[{be}]", lambda be=be: sagfast_way(q, k, v, be)))
         cases.append(("diffusers", lambda: diffusers_way(q3, k3, v3)))
+        if n in VIDEO_TOKENS:  # the auto-picked backend only: each run is seconds to minutes on a CPU
+            cases = [case for case in cases if case[0] in ("sdpa", "sagfast", "diffusers")]
         for variant, fn in cases:
-            need = analytic(variant, n, elt)
+            need = analytic(variant, n, elt, heads, head_dim)
             if device.type == "cuda":
                 free = torch.cuda.mem_get_info(device)[0]
                 budget = int(0.8 * free)
@@ -168,6 +175,7 @@ def run(opts, record: dict, log=common.log) -> dict:
                 budget = int(0.5 * free)
             row = {
                 "N": n,
+                "shape": VIDEO_TOKENS.get(n, ""),
                 "variant": variant,
                 "dense_map_MiB": dense / 2**20,
                 "analytic_MiB": need / 2**20,
@@ -201,7 +209,7 @@ def run(opts, record: dict, log=common.log) -> dict:
         if r["variant"] == "diffusers" and base and base["peak_MiB"]:
             r["x_sagfast"] = r["peak_MiB"] / base["peak_MiB"]
     notes += [
-        f"B={BATCH}, H={HEADS}, head dim {HEAD_DIM}, {str(dtype).replace('torch.', '')}; peak = {method}.",
+        f"B={BATCH}, H={heads}, head dim {head_dim}, {str(dtype).replace('torch.', '')}; peak = {method}.",
         "dense map: one B x H x N x N map in the compute dtype; diffusers holds two at its peak (scores and "
         "probabilities) and, under CFG, for both halves of the batch.",
         "sagfast's torch reference backend bounds its score tile at 2**23 fp32 elements (32 MiB; up to 3 such "
@@ -215,6 +223,7 @@ def run(opts, record: dict, log=common.log) -> dict:
         "raw": {"method": method},
         "columns": [
             ("N", "N tokens"),
+            ("shape", "video latent (t x h x w)"),
             ("variant", "variant"),
             ("peak_MiB", "peak MiB"),
             ("source", "source"),
