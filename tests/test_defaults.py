@@ -108,12 +108,14 @@ def family_pipelines():
     from test_families import dit, pixart, unconditional
     from test_families_flow import embeds, flux, sd3
     from test_pipelines import sdxl_pipeline
+    from test_video import cogvideox
 
     from sagfast.digits import load_dit_pipeline, load_pipeline
 
     pe, pooled = embeds(n=1)
     xl = torch.Generator().manual_seed(3)
     t5, ones = torch.randn(1, 5, 24, generator=xl), torch.ones(1, 5, dtype=torch.long)
+    video_text = torch.randn(1, 8, 16, generator=torch.Generator().manual_seed(4))  # CogVideoX's 8 tokens of 16
     return [
         ("sd", tiny_stable_diffusion, dict(prompt=PROMPT)),
         (
@@ -141,6 +143,12 @@ def family_pipelines():
             dict(prompt_embeds=pe, pooled_prompt_embeds=pooled, negative_prompt_embeds=-pe, negative_pooled_prompt_embeds=-pooled),
         ),
         ("flux", flux, dict(prompt_embeds=pe, pooled_prompt_embeds=pooled, height=32, width=32)),
+        # CogVideoX's default 49 frames of 480x720 are too slow here: 9 frames of 64x80.
+        (
+            "cogvideox",
+            cogvideox,
+            dict(prompt_embeds=video_text, negative_prompt_embeds=-video_text, height=64, width=80, num_frames=9),
+        ),
         ("digits", lambda: load_pipeline(progress=False), dict(class_labels=[3])),
         ("digits-dit", load_dit_pipeline, dict(class_labels=[3])),
     ]
@@ -174,7 +182,8 @@ def test_an_enabled_pipeline_runs_on_its_call_defaults(name, build, call):
         return pipe(**call, **steps, generator=torch.Generator().manual_seed(0), output_type=output_type)
 
     def get(out):
-        return out.images if torch.is_tensor(out.images) else torch.as_tensor(out.images)
+        images = out.frames if hasattr(out, "frames") else out.images  # a video pipeline's output
+        return images if torch.is_tensor(images) else torch.as_tensor(images)
 
     plain = get(run())
     with sagfast.guided(pipe, scale=0):

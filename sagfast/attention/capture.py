@@ -224,7 +224,8 @@ class Capture:
         self.attn = attn
         self.owner = owner
         self.patch = patch
-        """The map is the owner's 4-D input's (h, w) over this (a transformer's patch size; 1 in a UNet)."""
+        """The map is the owner's 4-D input's (h, w) over this (a transformer's patch size; 1 in a UNet);
+        for a video model (frames axis of its 5-D input, temporal patch, patch): its (t, h, w) over those."""
         self.backend = backend
         self.threshold = threshold
         self.armed = False
@@ -257,6 +258,9 @@ class Capture:
     def map_size(self, name: str) -> tuple:
         if self.hw is None:
             raise RuntimeError(f"the capture layer {name} did not run in the model's forward")
+        if isinstance(self.patch, tuple):
+            _, pt, p = self.patch
+            return (self.hw[0] // pt, self.hw[1] // p, self.hw[2] // p)
         return (self.hw[0] // self.patch, self.hw[1] // self.patch) if self.patch > 1 else tuple(self.hw)
 
     def mask(self, name: str) -> torch.Tensor:
@@ -305,6 +309,8 @@ class MapHook:
             hidden = args[0] if args else kwargs["hidden_states"]
             if hidden.dim() == 4:
                 capture.hw = tuple(hidden.shape[-2:])
+            elif hidden.dim() == 5 and isinstance(capture.patch, tuple):  # video: (frames, H, W)
+                capture.hw = (hidden.shape[capture.patch[0]], *hidden.shape[-2:])
 
 
 _INSTALL_LOCK = threading.Lock()
@@ -445,7 +451,8 @@ class FluxCaptureProcessor(SAGCaptureProcessor):
 
 class RotaryCaptureSwitch(CaptureSwitch):
     """`CaptureSwitch` for attention modules that hand their processor `image_rotary_emb` as the fifth
-    positional argument (Flux's `FluxAttention.forward`: the base switch would take it for `temb`).
+    positional argument (Flux's `FluxAttention.forward`: the base switch would take it for `temb`),
+    or by name (CogVideoX's `Attention` with CogVideoXAttnProcessor2_0).
     Names the keyword arguments the module forwards (it passes a processor only those its signature
     names), so IP-Adapter inputs still reach a wrapped IP-Adapter processor."""
 
@@ -474,4 +481,11 @@ def switch_for(attn) -> type:
 
     forward = getattr(type(attn), "forward", None)
     params = list(inspect.signature(forward).parameters) if forward is not None else []
-    return RotaryCaptureSwitch if "image_rotary_emb" in params and not isinstance(attn, Attention) else CaptureSwitch
+    if "image_rotary_emb" in params and not isinstance(attn, Attention):
+        return RotaryCaptureSwitch
+    # An `Attention` hands its processor only the keyword arguments the processor's signature names:
+    # CogVideoX's processor takes the rotary embedding, so its switch must name it too.
+    processor = getattr(attn, "processor", None)
+    if processor is not None and "image_rotary_emb" in inspect.signature(processor.__call__).parameters:
+        return RotaryCaptureSwitch
+    return CaptureSwitch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sagfast.families.base import Family
+from sagfast.families.cogvideox import CogVideoXFamily
 from sagfast.families.dit import DigitDiTFamily, DiTFamily
 from sagfast.families.flux import FluxFamily
 from sagfast.families.pixart import PixArtFamily
@@ -10,7 +11,16 @@ from sagfast.families.sd3 import SD3Family
 from sagfast.families.unet import UNetFamily
 from sagfast.families.unet2d import UnconditionalUNetFamily
 
-FAMILIES: tuple = (UNetFamily(), UnconditionalUNetFamily(), DiTFamily(), DigitDiTFamily(), PixArtFamily(), SD3Family(), FluxFamily())
+FAMILIES: tuple = (
+    UNetFamily(),
+    UnconditionalUNetFamily(),
+    DiTFamily(),
+    DigitDiTFamily(),
+    PixArtFamily(),
+    SD3Family(),
+    FluxFamily(),
+    CogVideoXFamily(),
+)
 
 
 def family_of(pipe) -> Family:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -15,11 +17,14 @@ def sag_mask_ref(mass: torch.Tensor, threshold: float, hw: tuple) -> torch.Tenso
 
 
 def to_map(per_key: torch.Tensor, hw: tuple, name: str = "mask") -> torch.Tensor:
-    """[B, N] per-key values -> [B, h, w] on the layer's map (keys are in row-major pixel order)."""
-    h, w = int(hw[0]), int(hw[1])
-    if per_key.dim() != 2 or per_key.shape[1] != h * w:
-        raise ValueError(f"{name} must be [B, h*w] = [B, {h * w}] for map {h}x{w}; got {tuple(per_key.shape)}")
-    return per_key.reshape(per_key.shape[0], h, w)
+    """[B, N] per-key values -> [B, h, w] on the layer's map (keys are in row-major pixel order), or
+    [B, t, h, w] for a video layer's (t, h, w) grid (frame, row, column order)."""
+    grid = tuple(int(n) for n in hw)
+    size = math.prod(grid)
+    if per_key.dim() != 2 or per_key.shape[1] != size:
+        shown = "x".join(map(str, grid))
+        raise ValueError(f"{name} must be [B, {'*'.join('thw'[-len(grid) :])}] = [B, {size}] for map {shown}; got {tuple(per_key.shape)}")
+    return per_key.reshape(per_key.shape[0], *grid)
 
 
 def upsample_index(size_in: int, size_out: int, device=None) -> torch.Tensor:

@@ -43,7 +43,19 @@ def predicted_channels(o: torch.Tensor, sample: torch.Tensor) -> int:
 
 def degraded_input(x0, mask, eps, noise: Noise, kernel_size: int, sigma: float, backend: str = "auto") -> torch.Tensor:
     """Exact mode's degraded input: a * Degrade(x0; mask) + b * eps, through the variance-preserving op
-    (sagfast.engine.schedule), for the guide rows' x0 and eps [B, C, H, W] and mask [B, h, w]."""
+    (sagfast.engine.schedule), for the guide rows' x0 and eps [B, C, H, W] and mask [B, h, w]; for video,
+    x0 and eps [B, C, T, H, W] and mask [B, t, h, w], each frame blurred in (h, w) under its mask (a
+    map frame covers T / t latent frames)."""
+    if x0.dim() == 5:
+        b, c, t = x0.shape[:3]
+
+        def frames(v):
+            return v.transpose(1, 2).reshape(b * t, c, *v.shape[-2:])
+
+        per_frame = mask.repeat_interleave(t // mask.shape[1], dim=1).reshape(b * t, *mask.shape[-2:])
+        noise = Noise(*(v.repeat_interleave(t) if v is not None else None for v in (noise.a, noise.b, noise.abar, noise.scale)))
+        xd = degraded_input(frames(x0), per_frame, frames(eps), noise, kernel_size, sigma, backend)
+        return xd.reshape(b, t, c, *xd.shape[-2:]).transpose(1, 2)
     xd = ops.degrade(x0, mask, eps, noise.abar, kernel_size, sigma, backend=backend)
     return xd if noise.scale is None else xd * noise.scale.view(-1, 1, 1, 1).to(xd.dtype)
 

@@ -1,0 +1,88 @@
+"""CogVideoX (CogVideoXPipeline): `pipe.transformer` a CogVideoXTransformer3DModel called on
+`hidden_states` [B, F, C, H, W] (latent frames first) with `encoder_hidden_states` and `timestep`,
+and the pipeline's 3-D rotary embedding (`image_rotary_emb`). CFG batches [uncond, cond], decided by
+the pipeline's `do_classifier_free_guidance`; the schedulers (CogVideoXDDIMScheduler,
+CogVideoXDPMScheduler) are variance preserving with v-prediction.
+
+Capture layer "mid": `attn1` of transformer_blocks[N // 2]. Its processor (CogVideoXAttnProcessor2_0)
+runs text tokens THEN video tokens through one softmax, after RoPE on the video part; the capture
+processor takes the mass of the VIDEO keys received from the VIDEO queries, each query's softmax
+over all keys. The map is the layer's true (t, h, w) grid: the latent's frames over the temporal
+patch (none in CogVideoX 1.0, `patch_size_t` in 1.5), and (H, W) over the patch size, in the order
+the transformer flattens its tokens (frame, row, column).
+
+SAG blurs the predicted x0 per frame in (h, w) (sagfast.terms.sag.degraded_input); PAG and SEG are
+not offered (their rows would need the rotary embedding through the capture switch's rules).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+from sagfast.attention.capture import SAGCaptureProcessor, heads_qkv, sdpa_with_lse
+from sagfast.families.base import Family, transformer_block_layer
+from sagfast.ops import attention_mass
+
+
+class CogVideoXCaptureProcessor(SAGCaptureProcessor):
+    """CogVideoXAttnProcessor2_0 that also records the mass of the video keys from the video queries of
+    the guide rows (SDPA with its default scale, as the stock processor; no attention mask)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None, *args, **kwargs):
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        if attention_mask is not None:
+            raise ValueError("SAG's CogVideoX capture layer does not take an attention mask")
+        n_text = encoder_hidden_states.shape[1]
+        joint = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        query, key, value, head_dim = heads_qkv(attn, joint)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query = torch.cat([query[:, :, :n_text], apply_rotary_emb(query[:, :, n_text:], image_rotary_emb)], dim=2)
+            key = torch.cat([key[:, :, :n_text], apply_rotary_emb(key[:, :, n_text:], image_rotary_emb)], dim=2)
+        scale = 1.0 / math.sqrt(head_dim)
+        out, lse = sdpa_with_lse(query, key, value, scale)
+        g, video = self.rows, slice(n_text, query.shape[2])
+        self.mass, self.mask = attention_mass(
+            query[g, :, video], key[g, :, video], lse[g, :, video], scale, backend=self.backend, threshold=self.threshold
+        )
+        out = out.transpose(1, 2).reshape(joint.shape[0], -1, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        text, video_out = out.split([n_text, out.shape[1] - n_text], dim=1)
+        return video_out, text
+
+
+class CogVideoXFamily(Family):
+    name = "CogVideoX"
+    attribute = "transformer"
+    model_class = "CogVideoXTransformer3DModel"
+    pipelines = ("CogVideoXPipeline",)
+    sample_argument = "hidden_states"
+
+    def resolve_layer(self, model, layers: str):
+        name, attn = transformer_block_layer(model, layers)
+        original = getattr(model, "_orig_mod", model)
+        # The input is [B, F, C, H, W]: frames on axis 1, over the temporal patch (CogVideoX 1.5).
+        return name, attn, original, (1, original.config.patch_size_t or 1, original.config.patch_size)
+
+    def to_image(self, x: torch.Tensor, call: dict) -> torch.Tensor:
+        return x.transpose(1, 2)  # [B, C, F, H, W]: channels second, as the ops and x0 / eps expect
+
+    def to_model_input(self, image: torch.Tensor, call: dict) -> torch.Tensor:
+        return image.transpose(1, 2)
+
+    def matching_layers(self, model, identifiers: tuple, field: str = "pag_layers") -> list:
+        term = field.split("_")[0].upper()
+        raise ValueError(f"sagfast does not run {term} on CogVideoX yet (SAG only). Use {term.lower()}_scale=0 with CogVideoX.")
+
+    def capture_processor(self, guide: slice, backend: str, xformers: bool, threshold: float):
+        return CogVideoXCaptureProcessor(guide, backend, xformers, threshold)
+
+    def wrap_output(self, out):
+        return Transformer2DModelOutput(sample=out)
