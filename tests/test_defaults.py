@@ -108,7 +108,7 @@ def family_pipelines():
     from test_families import dit, pixart, unconditional
     from test_families_flow import embeds, flux, sd3
     from test_pipelines import sdxl_pipeline
-    from test_video import cogvideox
+    from test_video import cogvideox, ltx
 
     from sagfast.digits import load_dit_pipeline, load_pipeline
 
@@ -143,11 +143,24 @@ def family_pipelines():
             dict(prompt_embeds=pe, pooled_prompt_embeds=pooled, negative_prompt_embeds=-pe, negative_pooled_prompt_embeds=-pooled),
         ),
         ("flux", flux, dict(prompt_embeds=pe, pooled_prompt_embeds=pooled, height=32, width=32)),
-        # CogVideoX's default 49 frames of 480x720 are too slow here: 9 frames of 64x80.
+        # The video pipelines' default sizes (CogVideoX 49 frames of 480x720, LTX 161 of 512x704) are too slow here.
         (
             "cogvideox",
             cogvideox,
             dict(prompt_embeds=video_text, negative_prompt_embeds=-video_text, height=64, width=80, num_frames=9),
+        ),
+        (
+            "ltx",
+            ltx,
+            dict(
+                prompt_embeds=video_text,
+                prompt_attention_mask=torch.ones(1, 8, dtype=torch.long),
+                negative_prompt_embeds=-video_text,
+                negative_prompt_attention_mask=torch.ones(1, 8, dtype=torch.long),
+                height=32,
+                width=64,
+                num_frames=9,
+            ),
         ),
         ("digits", lambda: load_pipeline(progress=False), dict(class_labels=[3])),
         ("digits-dit", load_dit_pipeline, dict(class_labels=[3])),

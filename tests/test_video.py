@@ -1,13 +1,14 @@
-"""SAG on video: CogVideoXPipeline on tiny random components (3 latent frames of 8x10, the capture
-layer's map 3 x 4 x 5 after the 2x2 patch), built from configs, offline.
+"""SAG on video: CogVideoXPipeline (3 latent frames of 8x10, the capture layer's map 3 x 4 x 5 after
+the 2x2 patch) and LTXPipeline (packed tokens, 3 latent frames of 8x16, flow matching) on tiny random
+components built from configs, offline.
 
 Per mode: it runs; SAG changes the output; `scale=0` is the plain pipeline bitwise; `disable` gives
 back the plain output and the original processors; batched mode makes one transformer call per step
 after the first (counted by a hook). The degraded input of every exact step equals the spec computed
-here: the mass of the video keys from the video queries (the dense joint softmax after RoPE, text
-tokens first), the mask on the layer's (t, h, w) grid, upsampled per frame, the predicted x0 blurred
-per frame by diffusers' SAG blur, blended and re-noised at the scheduler's noise level
-(v-prediction).
+here: the mass of the video keys from the video queries (the dense softmax after RoPE; CogVideoX's
+text tokens first in one joint softmax), the mask on the layer's (t, h, w) grid, upsampled per frame,
+the predicted x0 blurred per frame by diffusers' SAG blur, blended and re-noised at the scheduler's
+noise level (CogVideoX: v-prediction, variance preserving; LTX: flow matching).
 """
 
 from __future__ import annotations
@@ -17,8 +18,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+from diffusers import (
+    AutoencoderKLCogVideoX,
+    AutoencoderKLLTXVideo,
+    CogVideoXDDIMScheduler,
+    CogVideoXPipeline,
+    CogVideoXTransformer3DModel,
+    FlowMatchEulerDiscreteScheduler,
+    LTXPipeline,
+    LTXVideoTransformer3DModel,
+)
 from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_ltx import apply_rotary_emb as ltx_rotary
 from diffusers.pipelines.deprecated.stable_diffusion_sag.pipeline_stable_diffusion_sag import gaussian_blur_2d
 
 import sagfast
@@ -63,24 +74,50 @@ def cogvideox():
     return pipe
 
 
-def call(guidance=6.0):
+def ltx():
+    torch.manual_seed(0)
+    transformer = LTXVideoTransformer3DModel(
+        in_channels=8,
+        out_channels=8,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        cross_attention_dim=16,
+        num_layers=3,
+        caption_channels=16,
+    ).eval()
+    vae = AutoencoderKLLTXVideo(
+        latent_channels=8,
+        block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1),
+        spatio_temporal_scaling=(True, True, False, False),
+        decoder_spatio_temporal_scaling=(True, True, False, False),
+        decoder_inject_noise=(False,) * 5,
+        patch_size=1,
+        patch_size_t=1,  # with two scaling levels: 4x spatial, 4x temporal compression
+    ).eval()
+    pipe = LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def call(name="cogvideox", guidance=6.0):
     g = torch.Generator().manual_seed(1)
     pe, ne = torch.randn(1, 8, 16, generator=g), torch.randn(1, 8, 16, generator=g)
-    return dict(
-        prompt_embeds=pe,
-        negative_prompt_embeds=ne,
-        height=HEIGHT,
-        width=WIDTH,
-        num_frames=FRAMES,
-        num_inference_steps=STEPS,
-        guidance_scale=guidance,
-        output_type="latent",
-        generator=torch.Generator().manual_seed(0),
-    )
+    common = dict(num_inference_steps=STEPS, guidance_scale=guidance, output_type="latent", generator=torch.Generator().manual_seed(0))
+    if name == "ltx":  # 32x64 pixels, 9 frames: latent 3 x 8 x 16 (LTX asks for multiples of 32)
+        mask = torch.ones(1, 8, dtype=torch.long)
+        text = dict(prompt_embeds=pe, prompt_attention_mask=mask, negative_prompt_embeds=ne, negative_prompt_attention_mask=mask)
+        return dict(**text, height=32, width=64, num_frames=9, **common)
+    return dict(prompt_embeds=pe, negative_prompt_embeds=ne, height=HEIGHT, width=WIDTH, num_frames=FRAMES, **common)
 
 
-def run(pipe, **kw):
-    return pipe(**call(**kw)).frames
+PIPELINES = {"cogvideox": cogvideox, "ltx": ltx}
+
+
+def run(pipe, name="cogvideox", **kw):
+    return pipe(**call(name, **kw)).frames
 
 
 class Recorder:
@@ -144,23 +181,24 @@ def expected_degraded(attn, inputs, x, v, abar, guide):
 
 
 @pytest.mark.parametrize("mode", ["exact", "batched"])
-def test_sag_runs_changes_the_video_and_leaves_the_pipeline_as_it_was(mode):
-    pipe = cogvideox()
+@pytest.mark.parametrize("name", ["cogvideox", "ltx"])
+def test_sag_runs_changes_the_video_and_leaves_the_pipeline_as_it_was(name, mode):
+    pipe = PIPELINES[name]()
     processors = {n: m.processor for n, m in pipe.transformer.named_modules() if hasattr(m, "processor")}
-    plain = run(pipe)
+    plain = run(pipe, name)
     sagfast.enable(pipe, scale=0.0, mode=mode)
-    assert torch.equal(run(pipe), plain), "scale=0 must be exactly the plain pipeline"
+    assert torch.equal(run(pipe, name), plain), "scale=0 must be exactly the plain pipeline"
     sagfast.enable(pipe, scale=0.75, mode=mode)
     sizes = []
     handle = pipe.transformer.register_forward_pre_hook(
         lambda m, a, k: sizes.append((a[0] if a else k["hidden_states"]).shape[0]), with_kwargs=True
     )
-    guided = run(pipe)
+    guided = run(pipe, name)
     handle.remove()
     assert torch.isfinite(guided).all() and (guided - plain).abs().max().item() > 1e-2
     assert sizes == ([2, 1] * STEPS if mode == "exact" else [2, 1] + [3] * (STEPS - 1))
     sagfast.disable(pipe)
-    assert torch.equal(run(pipe), plain)
+    assert torch.equal(run(pipe, name), plain)
     assert {n: m.processor for n, m in pipe.transformer.named_modules() if hasattr(m, "processor")} == processors
 
 
@@ -186,7 +224,58 @@ def test_exact_sag_follows_the_spec_on_the_video_grid():
     assert partial, "the test never saw a mask that blurs part of the video"
 
 
-def test_pag_and_seg_are_refused_on_cogvideox():
+def dense_ltx_mass(attn, inputs, rows):
+    """Mass of every key (attn1 is self-attention over the video tokens), averaged over heads, from the
+    dense softmax after LTX's RoPE on q and k: the spec."""
+    hs = inputs["hidden_states"][rows]
+    q, k = attn.norm_q(attn.to_q(hs)), attn.norm_k(attn.to_k(hs))
+    rope = tuple(r[rows] if r.shape[0] > 1 else r for r in inputs["image_rotary_emb"])
+    q, k = ltx_rotary(q, rope), ltx_rotary(k, rope)
+    q, k = heads(q, attn.heads), heads(k, attn.heads)
+    p = torch.softmax(q.double() @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+    return p.sum(2).mean(1)
+
+
+def test_exact_sag_follows_the_flow_spec_on_ltx_packed_tokens():
+    pipe = sagfast.enable(ltx(), scale=1.0)
+    rec = Recorder(pipe)
+    try:
+        run(pipe, "ltx")
+    finally:
+        rec.remove()
+    main, degraded = rec.calls[0::2], rec.calls[1::2]
+    assert [c["x"].shape[0] for c in rec.calls] == [2, 1] * STEPS
+    f, h, w = 3, 8, 16
+    partial = False
+
+    def unpack(x):  # diffusers' own unpacking: [B, F*H*W, C] -> [B, C, F, H, W]
+        return LTXPipeline._unpack_latents(x, f, h, w, 1, 1)
+
+    for i, (m, d) in enumerate(zip(main, degraded)):
+        sigma = pipe.scheduler.sigmas[i].double().item()
+        xg, vg = unpack(m["x"][:1]).double(), unpack(m["out"][:1]).double()
+        with torch.no_grad():
+            mass = dense_ltx_mass(rec.attn, rec.layer[2 * i], slice(0, 1))
+        mask = (mass > 1.0).double().reshape(1, 1, f, h, w)  # patch 1: the token grid is the latent's
+        x0, eps = xg - sigma * vg, xg + (1 - sigma) * vg
+        frames = x0.transpose(1, 2).reshape(f, 8, h, w)
+        blurred = gaussian_blur_2d(frames, 9, 1.0).reshape(1, f, 8, h, w).transpose(1, 2)  # per frame
+        want = (1 - sigma) * (blurred * mask + x0 * (1 - mask)) + sigma * eps
+        got = unpack(d["x"]).double()
+        assert (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item()), i
+        partial |= bool(mask.any()) and not bool(mask.all())
+    assert partial, "the test never saw a mask that blurs part of the video"
+
+
+@pytest.mark.parametrize("name", list(PIPELINES))
+def test_pag_and_seg_are_refused_on_video(name):
     for field in ("pag_scale", "seg_scale"):
-        with pytest.raises(ValueError, match="CogVideoX"):
-            sagfast.enable(cogvideox(), **{field: 1.0})
+        with pytest.raises(ValueError, match="SAG only"):
+            sagfast.enable(PIPELINES[name](), **{field: 1.0})
+
+
+def test_an_unknown_pipeline_is_told_the_video_pipelines():
+    from sagfast.families import family_of_class
+
+    with pytest.raises(ValueError, match="CogVideoXPipeline, LTXPipeline"):
+        family_of_class(type("WanPipeline", (), {}))
