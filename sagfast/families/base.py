@@ -66,10 +66,17 @@ class Family:
         outside `cfg_interval`): the last chunk of [uncond, cond]."""
         return chunks - 1
 
+    sag_only: bool = False
+    """Whether the family offers SAG alone: PAG's and SEG's rows are refused (the video families, whose
+    attention takes a rotary embedding the capture switch's rules do not pass on yet)."""
+
     def matching_layers(self, model: torch.nn.Module, identifiers: tuple, field: str = "pag_layers") -> list:
         """The self-attention modules a term changes (PAG's, SEG's) for layer identifiers (the config
         `field`, named in errors), matched as diffusers' `PAGMixin` matches `pag_applied_layers`: a
         regular-expression search in each self-attention layer's name (`_fake_integral_match` aside)."""
+        if self.sag_only:
+            term = field.split("_")[0].upper()
+            raise ValueError(f"sagfast does not run {term} on {self.name} yet (SAG only). Use {term.lower()}_scale=0 with {self.name}.")
         model = getattr(model, "_orig_mod", model)
         modules = dict(model.named_modules())
         names = self_attention_layers(model)

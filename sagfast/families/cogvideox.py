@@ -64,6 +64,7 @@ class CogVideoXFamily(Family):
     model_class = "CogVideoXTransformer3DModel"
     pipelines = ("CogVideoXPipeline",)
     sample_argument = "hidden_states"
+    sag_only = True
 
     def resolve_layer(self, model, layers: str):
         name, attn = transformer_block_layer(model, layers)
@@ -76,10 +77,6 @@ class CogVideoXFamily(Family):
 
     def to_model_input(self, image: torch.Tensor, call: dict) -> torch.Tensor:
         return image.transpose(1, 2)
-
-    def matching_layers(self, model, identifiers: tuple, field: str = "pag_layers") -> list:
-        term = field.split("_")[0].upper()
-        raise ValueError(f"sagfast does not run {term} on CogVideoX yet (SAG only). Use {term.lower()}_scale=0 with CogVideoX.")
 
     def capture_processor(self, guide: slice, backend: str, xformers: bool, threshold: float):
         return CogVideoXCaptureProcessor(guide, backend, xformers, threshold)

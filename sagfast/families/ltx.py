@@ -51,6 +51,7 @@ class LTXFamily(Family):
     model_class = "LTXVideoTransformer3DModel"
     pipelines = ("LTXPipeline",)
     sample_argument = "hidden_states"
+    sag_only = True
 
     def problems(self, pipe) -> list[str]:
         found = super().problems(pipe)
@@ -80,10 +81,6 @@ class LTXFamily(Family):
 
     def to_model_input(self, image: torch.Tensor, call: dict) -> torch.Tensor:
         return image.permute(0, 2, 3, 4, 1).flatten(1, 3)
-
-    def matching_layers(self, model, identifiers: tuple, field: str = "pag_layers") -> list:
-        term = field.split("_")[0].upper()
-        raise ValueError(f"sagfast does not run {term} on LTX-Video yet (SAG only). Use {term.lower()}_scale=0 with LTX-Video.")
 
     def capture_processor(self, guide: slice, backend: str, xformers: bool, threshold: float):
         return LTXCaptureProcessor(guide, backend, xformers, threshold)
