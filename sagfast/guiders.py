@@ -52,6 +52,23 @@ PERTURB_HOOK = "sagfast_pag_identity"
 MODES = ("exact", "batched")
 
 
+def model_call(family, args: tuple, kwargs: dict) -> dict:
+    """A denoiser call's inputs by name: the latent under the family's `sample_argument` (the SDXL loop
+    passes it by position), the rest as passed."""
+    return {family.sample_argument: args[0], **kwargs} if args else dict(kwargs)
+
+
+def map_grid(hidden: torch.Tensor, patch):
+    """The capture layer's map from its owner's input: (h, w) of a 4-D input over the patch size, or a
+    video model's (t, h, w) of its 5-D input (`patch`: frames axis, temporal patch, patch); else None."""
+    if hidden.dim() == 4 and not isinstance(patch, tuple):
+        return (hidden.shape[-2] // patch, hidden.shape[-1] // patch)
+    if hidden.dim() == 5 and isinstance(patch, tuple):
+        axis, pt, p = patch
+        return (hidden.shape[axis] // pt, hidden.shape[-2] // p, hidden.shape[-1] // p)
+    return None
+
+
 class CaptureHook(ModelHook):
     """On the capture layer for the guide condition's pass: runs the layer through the family's capture
     processor and hands the mask to `record` (all the rows it is given are guide rows)."""
@@ -172,7 +189,8 @@ class SelfAttentionGuidance(BaseGuidance):
         `batch_guidance` runs after the condition's cleanup, when it joins the calls."""
         self._previous = None
         """Batched mode: (step, CFG on, Previous) of the last step that recorded its guide eps and mask."""
-        self._x = None
+        self._x = self._call = self._family = None
+        """The guide pass's latent (as an image), its call's inputs, the denoiser's family."""
 
     def bind(self, pipe) -> SelfAttentionGuidance:
         """Read the noise level from `pipe.scheduler` at every step (a pipeline, or anything with a
@@ -298,7 +316,7 @@ class SelfAttentionGuidance(BaseGuidance):
 
     def _arm_capture(self, denoiser) -> None:
         self._scheduler()
-        family = family_of_model(denoiser)
+        family = self._family = family_of_model(denoiser)
         name, attn, owner, patch = family.resolve_layer(denoiser, self.sag_layers)
         backend, threshold = self.backend, self.threshold
 
@@ -309,12 +327,13 @@ class SelfAttentionGuidance(BaseGuidance):
             return family.capture_processor(slice(None), backend, False, threshold)
 
         def record_hw(module, args, kwargs):
-            hidden = args[0] if args else kwargs[family.sample_argument if module is denoiser else "hidden_states"]
-            if hidden.dim() == 4:
-                self._hw = (hidden.shape[-2] // patch, hidden.shape[-1] // patch)
+            if self._hw is None:
+                self._hw = map_grid(args[0] if args else kwargs[family.sample_argument if module is denoiser else "hidden_states"], patch)
 
         def record_x(module, args, kwargs):
-            self._x = args[0] if args else kwargs[family.sample_argument]
+            self._call = model_call(family, args, kwargs)
+            self._x = family.to_image(self._call[family.sample_argument], self._call)
+            self._hw = family.map_size(self._call) or self._hw  # a packed model's call names its grid
 
         HookRegistry.check_if_exists_or_initialize(attn).register_hook(CaptureHook(make_processor, record), CAPTURE_HOOK)
         self._step_handles.append(owner.register_forward_pre_hook(record_hw, with_kwargs=True))
@@ -329,7 +348,8 @@ class SelfAttentionGuidance(BaseGuidance):
         guide = self._batches[self._guide_index]
 
         def replace(module, args, kwargs):
-            x = args[0] if args else kwargs[argument]
+            call = model_call(family, args, kwargs)
+            x = family.to_image(call[argument], call)  # [B, C, H, W], or [B, C, T, H, W] for video
             check_blur_size(x.shape[-2], x.shape[-1], self.blur_kernel_size)
             noise = self._noise(x)
             if self._from_previous():
@@ -338,10 +358,11 @@ class SelfAttentionGuidance(BaseGuidance):
                     x[:, : previous.eps.shape[1]], previous, noise, self.blur_kernel_size, self.blur_sigma, self.backend
                 )
             else:
-                c = predicted_channels(guide.noise_pred, x)
-                x0, eps = x0_eps(x[:, :c], guide.noise_pred[:, :c], noise, prediction_of(self._scheduler()))
+                o = family.to_image(guide.noise_pred, call)
+                c = predicted_channels(o, x)
+                x0, eps = x0_eps(x[:, :c], o[:, :c], noise, prediction_of(self._scheduler()))
                 xd = degraded_input(x0, self._map_mask(), eps, noise, self.blur_kernel_size, self.blur_sigma, self.backend)
-            xd = torch.cat([xd.to(x.dtype), x[:, xd.shape[1] :]], dim=1)
+            xd = family.to_model_input(torch.cat([xd.to(x.dtype), x[:, xd.shape[1] :]], dim=1), call)
             if args:
                 return (xd, *args[1:]), kwargs
             return args, {**kwargs, argument: xd}
@@ -370,9 +391,9 @@ class SelfAttentionGuidance(BaseGuidance):
         if pred_perturbed is not None:
             pred = pred + self.perturbed_guidance_scale * (pred_cond - pred_perturbed)
         if self.mode == "batched" and self._records() and self._x is not None:
-            x = self._x
-            c = predicted_channels(guide, x)
-            _, eps = x0_eps(x[:, :c], guide[:, :c], self._noise(x), prediction_of(self._scheduler()))
+            x, o = self._x, self._family.to_image(guide, self._call)
+            c = predicted_channels(o, x)
+            _, eps = x0_eps(x[:, :c], o[:, :c], self._noise(x), prediction_of(self._scheduler()))
             self._previous = (self._step, self._is_cfg_enabled(), Previous(eps, self._map_mask()))
         return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
 

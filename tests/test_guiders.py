@@ -1,5 +1,5 @@
-"""`sagfast.guiders.SelfAttentionGuidance` in diffusers' modular pipelines (SDXL, SD3), on tiny random
-components: the final latents of `sagfast.enable` on the standard pipeline with the same components,
+"""`sagfast.guiders.SelfAttentionGuidance` in diffusers' modular pipelines (SDXL, SD3, LTX-Video), on tiny
+random components: the final latents of `sagfast.enable` on the standard pipeline with the same components,
 latents and scales; its conditions through `batch_guidance`; its config through save/load.
 
 The modular SDXL pipeline defaults to CFG 7.5 where `StableDiffusionXLPipeline` defaults to 5.0:
@@ -68,10 +68,55 @@ def sd3_reference(**config):
     return sagfast.enable(sd3(), **config)(**sd3_inputs(), guidance_scale=5.0, output_type="latent").images
 
 
+def modular_ltx(guider):
+    from diffusers.modular_pipelines.ltx import LTXBlocks
+    from test_video import ltx
+
+    std = ltx()
+    blocks = LTXBlocks()
+    blocks.sub_blocks.pop("text_encoder")  # takes prompt embeddings; output="latents" skips the decode
+    pipe = blocks.init_pipeline()
+    pipe.update_components(transformer=std.transformer, vae=std.vae, scheduler=std.scheduler, guider=guider)
+    return pipe
+
+
+def ltx_inputs():
+    from test_video import call
+
+    inputs = call("ltx")
+    for key in ("output_type", "guidance_scale"):
+        inputs.pop(key)
+    return inputs
+
+
+def ltx_run(pipe):
+    sizes = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda m, a, k: sizes.append(k["hidden_states"].shape[0]), with_kwargs=True)
+    try:
+        return pipe(**ltx_inputs(), output="latents"), sizes  # unpacked [B, C, F, H, W]
+    finally:
+        handle.remove()
+
+
+def ltx_reference(**config):
+    from diffusers import LTXPipeline
+    from test_video import call, ltx
+
+    packed = sagfast.enable(ltx(), **config)(**call("ltx", guidance=5.0)).frames
+    return LTXPipeline._unpack_latents(packed, 3, 8, 16, 1, 1)
+
+
+PARITY = {
+    "sdxl": (modular_sdxl, run, sdxl_reference, 4),
+    "sd3": (modular_sd3, sd3_run, sd3_reference, 3),
+    "ltx": (modular_ltx, ltx_run, ltx_reference, 3),
+}
+
+
 @pytest.mark.parametrize("mode", ["exact", "batched"])
-@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+@pytest.mark.parametrize("family", list(PARITY))
 def test_the_guider_gives_sagfast_enable_on_the_standard_pipeline(family, mode):
-    make, go, reference = (modular_sdxl, run, sdxl_reference) if family == "sdxl" else (modular_sd3, sd3_run, sd3_reference)
+    make, go, reference, steps = PARITY[family]
     pipe = make(ClassifierFreeGuidance(guidance_scale=5.0))
     cfg, _ = go(pipe)
     pipe.update_components(guider=SelfAttentionGuidance(guidance_scale=5.0, sag_scale=0.75, mode=mode).bind(pipe))
@@ -80,7 +125,6 @@ def test_the_guider_gives_sagfast_enable_on_the_standard_pipeline(family, mode):
     bound = 1e-4 * max(1.0, want.abs().max().item())
     assert (got - want).abs().max().item() <= bound
     assert (got - cfg).abs().max().item() > 100 * bound  # SAG moved the latents
-    steps = 4 if family == "sdxl" else 3
     assert len(sizes) == 3 * steps  # cond, uncond, degraded: one pass each, as diffusers' loop runs them
 
 
@@ -131,6 +175,18 @@ def test_batch_guidance_joins_the_guiders_conditions(config, per_step):
     unbatch_guidance(pipe)
     again, sizes = run(pipe)
     assert sizes == unbatched and torch.equal(again, want)
+
+
+@pytest.mark.parametrize("mode, per_step", [("exact", [2, 1] * 3), ("batched", [2, 1, 3, 3])])
+def test_batch_guidance_joins_the_guiders_conditions_on_packed_video_tokens(mode, per_step):
+    pipe = modular_ltx(SelfAttentionGuidance(guidance_scale=5.0, mode=mode))
+    pipe.guider.bind(pipe)
+    want, _ = ltx_run(pipe)
+    batch_guidance(pipe)
+    pipe.update_components(guider=SelfAttentionGuidance(guidance_scale=5.0, mode=mode).bind(pipe))
+    got, sizes = ltx_run(pipe)
+    assert sizes == per_step
+    assert (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
 
 
 def test_sag_scale_zero_is_the_cfg_guider():
@@ -219,8 +275,8 @@ def test_bind_refuses_what_has_no_scheduler():
 if __name__ == "__main__":  # the parity tables of docs/modular.md: python tests/test_guiders.py
     print("| pipeline | guider | max abs diff to sagfast.enable | bound | SAG/PAG effect |")
     print("|---|---|---|---|---|")
-    for family in ("sdxl", "sd3"):
-        make, go, reference = (modular_sdxl, run, sdxl_reference) if family == "sdxl" else (modular_sd3, sd3_run, sd3_reference)
+    for family in PARITY:
+        make, go, reference, _ = PARITY[family]
         layers = "mid" if family == "sdxl" else "transformer_blocks.1"
         cfg = reference(scale=0.0)
         for label, guider_config, config in (
@@ -237,6 +293,8 @@ if __name__ == "__main__":  # the parity tables of docs/modular.md: python tests
                 dict(scale=0.75, pag_scale=3.0, pag_layers=layers),
             ),
         ):
+            if family == "ltx" and "PAG" in label:
+                continue  # SAG only on the video families
             pipe = make(ClassifierFreeGuidance(guidance_scale=5.0))
             pipe.update_components(guider=SelfAttentionGuidance(guidance_scale=5.0, **guider_config).bind(pipe))
             got, _ = go(pipe)
