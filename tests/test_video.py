@@ -277,5 +277,154 @@ def test_pag_and_seg_are_refused_on_video(name):
 def test_an_unknown_pipeline_is_told_the_video_pipelines():
     from sagfast.families import family_of_class
 
-    with pytest.raises(ValueError, match="CogVideoXPipeline, LTXPipeline"):
-        family_of_class(type("WanPipeline", (), {}))
+    with pytest.raises(ValueError, match="CogVideoXPipeline, LTXPipeline, WanPipeline"):
+        family_of_class(type("HunyuanVideoPipeline", (), {}))
+
+
+# -- Wan 2.1: no CFG on WanPipeline (two sequential calls per step), CFG through the modular guider --
+
+
+def wan():
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    torch.manual_seed(0)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=16,
+        ffn_dim=16,
+        num_layers=3,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    ).eval()
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]).eval()
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def wan_call():
+    g = torch.Generator().manual_seed(1)
+    pe, ne = torch.randn(1, 8, 16, generator=g), torch.randn(1, 8, 16, generator=g)
+    latents = torch.randn(1, 4, 3, 8, 10, generator=torch.Generator().manual_seed(7))  # 9 frames of 64x80; map 3 x 4 x 5
+    return dict(latents=latents, prompt_embeds=pe, negative_prompt_embeds=ne, height=64, width=80, num_frames=9, num_inference_steps=STEPS)
+
+
+def modular_wan(pipe, guider):
+    from diffusers.modular_pipelines.wan import WanBlocks
+
+    blocks = WanBlocks()
+    blocks.sub_blocks.pop("text_encoder")  # takes prompt embeddings
+    blocks.sub_blocks.pop("decode")  # the latents are the result (its decode reads a 16-channel VAE's statistics)
+    modular = blocks.init_pipeline()
+    modular.update_components(transformer=pipe.transformer, scheduler=pipe.scheduler, guider=guider)
+    return modular
+
+
+@pytest.mark.parametrize("mode", ["exact", "batched"])
+def test_wan_without_cfg_and_its_cfg_refused_untouched(mode):
+    pipe = wan()
+    processors = {n: m.processor for n, m in pipe.transformer.named_modules() if hasattr(m, "processor")}
+
+    def go(g=1.0):
+        return pipe(**wan_call(), guidance_scale=g, output_type="latent").frames
+
+    plain = go()
+    sagfast.enable(pipe, scale=0.0, mode=mode)
+    assert torch.equal(go(), plain)
+    sagfast.enable(pipe, scale=0.75, mode=mode)
+    sizes = []
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, k: sizes.append((a[0] if a else k["hidden_states"]).shape[0]), with_kwargs=True
+    )
+    guided = go()
+    handle.remove()
+    assert (guided - plain).abs().max().item() > 1e-2
+    assert sizes == ([1, 1] * STEPS if mode == "exact" else [1, 1] + [2] * (STEPS - 1))  # cond, then degraded; batched: one call
+    with pytest.raises(ValueError, match="two sequential transformer calls"):
+        go(5.0)
+    assert torch.equal(go(), guided)  # the refusal left the pipeline as it was
+    sagfast.disable(pipe)
+    assert torch.equal(go(), plain)
+    assert {n: m.processor for n, m in pipe.transformer.named_modules() if hasattr(m, "processor")} == processors
+
+
+def test_wan_modular_guider_without_cfg_equals_sagfast_enable_on_wan_pipeline():
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    from sagfast.guiders import SelfAttentionGuidance
+
+    pipe = wan()
+    modular = modular_wan(pipe, ClassifierFreeGuidance(guidance_scale=1.0))
+    modular.update_components(guider=SelfAttentionGuidance(guidance_scale=1.0, sag_scale=0.75).bind(modular))
+    got = modular(**wan_call(), output="latents")
+    want = sagfast.enable(wan(), scale=0.75)(**wan_call(), guidance_scale=1.0, output_type="latent").frames
+    assert (got - want).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item())
+
+
+def wan_mass(attn, hs):
+    """Mass of every key of Wan's attn1, averaged over heads, from the dense softmax after the RMS
+    norms and Wan's interleaved RoPE (written here from WanAttnProcessor's formula): the spec."""
+    x, rope = hs["hidden_states"], hs["rotary_emb"]
+    q = attn.norm_q(attn.to_q(x)).unflatten(2, (attn.heads, -1))
+    k = attn.norm_k(attn.to_k(x)).unflatten(2, (attn.heads, -1))
+
+    def rotate(t, cos, sin):
+        out = torch.empty_like(t)
+        t1, t2 = t[..., 0::2], t[..., 1::2]
+        out[..., 0::2] = t1 * cos[..., 0::2] - t2 * sin[..., 1::2]
+        out[..., 1::2] = t1 * sin[..., 1::2] + t2 * cos[..., 0::2]
+        return out
+
+    q, k = rotate(q, *rope).transpose(1, 2), rotate(k, *rope).transpose(1, 2)
+    p = torch.softmax(q.double() @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+    return p.sum(2).mean(1)
+
+
+def test_wan_modular_guider_with_cfg_follows_the_spec():
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    from sagfast.guiders import SelfAttentionGuidance
+
+    pipe = wan()
+    modular = modular_wan(pipe, ClassifierFreeGuidance(guidance_scale=5.0))
+    cfg = modular(**wan_call(), output="latents")
+    modular.update_components(guider=SelfAttentionGuidance(guidance_scale=5.0, sag_scale=1.0).bind(modular))
+    model, attn = pipe.transformer, pipe.transformer.blocks[1].attn1
+    calls, layer = [], []
+    # The input as the model's first layer sees it: the guider's pre-hook on the model replaces the
+    # degraded condition's latent, after any hook registered here would read it.
+    handles = [
+        model.patch_embedding.register_forward_pre_hook(lambda m, a: calls.append({"x": a[0].clone()})),
+        model.register_forward_hook(lambda m, a, k, out: calls[-1].update(out=out[0].clone()), with_kwargs=True),
+        attn.register_forward_pre_hook(lambda m, a, k: layer.append({"hidden_states": a[0], "rotary_emb": a[3]}), with_kwargs=True),
+    ]
+    try:
+        got = modular(**wan_call(), output="latents")
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert (got - cfg).abs().max().item() > 1e-2
+    assert len(calls) == 3 * STEPS  # cond, uncond, degraded: one call each
+    partial = False
+    for i in range(STEPS):
+        u, d = calls[3 * i + 1], calls[3 * i + 2]  # the guide branch is uncond
+        sigma = pipe.scheduler.sigmas[i].double().item()
+        x, v = u["x"].double(), u["out"].double()
+        with torch.no_grad():
+            mass = wan_mass(attn, layer[3 * i + 1])
+        f, h, w = x.shape[2:]
+        mask = (mass > 1.0).double().reshape(f, 1, h // 2, w // 2)  # (t, h, w) = (F, H/2, W/2)
+        mask = F.interpolate(mask, (h, w)).reshape(1, f, 1, h, w).transpose(1, 2)  # nearest, per frame
+        x0, eps = x - sigma * v, x + (1 - sigma) * v
+        blurred = gaussian_blur_2d(x0.transpose(1, 2).reshape(f, 4, h, w), 9, 1.0).reshape(1, f, 4, h, w).transpose(1, 2)
+        want = (1 - sigma) * (blurred * mask + x0 * (1 - mask)) + sigma * eps
+        assert (d["x"].double() - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item()), i
+        partial |= bool(mask.any()) and not bool(mask.all())
+    assert partial

@@ -481,8 +481,8 @@ def switch_for(attn) -> type:
 
     forward = getattr(type(attn), "forward", None)
     params = list(inspect.signature(forward).parameters) if forward is not None else []
-    if "image_rotary_emb" in params and not isinstance(attn, Attention):
-        return RotaryCaptureSwitch
+    if ("image_rotary_emb" in params or "rotary_emb" in params) and not isinstance(attn, Attention):
+        return RotaryCaptureSwitch  # Flux, LTX-Video (image_rotary_emb), Wan (rotary_emb): the fifth positional
     # An `Attention` hands its processor only the keyword arguments the processor's signature names:
     # CogVideoX's processor takes the rotary embedding, so its switch must name it too.
     processor = getattr(attn, "processor", None)

@@ -11,6 +11,7 @@ from sagfast.families.pixart import PixArtFamily
 from sagfast.families.sd3 import SD3Family
 from sagfast.families.unet import UNetFamily
 from sagfast.families.unet2d import UnconditionalUNetFamily
+from sagfast.families.wan import WanFamily
 
 FAMILIES: tuple = (
     UNetFamily(),
@@ -22,6 +23,7 @@ FAMILIES: tuple = (
     FluxFamily(),
     CogVideoXFamily(),
     LTXFamily(),
+    WanFamily(),
 )
 
 

@@ -1,0 +1,98 @@
+"""Wan 2.1 (WanPipeline): `pipe.transformer` a WanTransformer3DModel called on `hidden_states`
+[B, C, F, H, W] with `encoder_hidden_states` and `timestep`; patch (1, 2, 2), tokens in (frame, row,
+column) order, a 3-D rotary embedding computed inside. A flow-matching schedule (UniPC or Euler with
+flow sigmas): the model predicts the velocity.
+
+Capture layer "mid": `attn1` (self-attention over the video tokens, RMS norm on q and k, RoPE) of
+blocks[N // 2]; the map is the layer's true (t, h, w) grid, the 5-D input's (F, H, W) over the patch.
+
+CFG: WanPipeline runs it as two sequential transformer calls per step (cond, then uncond), not a
+[uncond, cond] batch; sagfast guides WanPipeline without CFG (`guidance_scale <= 1`: SAG on the cond
+branch) and refuses CFG with that reason. With CFG, use the modular Wan pipeline with
+`sagfast.guiders.SelfAttentionGuidance`, whose conditions are one call each by design. Wan 2.2's
+second transformer (`transformer_2`) is refused too. PAG and SEG are not offered (SAG only).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+from sagfast.attention.capture import SAGCaptureProcessor, sdpa_with_lse
+from sagfast.families.base import Family, layer_error
+from sagfast.ops import attention_mass
+
+
+def wan_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """WanAttnProcessor's rotary embedding on [B, N, H, D] (interleaved pairs)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2).type_as(x)
+
+
+class WanCaptureProcessor(SAGCaptureProcessor):
+    """WanAttnProcessor on a self-attention layer (attn1) that also records the attention mass of the
+    guide rows (SDPA with its default scale, as the stock processor)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None, *args, **kwargs):
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("SAG's Wan capture layer must be a self-attention layer without an attention mask (attn1)")
+        query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
+        key = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
+        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            query, key = wan_rotary(query, *rotary_emb), wan_rotary(key, *rotary_emb)
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, H, N, D]
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        out, lse = sdpa_with_lse(q, k, v, scale)
+        g = self.rows
+        self.mass, self.mask = attention_mass(q[g], k[g], lse[g], scale, backend=self.backend, threshold=self.threshold)
+        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class WanFamily(Family):
+    name = "Wan"
+    attribute = "transformer"
+    model_class = "WanTransformer3DModel"
+    pipelines = ("WanPipeline",)
+    sample_argument = "hidden_states"
+    sag_only = True
+
+    def problems(self, pipe) -> list[str]:
+        found = super().problems(pipe)
+        if getattr(pipe, "transformer_2", None) is not None:
+            found.append("it has a second transformer (Wan 2.2's transformer_2 below boundary_ratio), which sagfast does not guide yet")
+        return found
+
+    def cfg_chunks(self, pipe, arguments: dict) -> int:
+        if pipe.do_classifier_free_guidance:
+            raise ValueError(
+                "sagfast does not guide WanPipeline with CFG yet: it runs CFG as two sequential transformer calls per "
+                "step (cond, then uncond), not an [uncond, cond] batch SAG can read its guide rows from. Call with "
+                "guidance_scale <= 1 (SAG on the cond branch), or use the modular Wan pipeline with "
+                "sagfast.guiders.SelfAttentionGuidance."
+            )
+        return 1
+
+    def resolve_layer(self, model, layers: str):
+        original = getattr(model, "_orig_mod", model)
+        modules = dict(original.named_modules())
+        name = f"blocks.{len(original.blocks) // 2}.attn1" if layers == "mid" else layers
+        name = f"{name}.attn1" if f"{name}.attn1" in modules else name
+        attn = modules.get(name)
+        if type(attn).__name__ != "WanAttention" or not name.endswith("attn1"):
+            raise layer_error(original, "the middle block's attn1" if layers == "mid" else repr(layers), name)
+        pt, ph, pw = original.config.patch_size
+        if ph != pw:
+            raise ValueError(f"sagfast's map needs a square spatial patch; this WanTransformer3DModel patches {ph}x{pw}")
+        # The input is [B, C, F, H, W]: frames on axis 2.
+        return name, attn, original, (2, pt, ph)
+
+    def capture_processor(self, guide: slice, backend: str, xformers: bool, threshold: float):
+        return WanCaptureProcessor(guide, backend, xformers, threshold)
+
+    def wrap_output(self, out):
+        return Transformer2DModelOutput(sample=out)
