@@ -428,3 +428,10 @@ def test_wan_modular_guider_with_cfg_follows_the_spec():
         assert (d["x"].double() - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item()), i
         partial |= bool(mask.any()) and not bool(mask.all())
     assert partial
+
+
+@pytest.mark.parametrize("name, stack", [("ltx", "transformer_blocks"), ("wan", "blocks")])
+def test_a_video_layer_that_is_not_there_is_refused_with_the_layers_there_are(name, stack):
+    pipe = (ltx if name == "ltx" else wan)()
+    with pytest.raises(ValueError, match=rf"{stack}\.0\.attn1"):
+        sagfast.enable(pipe, layers=f"{stack}.7")

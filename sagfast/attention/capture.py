@@ -24,6 +24,7 @@ only, the per-key attention mass from q, k and that log-sum-exp (`sagfast.ops.at
 from __future__ import annotations
 
 import functools
+import math
 import threading
 
 import torch
@@ -187,6 +188,15 @@ class SAGCaptureProcessor:
 
         hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         return attention_output(attn, hidden_states, residual, shape)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Self-attention of q, k, v [B, H, N, D] with SDPA's default scale, recording the mass and mask
+        of the guide rows; the output as [B, N, H * D] (the video families' processors)."""
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        out, lse = sdpa_with_lse(q, k, v, scale)
+        g = self.rows
+        self.mass, self.mask = attention_mass(q[g], k[g], lse[g], scale, backend=self.backend, threshold=self.threshold)
+        return out.transpose(1, 2).flatten(2, 3).to(q.dtype)
 
 
 class ThreadSlot:

@@ -152,6 +152,26 @@ def layer_error(model: torch.nn.Module, where: str, name: str) -> ValueError:
     )
 
 
+def stack_attention(model: torch.nn.Module, stack: str, layers: str, class_name: str, attention: str = "attn1"):
+    """(name, module) for a video transformer whose attention modules are its own class, not diffusers'
+    `Attention` (LTX-Video, Wan): "mid" is `attention` of block N // 2 of `model.<stack>`, else a module
+    name or a block; otherwise an error that lists the stack's `attention` layers."""
+    original = getattr(model, "_orig_mod", model)
+    modules = dict(original.named_modules())
+    blocks = getattr(original, stack)
+    name = f"{stack}.{len(blocks) // 2}.{attention}" if layers == "mid" else layers
+    name = f"{name}.{attention}" if f"{name}.{attention}" in modules else name
+    attn = modules.get(name)
+    if type(attn).__name__ != class_name or not name.endswith(attention):
+        where = f"the middle block's {attention}" if layers == "mid" else repr(layers)
+        found = [f"{stack}.{i}.{attention}" for i in range(len(blocks))]
+        raise ValueError(
+            f"SAG needs a self-attention layer at {where} ({name}), and this {type(original).__name__} has none there. "
+            f"Its self-attention layers: {found[:8]}" + (" ..." if len(found) > 8 else "")
+        )
+    return name, attn
+
+
 def transformer_block_layer(model: torch.nn.Module, layers: str, attention: str = "attn1"):
     """(name, attention module) for a transformer stack: "mid" is `attention` of the block in the
     middle of `model.transformer_blocks` (index len // 2: for an even count, the first block of the

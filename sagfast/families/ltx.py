@@ -13,14 +13,11 @@ PAG and SEG are not offered (their rows would need the rotary embedding through 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-from sagfast.attention.capture import SAGCaptureProcessor, sdpa_with_lse
-from sagfast.families.base import Family, layer_error
-from sagfast.ops import attention_mass
+from sagfast.attention.capture import SAGCaptureProcessor
+from sagfast.families.base import Family, stack_attention
 
 
 class LTXCaptureProcessor(SAGCaptureProcessor):
@@ -37,12 +34,7 @@ class LTXCaptureProcessor(SAGCaptureProcessor):
         if image_rotary_emb is not None:
             query, key = apply_rotary_emb(query, image_rotary_emb), apply_rotary_emb(key, image_rotary_emb)
         q, k, v = (t.unflatten(2, (attn.heads, -1)).transpose(1, 2) for t in (query, key, value))  # [B, H, N, D]
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        out, lse = sdpa_with_lse(q, k, v, scale)
-        g = self.rows
-        self.mass, self.mask = attention_mass(q[g], k[g], lse[g], scale, backend=self.backend, threshold=self.threshold)
-        out = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
-        return attn.to_out[1](attn.to_out[0](out))
+        return attn.to_out[1](attn.to_out[0](self.attend(q, k, v)))
 
 
 class LTXFamily(Family):
@@ -63,14 +55,8 @@ class LTXFamily(Family):
         return found
 
     def resolve_layer(self, model, layers: str):
-        original = getattr(model, "_orig_mod", model)
-        modules = dict(original.named_modules())
-        name = f"transformer_blocks.{len(original.transformer_blocks) // 2}.attn1" if layers == "mid" else layers
-        name = f"{name}.attn1" if f"{name}.attn1" in modules else name
-        attn = modules.get(name)
-        if type(attn).__name__ != "LTXAttention" or not name.endswith("attn1"):
-            raise layer_error(original, "the middle transformer block's attn1" if layers == "mid" else repr(layers), name)
-        return name, attn, original, 1  # the call names the grid (map_size)
+        name, attn = stack_attention(model, "transformer_blocks", layers, "LTXAttention")
+        return name, attn, getattr(model, "_orig_mod", model), 1  # the call names the grid (map_size)
 
     def map_size(self, call: dict):
         return (int(call["num_frames"]), int(call["height"]), int(call["width"]))

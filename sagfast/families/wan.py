@@ -15,14 +15,11 @@ second transformer (`transformer_2`) is refused too. PAG and SEG are not offered
 
 from __future__ import annotations
 
-import math
-
 import torch
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-from sagfast.attention.capture import SAGCaptureProcessor, sdpa_with_lse
-from sagfast.families.base import Family, layer_error
-from sagfast.ops import attention_mass
+from sagfast.attention.capture import SAGCaptureProcessor
+from sagfast.families.base import Family, stack_attention
 
 
 def wan_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -45,12 +42,7 @@ class WanCaptureProcessor(SAGCaptureProcessor):
         if rotary_emb is not None:
             query, key = wan_rotary(query, *rotary_emb), wan_rotary(key, *rotary_emb)
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, H, N, D]
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        out, lse = sdpa_with_lse(q, k, v, scale)
-        g = self.rows
-        self.mass, self.mask = attention_mass(q[g], k[g], lse[g], scale, backend=self.backend, threshold=self.threshold)
-        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
-        return attn.to_out[1](attn.to_out[0](out))
+        return attn.to_out[1](attn.to_out[0](self.attend(q, k, v)))
 
 
 class WanFamily(Family):
@@ -78,13 +70,8 @@ class WanFamily(Family):
         return 1
 
     def resolve_layer(self, model, layers: str):
+        name, attn = stack_attention(model, "blocks", layers, "WanAttention")
         original = getattr(model, "_orig_mod", model)
-        modules = dict(original.named_modules())
-        name = f"blocks.{len(original.blocks) // 2}.attn1" if layers == "mid" else layers
-        name = f"{name}.attn1" if f"{name}.attn1" in modules else name
-        attn = modules.get(name)
-        if type(attn).__name__ != "WanAttention" or not name.endswith("attn1"):
-            raise layer_error(original, "the middle block's attn1" if layers == "mid" else repr(layers), name)
         pt, ph, pw = original.config.patch_size
         if ph != pw:
             raise ValueError(f"sagfast's map needs a square spatial patch; this WanTransformer3DModel patches {ph}x{pw}")
