@@ -100,6 +100,9 @@ class GuidedCall:
         self.row_scales: dict = {}  # per-image scales and guide rows as device tensors, made once per call
         self.first_index = None
         """Where the call's first evaluation is in the scheduler's timesteps (img2img starts mid-way)."""
+        self.last_timestep = None
+        """Pipelines that run CFG as two calls per step (`Family.sequential_cfg`): the timestep of the
+        latest model call, so that the second call of a step is known as the uncond one."""
         self.denoiser = GuidedDenoiser(self)
 
     @property
@@ -123,6 +126,9 @@ class GuidedCall:
         """The guided prediction for one model call of the pipeline (`call`: the model's arguments)."""
         cfg, fam = self.config, self.family
         sample = call.pop(fam.sample_argument)
+        g = fam.sequential_cfg(self.pipe)
+        if g is not None:
+            return self.sequential_step(sample, call, g)
         chunks = fam.cfg_chunks(self.pipe, self.arguments)
         full = sample.shape[0]
         if full % chunks:
@@ -140,9 +146,33 @@ class GuidedCall:
             return torch.cat([out, out])
         return self.guided_rows(sample, call, chunks, f, index)
 
-    def guided_rows(self, sample, call: dict, chunks: int, fraction: float, index: int, cfg_off: bool = False) -> torch.Tensor:
-        """The guided prediction of a batch of `chunks` CFG chunks at step `index` (`fraction` of the call)."""
-        step = self.plan(sample, call, chunks, fraction, index, cfg_off)
+    def sequential_step(self, sample, call: dict, g: float) -> torch.Tensor:
+        """A pipeline that runs CFG as two model calls per step, cond then uncond, and combines them with
+        `u + g * (c - u)` (WanPipeline). The cond call runs as it is. The uncond call is the guide
+        branch: SAG runs on it with its scale divided by (1 - g), so that it returns
+        u' = u + s * (u - o_deg) / (1 - g), and the pipeline's line gives
+        u' + g * (c - u') = u + g * (c - u) + s * (u - o_deg): exactly the guided prediction."""
+        if self.rule is not None:
+            raise ValueError(
+                f"cfg_scale and cfg_rule need sagfast to compute CFG, and {type(self.pipe).__name__} runs CFG as two "
+                "separate model calls per step: leave cfg_scale None and cfg_rule 'cfg' with it"
+            )
+        timestep = call[self.family.timestep_argument]
+        t = float(timestep.reshape(-1)[0]) if torch.is_tensor(timestep) else float(timestep)
+        second, self.last_timestep = t == self.last_timestep, t
+        if not second:  # the cond call
+            return self.model(sample, **call, return_dict=False)[0]
+        self.last_timestep = None
+        needs_index = self.config.has_intervals
+        index, steps = self.position(timestep) if needs_index else (0, 1)
+        return self.guided_rows(sample, call, 1, index / steps, index, scale_factor=1.0 / (1.0 - g))
+
+    def guided_rows(
+        self, sample, call: dict, chunks: int, fraction: float, index: int, cfg_off: bool = False, scale_factor: float = 1.0
+    ) -> torch.Tensor:
+        """The guided prediction of a batch of `chunks` CFG chunks at step `index` (`fraction` of the call);
+        `scale_factor` multiplies every term's scale (sequential CFG, see `sequential_step`)."""
+        step = self.plan(sample, call, chunks, fraction, index, cfg_off, scale_factor)
         batched = self.config.mode == "batched" and step.on and all(t.ready(step) for t in step.on)
         step.variant = "batched" if batched else "exact"
         for term in self.terms:
@@ -156,7 +186,9 @@ class GuidedCall:
             out = self.run_step(step.variant, step)
         return out
 
-    def plan(self, sample, call: dict, chunks: int, fraction: float = 0.0, index: int = 0, cfg_off: bool = False) -> Step:
+    def plan(
+        self, sample, call: dict, chunks: int, fraction: float = 0.0, index: int = 0, cfg_off: bool = False, scale_factor: float = 1.0
+    ) -> Step:
         """The step's rows and terms (see `Step`)."""
         cfg, fam = self.config, self.family
         full = sample.shape[0]
@@ -184,6 +216,8 @@ class GuidedCall:
             scale = term.scale(timestep)
             plan = term.plan(fraction)
             plans[term] = None if plan == "on" and not on(scale) else plan  # adaptive PAG's scale reaching 0
+            if scale_factor != 1.0:
+                scale = tuple(x * scale_factor for x in scale) if isinstance(scale, tuple) else scale * scale_factor
             scales[term.name] = self._scale_tensor(term.scale_field, scale, sample.device) if isinstance(scale, tuple) else scale
         runs = tuple(t for t in self.terms if plans[t] == "on")
         watching = tuple(t for t in self.terms if plans[t] is not None)

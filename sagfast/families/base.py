@@ -56,6 +56,11 @@ class Family:
             return 2 if pipe.do_classifier_free_guidance else 1
         return 2 if arguments.get("guidance_scale", 1.0) > 1 else 1
 
+    def sequential_cfg(self, pipe):
+        """For a pipeline that runs CFG as two model calls per step (cond, then uncond): the CFG scale of
+        its current call when CFG is on, else None (the default: CFG, if any, is one [uncond, cond] batch)."""
+        return None
+
     def guide_chunk(self, chunks: int) -> int:
         """Which chunk of the CFG batch is the guide branch (uncond with CFG, else cond): 0 for a
         [uncond, cond] batch."""

@@ -7,10 +7,11 @@ Capture layer "mid": `attn1` (self-attention over the video tokens, RMS norm on 
 blocks[N // 2]; the map is the layer's true (t, h, w) grid, the 5-D input's (F, H, W) over the patch.
 
 CFG: WanPipeline runs it as two sequential transformer calls per step (cond, then uncond), not a
-[uncond, cond] batch; sagfast guides WanPipeline without CFG (`guidance_scale <= 1`: SAG on the cond
-branch) and refuses CFG with that reason. With CFG, use the modular Wan pipeline with
-`sagfast.guiders.SelfAttentionGuidance`, whose conditions are one call each by design. Wan 2.2's
-second transformer (`transformer_2`) is refused too. PAG and SEG are not offered (SAG only).
+[uncond, cond] batch. sagfast keeps the two calls: the cond call runs as it is, the uncond call is
+the guide branch and gets SAG with its scale divided by (1 - g), so that the pipeline's own line
+u' + g (c - u') gives u + g (c - u) + s (u - o_deg) exactly (`GuidedCall.sequential_step`). Exact
+mode: B, then B + B per step; batched mode: B, then 2B. Without CFG the cond branch is guided. Wan
+2.2's second transformer (`transformer_2`) is refused. PAG and SEG are not offered (SAG only).
 """
 
 from __future__ import annotations
@@ -60,14 +61,11 @@ class WanFamily(Family):
         return found
 
     def cfg_chunks(self, pipe, arguments: dict) -> int:
-        if pipe.do_classifier_free_guidance:
-            raise ValueError(
-                "sagfast does not guide WanPipeline with CFG yet: it runs CFG as two sequential transformer calls per "
-                "step (cond, then uncond), not an [uncond, cond] batch SAG can read its guide rows from. Call with "
-                "guidance_scale <= 1 (SAG on the cond branch), or use the modular Wan pipeline with "
-                "sagfast.guiders.SelfAttentionGuidance."
-            )
-        return 1
+        return 1  # each model call is one branch
+
+    def sequential_cfg(self, pipe):
+        """WanPipeline's CFG: two calls per step, cond then uncond, combined with its guidance_scale."""
+        return float(pipe.guidance_scale) if pipe.do_classifier_free_guidance else None
 
     def resolve_layer(self, model, layers: str):
         name, attn = stack_attention(model, "blocks", layers, "WanAttention")
