@@ -41,6 +41,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
 from diffusers.hooks import HookRegistry, ModelHook
 
+from sagfast.attention.capture import input_grid, over_patch
 from sagfast.engine.schedule import check_scheduler, noise_of, prediction_of, x0_eps
 from sagfast.families import family_of_model
 from sagfast.ops.degrade import check_blur_size
@@ -56,17 +57,6 @@ def model_call(family, args: tuple, kwargs: dict) -> dict:
     """A denoiser call's inputs by name: the latent under the family's `sample_argument` (the SDXL loop
     passes it by position), the rest as passed."""
     return {family.sample_argument: args[0], **kwargs} if args else dict(kwargs)
-
-
-def map_grid(hidden: torch.Tensor, patch):
-    """The capture layer's map from its owner's input: (h, w) of a 4-D input over the patch size, or a
-    video model's (t, h, w) of its 5-D input (`patch`: frames axis, temporal patch, patch); else None."""
-    if hidden.dim() == 4 and not isinstance(patch, tuple):
-        return (hidden.shape[-2] // patch, hidden.shape[-1] // patch)
-    if hidden.dim() == 5 and isinstance(patch, tuple):
-        axis, pt, p = patch
-        return (hidden.shape[axis] // pt, hidden.shape[-2] // p, hidden.shape[-1] // p)
-    return None
 
 
 class CaptureHook(ModelHook):
@@ -184,6 +174,8 @@ class SelfAttentionGuidance(BaseGuidance):
         self._mask = None
         self._hw = None
         self._handles = []
+        self._hooks = []
+        """(registry, name) of the diffusers hooks this condition's pass put on."""
         self._step_handles = []
         """Hooks kept to the guider's call: the map-size recorder must see the guide rows' pass, which
         `batch_guidance` runs after the condition's cleanup, when it joins the calls."""
@@ -288,15 +280,19 @@ class SelfAttentionGuidance(BaseGuidance):
             family = family_of_model(denoiser)
             layers = family.matching_layers(denoiser, self.perturbed_guidance_layers, "perturbed_guidance_layers")
             for layer in layers:
-                HookRegistry.check_if_exists_or_initialize(layer).register_hook(PerturbHook(family.perturbed_attention), PERTURB_HOOK)
+                self._hook(layer, PerturbHook(family.perturbed_attention), PERTURB_HOOK)
 
     def cleanup_models(self, denoiser: torch.nn.Module) -> None:
-        for module in denoiser.modules():
-            registry = getattr(module, "_diffusers_hook", None)
-            for name in (CAPTURE_HOOK, PERTURB_HOOK):
-                if registry is not None and registry.get_hook(name) is not None:
-                    registry.remove_hook(name, recurse=False)
+        for registry, name in self._hooks:
+            registry.remove_hook(name, recurse=False)
+        self._hooks = []
         self._remove(self._handles)
+
+    def _hook(self, module: torch.nn.Module, hook: ModelHook, name: str) -> None:
+        """A diffusers hook on `module` for this condition's pass, taken off by `cleanup_models`."""
+        registry = HookRegistry.check_if_exists_or_initialize(module)
+        registry.register_hook(hook, name)
+        self._hooks.append((registry, name))
 
     @staticmethod
     def _remove(handles: list) -> None:
@@ -311,11 +307,10 @@ class SelfAttentionGuidance(BaseGuidance):
                 "and a diffusers guider is only handed the model: set it with "
                 "`pipe.update_components(guider=SelfAttentionGuidance(...).bind(pipe))`"
             )
-        check_scheduler(self.pipe.scheduler)
         return self.pipe.scheduler
 
     def _arm_capture(self, denoiser) -> None:
-        self._scheduler()
+        check_scheduler(self._scheduler())  # once a step: every SAG step arms the guide pass
         family = self._family = family_of_model(denoiser)
         name, attn, owner, patch = family.resolve_layer(denoiser, self.sag_layers)
         backend, threshold = self.backend, self.threshold
@@ -328,14 +323,15 @@ class SelfAttentionGuidance(BaseGuidance):
 
         def record_hw(module, args, kwargs):
             if self._hw is None:
-                self._hw = map_grid(args[0] if args else kwargs[family.sample_argument if module is denoiser else "hidden_states"], patch)
+                grid = input_grid(args[0] if args else kwargs[family.sample_argument if module is denoiser else "hidden_states"], patch)
+                self._hw = over_patch(grid, patch) if grid is not None else None
 
         def record_x(module, args, kwargs):
             self._call = model_call(family, args, kwargs)
             self._x = family.to_image(self._call[family.sample_argument], self._call)
             self._hw = family.map_size(self._call) or self._hw  # a packed model's call names its grid
 
-        HookRegistry.check_if_exists_or_initialize(attn).register_hook(CaptureHook(make_processor, record), CAPTURE_HOOK)
+        self._hook(attn, CaptureHook(make_processor, record), CAPTURE_HOOK)
         self._step_handles.append(owner.register_forward_pre_hook(record_hw, with_kwargs=True))
         self._handles.append(denoiser.register_forward_pre_hook(record_x, with_kwargs=True))
 

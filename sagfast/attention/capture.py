@@ -189,13 +189,13 @@ class SAGCaptureProcessor:
         hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         return attention_output(attn, hidden_states, residual, shape)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Self-attention of q, k, v [B, H, N, D] with SDPA's default scale, recording the mass and mask
-        of the guide rows; the output as [B, N, H * D] (the video families' processors)."""
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: slice = slice(None)) -> torch.Tensor:
+        """Attention of q, k, v [B, H, N, D] with SDPA's default scale, recording the mass and mask of
+        the `keys` tokens received from those same query tokens of the guide rows (each query's softmax
+        over all keys); the output as [B, N, H * D] (the video families' processors)."""
         scale = 1.0 / math.sqrt(q.shape[-1])
-        out, lse = sdpa_with_lse(q, k, v, scale)
-        g = self.rows
-        self.mass, self.mask = attention_mass(q[g], k[g], lse[g], scale, backend=self.backend, threshold=self.threshold)
+        out, lse = _joint_out_and_lse(self, q, k, v, scale)
+        _image_mass(self, q, k, lse, keys, scale)
         return out.transpose(1, 2).flatten(2, 3).to(q.dtype)
 
 
@@ -268,10 +268,7 @@ class Capture:
     def map_size(self, name: str) -> tuple:
         if self.hw is None:
             raise RuntimeError(f"the capture layer {name} did not run in the model's forward")
-        if isinstance(self.patch, tuple):
-            _, pt, p = self.patch
-            return (self.hw[0] // pt, self.hw[1] // p, self.hw[2] // p)
-        return (self.hw[0] // self.patch, self.hw[1] // self.patch) if self.patch > 1 else tuple(self.hw)
+        return over_patch(self.hw, self.patch)
 
     def mask(self, name: str) -> torch.Tensor:
         """[guide rows, h, w] bool: `mass > threshold` on the layer's map, from the last main pass."""
@@ -310,17 +307,31 @@ class CaptureSwitch:
         return self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, *args, **kwargs)
 
 
+def input_grid(hidden: torch.Tensor, patch) -> tuple | None:
+    """What a capture layer's map owner's input says of the map: the (H, W) of a 4-D input, or a video
+    model's (F, H, W) of its 5-D input (`patch`: frames axis, temporal patch, patch); else None."""
+    if hidden.dim() == 4:
+        return tuple(hidden.shape[-2:])
+    if hidden.dim() == 5 and isinstance(patch, tuple):
+        return (hidden.shape[patch[0]], *hidden.shape[-2:])
+    return None
+
+
+def over_patch(hw: tuple, patch) -> tuple:
+    """The map: `input_grid`'s sizes over the patch ((t, h, w) for a video patch tuple)."""
+    if isinstance(patch, tuple):
+        _, pt, p = patch
+        return (hw[0] // pt, hw[1] // p, hw[2] // p)
+    return (hw[0] // patch, hw[1] // patch) if patch > 1 else tuple(hw)
+
+
 class MapHook:
     """Forward pre-hook on the capture layer's map owner: records the (h, w) of its 4-D input."""
 
     def __call__(self, module, args, kwargs):
         capture = ACTIVE.get()
         if capture is not None and capture.armed and capture.owner is module and capture.hw is None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            if hidden.dim() == 4:
-                capture.hw = tuple(hidden.shape[-2:])
-            elif hidden.dim() == 5 and isinstance(capture.patch, tuple):  # video: (frames, H, W)
-                capture.hw = (hidden.shape[capture.patch[0]], *hidden.shape[-2:])
+            capture.hw = input_grid(args[0] if args else kwargs["hidden_states"], capture.patch)
 
 
 _INSTALL_LOCK = threading.Lock()

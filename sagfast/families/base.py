@@ -157,41 +157,37 @@ def layer_error(model: torch.nn.Module, where: str, name: str) -> ValueError:
     )
 
 
-def stack_attention(model: torch.nn.Module, stack: str, layers: str, class_name: str, attention: str = "attn1"):
-    """(name, module) for a video transformer whose attention modules are its own class, not diffusers'
-    `Attention` (LTX-Video, Wan): "mid" is `attention` of block N // 2 of `model.<stack>`, else a module
-    name or a block; otherwise an error that lists the stack's `attention` layers."""
-    original = getattr(model, "_orig_mod", model)
-    modules = dict(original.named_modules())
-    blocks = getattr(original, stack)
-    name = f"{stack}.{len(blocks) // 2}.{attention}" if layers == "mid" else layers
-    name = f"{name}.{attention}" if f"{name}.{attention}" in modules else name
-    attn = modules.get(name)
-    if type(attn).__name__ != class_name or not name.endswith(attention):
-        where = f"the middle block's {attention}" if layers == "mid" else repr(layers)
-        found = [f"{stack}.{i}.{attention}" for i in range(len(blocks))]
-        raise ValueError(
-            f"SAG needs a self-attention layer at {where} ({name}), and this {type(original).__name__} has none there. "
-            f"Its self-attention layers: {found[:8]}" + (" ..." if len(found) > 8 else "")
-        )
-    return name, attn
-
-
-def transformer_block_layer(model: torch.nn.Module, layers: str, attention: str = "attn1"):
+def transformer_block_layer(
+    model: torch.nn.Module, layers: str, attention: str = "attn1", stack: str = "transformer_blocks", module_class: str | None = None
+):
     """(name, attention module) for a transformer stack: "mid" is `attention` of the block in the
-    middle of `model.transformer_blocks` (index len // 2: for an even count, the first block of the
-    second half), else a module name ("transformer_blocks.3.attn1") or a block ("transformer_blocks.3")."""
+    middle of `model.<stack>` (index len // 2: for an even count, the first block of the second half),
+    else a module name ("transformer_blocks.3.attn1") or a block ("transformer_blocks.3").
+    `module_class`: the class name of the stack's attention modules where they are not diffusers'
+    `Attention` (LTX-Video's, Wan's); the error then lists the stack's `attention` layers."""
     model = getattr(model, "_orig_mod", model)
     modules = dict(model.named_modules())
+
+    def is_attention(module) -> bool:
+        return type(module).__name__ == module_class if module_class else isinstance(module, Attention)
+
+    blocks = getattr(model, stack)
     if layers == "mid":
-        name = f"transformer_blocks.{len(model.transformer_blocks) // 2}.{attention}"
+        name = f"{stack}.{len(blocks) // 2}.{attention}"
         where = "the middle transformer block"
     else:
-        name = f"{layers}.{attention}" if layers in modules and not isinstance(modules[layers], Attention) else layers
+        name = f"{layers}.{attention}" if layers in modules and not is_attention(modules[layers]) else layers
         where = repr(layers)
     attn = modules.get(name)
-    if not isinstance(attn, Attention) or attn.is_cross_attention:
-        raise layer_error(model, where, name)
+    if module_class is None:
+        if not isinstance(attn, Attention) or attn.is_cross_attention:
+            raise layer_error(model, where, name)
+    elif not is_attention(attn) or not name.endswith(attention):
+        found = [f"{stack}.{i}.{attention}" for i in range(len(blocks))]
+        raise ValueError(
+            f"SAG needs a self-attention layer at {where} ({name}), and this {type(model).__name__} has none there. "
+            f"Its self-attention layers: {found[:8]}" + (" ..." if len(found) > 8 else "")
+        )
     return name, attn
 
 

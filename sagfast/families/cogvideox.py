@@ -17,14 +17,11 @@ not offered (their rows would need the rotary embedding through the capture swit
 
 from __future__ import annotations
 
-import math
-
 import torch
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-from sagfast.attention.capture import SAGCaptureProcessor, heads_qkv, sdpa_with_lse
+from sagfast.attention.capture import SAGCaptureProcessor, heads_qkv
 from sagfast.families.base import Family, transformer_block_layer
-from sagfast.ops import attention_mass
 
 
 class CogVideoXCaptureProcessor(SAGCaptureProcessor):
@@ -38,7 +35,7 @@ class CogVideoXCaptureProcessor(SAGCaptureProcessor):
             raise ValueError("SAG's CogVideoX capture layer does not take an attention mask")
         n_text = encoder_hidden_states.shape[1]
         joint = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-        query, key, value, head_dim = heads_qkv(attn, joint)
+        query, key, value, _ = heads_qkv(attn, joint)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
@@ -46,14 +43,7 @@ class CogVideoXCaptureProcessor(SAGCaptureProcessor):
         if image_rotary_emb is not None:
             query = torch.cat([query[:, :, :n_text], apply_rotary_emb(query[:, :, n_text:], image_rotary_emb)], dim=2)
             key = torch.cat([key[:, :, :n_text], apply_rotary_emb(key[:, :, n_text:], image_rotary_emb)], dim=2)
-        scale = 1.0 / math.sqrt(head_dim)
-        out, lse = sdpa_with_lse(query, key, value, scale)
-        g, video = self.rows, slice(n_text, query.shape[2])
-        self.mass, self.mask = attention_mass(
-            query[g, :, video], key[g, :, video], lse[g, :, video], scale, backend=self.backend, threshold=self.threshold
-        )
-        out = out.transpose(1, 2).reshape(joint.shape[0], -1, attn.heads * head_dim).to(query.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
+        out = attn.to_out[1](attn.to_out[0](self.attend(query, key, value, keys=slice(n_text, query.shape[2]))))
         text, video_out = out.split([n_text, out.shape[1] - n_text], dim=1)
         return video_out, text
 

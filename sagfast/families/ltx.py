@@ -17,7 +17,7 @@ import torch
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from sagfast.attention.capture import SAGCaptureProcessor
-from sagfast.families.base import Family, stack_attention
+from sagfast.families.base import Family, transformer_block_layer
 
 
 class LTXCaptureProcessor(SAGCaptureProcessor):
@@ -55,7 +55,7 @@ class LTXFamily(Family):
         return found
 
     def resolve_layer(self, model, layers: str):
-        name, attn = stack_attention(model, "transformer_blocks", layers, "LTXAttention")
+        name, attn = transformer_block_layer(model, layers, module_class="LTXAttention")
         return name, attn, getattr(model, "_orig_mod", model), 1  # the call names the grid (map_size)
 
     def map_size(self, call: dict):

@@ -20,7 +20,7 @@ import torch
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from sagfast.attention.capture import SAGCaptureProcessor
-from sagfast.families.base import Family, stack_attention
+from sagfast.families.base import Family, transformer_block_layer
 
 
 def wan_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -68,7 +68,7 @@ class WanFamily(Family):
         return float(pipe.guidance_scale) if pipe.do_classifier_free_guidance else None
 
     def resolve_layer(self, model, layers: str):
-        name, attn = stack_attention(model, "blocks", layers, "WanAttention")
+        name, attn = transformer_block_layer(model, layers, stack="blocks", module_class="WanAttention")
         original = getattr(model, "_orig_mod", model)
         pt, ph, pw = original.config.patch_size
         if ph != pw:

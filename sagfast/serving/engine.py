@@ -120,7 +120,8 @@ def per_image(values: list):
 def run_group(model: ServedModel, requests: list) -> list[np.ndarray]:
     """One guided pipeline call for `requests` (one group): each image as uint8 [H, W, C]."""
     pipe = model.pipe
-    settings = {field: per_image([r.settings()[field] for r in requests]) for field in SETTINGS}
+    each = [r.settings() for r in requests]
+    settings = {field: per_image([s[field] for s in each]) for field in SETTINGS}
     cfg = settings["cfg_scale"]
     uses_cfg = max(cfg) > 1 if isinstance(cfg, list) else cfg > 1
     # With cfg_scale per image sagfast hands the pipeline's CFG line each image's own prediction, so any
