@@ -352,12 +352,13 @@ def test_wan_without_cfg_runs_and_leaves_the_pipeline_as_it_was(mode):
     assert {n: m.processor for n, m in pipe.transformer.named_modules() if hasattr(m, "processor")} == processors
 
 
-@pytest.mark.parametrize("mode, per_step", [("exact", [1, 1, 1] * STEPS), ("batched", [1, 1, 1] + [1, 2] * (STEPS - 1))])
+@pytest.mark.parametrize("mode, per_step", [("exact", [1, 2, 1] + [2, 1] * (STEPS - 1)), ("batched", [1, 2, 1] + [3] * (STEPS - 1))])
 def test_wan_cfg_as_two_calls_per_step_equals_the_modular_guider(mode, per_step):
-    # WanPipeline's CFG is a cond call then an uncond call per step. sagfast guides the uncond one (the
-    # guide branch) so that the pipeline's own CFG line gives cfg + s * (u - o_deg); the reference is
-    # the modular Wan pipeline with SelfAttentionGuidance (one call per condition), whose degraded
-    # input test_wan_modular_guider_with_cfg_follows_the_spec checks against the spec.
+    # WanPipeline's CFG is a cond call then an uncond call per step. sagfast joins both into one
+    # [uncond, cond] batch (the negative embeddings from the previous step's uncond call), so that the
+    # pipeline's own CFG line gives cfg + s * (u - o_deg); the reference is the modular Wan pipeline
+    # with SelfAttentionGuidance (one call per condition), whose degraded input
+    # test_wan_modular_guider_with_cfg_follows_the_spec checks against the spec.
     from diffusers.guiders import ClassifierFreeGuidance
 
     from sagfast.guiders import SelfAttentionGuidance
@@ -377,7 +378,9 @@ def test_wan_cfg_as_two_calls_per_step_equals_the_modular_guider(mode, per_step)
     bound = 1e-4 * max(1.0, want.abs().max().item())
     assert (got - want).abs().max().item() <= bound
     assert (want - cfg).abs().max().item() > 100 * bound  # SAG moved the latents
-    assert sizes == per_step  # cond, uncond, degraded; batched: cond, then [uncond, degraded] in one call
+    # Step 1: the cond call alone, then [uncond, cond] and the degraded rows; later steps: the joined
+    # step at the cond call (batched: [uncond, cond, degraded] in one call), the uncond call free.
+    assert sizes == per_step
 
 
 def test_wan_modular_guider_without_cfg_equals_sagfast_enable_on_wan_pipeline():

@@ -491,9 +491,21 @@ class RotaryCaptureSwitch(CaptureSwitch):
     ):
         extra = {k: v for k, v in (("ip_hidden_states", ip_hidden_states), ("ip_adapter_masks", ip_adapter_masks)) if v is not None}
         capture = ACTIVE.get()
+        rules = capture.rules_for(attn) if capture is not None else []
+        inputs = (hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, *args)
+        if rules:
+            # The rotary embedding is cut along with the rows where it is batched (LTX-Video's).
+            return split_rows(rules, self.plain, self.own, attn, *inputs, **extra, **kwargs)
+        return self.plain(attn, *inputs, **extra, **kwargs)
+
+    def plain(self, attn, *args, **kwargs):
+        capture = ACTIVE.get()
         if capture is not None and capture.armed and capture.attn is attn and capture.processor is not None:
-            return capture.processor(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, *args, **extra, **kwargs)
-        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, *args, **extra, **kwargs)
+            return capture.processor(attn, *args, **kwargs)
+        return self.own(attn, *args, **kwargs)
+
+    def own(self, attn, *args, **kwargs):
+        return self.inner(attn, *args, **kwargs)
 
 
 def switch_for(attn) -> type:

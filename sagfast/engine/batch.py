@@ -36,6 +36,29 @@ def gather_batch(value, full: int, parts: list):
     return map_batched(value, full, lambda t: torch.cat([t[p] for p in parts]))
 
 
+def join_calls(first, second, rows: int):
+    """Two model calls' inputs of `rows` rows each as one call: every tensor whose batch dim is `rows`
+    is `first`'s rows then `second`'s; everything else is `second`'s."""
+    if torch.is_tensor(second):
+        return torch.cat([first, second]) if second.dim() >= 1 and second.shape[0] == rows else second
+    if isinstance(second, dict):
+        return {k: join_calls(first[k], v, rows) for k, v in second.items()}
+    if isinstance(second, (list, tuple)):
+        return type(second)(join_calls(a, v, rows) for a, v in zip(first, second))
+    return second
+
+
+def same_inputs(a, b) -> bool:
+    """Whether two model inputs (tensors in nested dicts, lists, tuples) hold the same values."""
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return torch.is_tensor(a) and torch.is_tensor(b) and (a is b or (a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_inputs(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same_inputs(x, y) for x, y in zip(a, b))
+    return a == b
+
+
 def split_rows(rules: list, plain, own, attn, hidden_states, *args, **kwargs):
     """An attention layer's output on a batch some of whose rows run through a rule: `rules` are
     (rows, rule) pairs (contiguous slices, in batch order), each called as `rule(own, attn, ...)` on

@@ -29,7 +29,7 @@ import torch
 from sagfast import ops
 from sagfast.attention.capture import Capture
 from sagfast.config import CFG_RULES, PER_IMAGE, TERMS, SAGConfig
-from sagfast.engine.batch import gather_batch, slice_batch
+from sagfast.engine.batch import gather_batch, join_calls, same_inputs, slice_batch
 from sagfast.engine.cuda_graph import graphs_of
 from sagfast.engine.schedule import Noise, evaluation_index, noise_of, prediction_of
 from sagfast.terms.base import on
@@ -103,6 +103,8 @@ class GuidedCall:
         self.last_timestep = None
         """Pipelines that run CFG as two calls per step (`Family.sequential_cfg`): the timestep of the
         latest model call, so that the second call of a step is known as the uncond one."""
+        self.sequential: dict = {}
+        """Those pipelines' branches between their calls (`sequential_step`)."""
         self.denoiser = GuidedDenoiser(self)
 
     @property
@@ -124,15 +126,20 @@ class GuidedCall:
 
     def step(self, call: dict) -> torch.Tensor:
         """The guided prediction for one model call of the pipeline (`call`: the model's arguments)."""
-        cfg, fam = self.config, self.family
+        fam = self.family
         sample = call.pop(fam.sample_argument)
         g = fam.sequential_cfg(self.pipe)
         if g is not None:
             return self.sequential_step(sample, call, g)
         chunks = fam.cfg_chunks(self.pipe, self.arguments)
+        if sample.shape[0] % chunks:
+            raise ValueError(f"CFG is on but the model input batch {sample.shape[0]} is not [uncond, cond] (odd size)")
+        return self.batch_step(sample, call, chunks)
+
+    def batch_step(self, sample, call: dict, chunks: int) -> torch.Tensor:
+        """The guided prediction of a model input batch of `chunks` CFG chunks ([uncond, cond] for 2)."""
+        cfg, fam = self.config, self.family
         full = sample.shape[0]
-        if full % chunks:
-            raise ValueError(f"CFG is on but the model input batch {full} is not [uncond, cond] (odd size)")
         timestep = call[fam.timestep_argument]
         needs_index = cfg.has_intervals or cfg.cfg_rule == "cfg_zero_star"
         index, steps = self.position(timestep) if needs_index else (0, 1)
@@ -148,24 +155,43 @@ class GuidedCall:
 
     def sequential_step(self, sample, call: dict, g: float) -> torch.Tensor:
         """A pipeline that runs CFG as two model calls per step, cond then uncond, and combines them with
-        `u + g * (c - u)` (WanPipeline). The cond call runs as it is. The uncond call is the guide
-        branch: SAG runs on it with its scale divided by (1 - g), so that it returns
-        u' = u + s * (u - o_deg) / (1 - g), and the pipeline's line gives
-        u' + g * (c - u') = u + g * (c - u) + s * (u - o_deg): exactly the guided prediction."""
-        if self.rule is not None:
-            raise ValueError(
-                f"cfg_scale and cfg_rule need sagfast to compute CFG, and {type(self.pipe).__name__} runs CFG as two "
-                "separate model calls per step: leave cfg_scale None and cfg_rule 'cfg' with it"
-            )
+        `u + g * (c - u)` (WanPipeline). Both branches are joined into one [uncond, cond] batch and guided
+        as any CFG batch (every term, both modes); the uncond branch's inputs are those of the previous
+        step's uncond call (its negative embeddings: the pipeline hands them over only in that call):
+
+        - the cond call, once an uncond call has been seen: the joined step runs; it returns its cond
+          half c' and keeps its uncond half u';
+        - the uncond call: u' when its inputs are those the joined step used (the sample, the timestep
+          and every other input, compared); else (the first step, or inputs that changed) the joined
+          step runs now with these inputs, and returns u'' = u' + g * (c' - c_r) / (1 - g), where c_r
+          is what the cond call returned, so that the pipeline's line u'' + g * (c_r - u'') gives the
+          joined step's guided prediction u' + g * (c' - u') exactly.
+
+        So after the first step the uncond call costs nothing: batched mode makes one model call per
+        step, exact mode two (its main pass and the degraded rows)."""
         timestep = call[self.family.timestep_argument]
         t = float(timestep.reshape(-1)[0]) if torch.is_tensor(timestep) else float(timestep)
         second, self.last_timestep = t == self.last_timestep, t
+        seq = self.sequential
+        b = sample.shape[0]
         if not second:  # the cond call
-            return self.model(sample, **call, return_dict=False)[0]
+            seq["cond"], seq["kept"] = (sample, call), None
+            if seq.get("uncond") is None:
+                seq["returned"] = self.model(sample, **call, return_dict=False)[0]
+                return seq["returned"]
+            uncond = dict(seq["uncond"], **{self.family.timestep_argument: timestep})
+            out = self.batch_step(torch.cat([sample, sample]), join_calls(uncond, call, b), 2)
+            seq["returned"], seq["kept"] = out[b:], (uncond, out[:b])
+            return seq["returned"]
         self.last_timestep = None
-        needs_index = self.config.has_intervals
-        index, steps = self.position(timestep) if needs_index else (0, 1)
-        return self.guided_rows(sample, call, 1, index / steps, index, scale_factor=1.0 / (1.0 - g))
+        cond_sample, cond_call = seq["cond"]
+        kept = seq["kept"]
+        if kept is not None and same_inputs(sample, cond_sample) and same_inputs(call, kept[0]):
+            return kept[1]
+        seq["uncond"] = call
+        out = self.batch_step(torch.cat([sample, cond_sample]), join_calls(call, cond_call, b), 2)
+        u, c = out[:b], out[b:]
+        return u + (g / (1.0 - g)) * (c - seq["returned"])
 
     def guided_rows(
         self, sample, call: dict, chunks: int, fraction: float, index: int, cfg_off: bool = False, scale_factor: float = 1.0

@@ -7,11 +7,14 @@ Capture layer "mid": `attn1` (self-attention over the video tokens, RMS norm on 
 blocks[N // 2]; the map is the layer's true (t, h, w) grid, the 5-D input's (F, H, W) over the patch.
 
 CFG: WanPipeline runs it as two sequential transformer calls per step (cond, then uncond), not a
-[uncond, cond] batch. sagfast keeps the two calls: the cond call runs as it is, the uncond call is
-the guide branch and gets SAG with its scale divided by (1 - g), so that the pipeline's own line
-u' + g (c - u') gives u + g (c - u) + s (u - o_deg) exactly (`GuidedCall.sequential_step`). Exact
-mode: B, then B + B per step; batched mode: B, then 2B. Without CFG the cond branch is guided. Wan
-2.2's second transformer (`transformer_2`) is refused. PAG and SEG are not offered (SAG only).
+[uncond, cond] batch. sagfast joins them (`GuidedCall.sequential_step`): the cond call runs the step
+as one [uncond, cond] batch, with the uncond inputs of the previous step's uncond call, and the uncond
+call returns the uncond half it kept (after checking that its inputs are those). The first step has
+no uncond inputs yet: its cond call runs as it is, its uncond call runs the joined step, and the
+uncond half it returns is corrected so that the pipeline's CFG line gives the joined step's
+prediction exactly. Per step after the first: exact mode 2 calls (2B, then B degraded), batched mode
+1 call (3B). Without CFG the cond branch is guided. Wan 2.2's second transformer (`transformer_2`) is
+refused. PAG and SEG are not offered (SAG only).
 """
 
 from __future__ import annotations
