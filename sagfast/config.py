@@ -14,19 +14,21 @@ from sagfast.terms.cfg_zero_star import CFGZeroStar
 from sagfast.terms.pag import PAG
 from sagfast.terms.sag import SAG
 from sagfast.terms.seg import SEG
+from sagfast.terms.stg import STG
 
 MODES = ("exact", "batched")
 BACKENDS = ("auto", "triton", "cpp", "torch")
 MASKS = ("attention", "global", "random")
 PAG_PASSES = ("main", "degraded")
+STG_MODES = ("block", "attention")
 FULL = (0.0, 1.0)
-PER_IMAGE = ("scale", "pag_scale", "seg_scale", "cfg_scale")
+PER_IMAGE = ("scale", "pag_scale", "seg_scale", "stg_scale", "cfg_scale")
 """Fields that take one number for every image or one value per image of the call."""
-TERMS = (SAG, PAG, SEG)
+TERMS = (SAG, PAG, SEG, STG)
 """The guidance terms a config can turn on (sagfast.terms), in the order their rows join a model call."""
 CFG_RULES = {rule.name: rule for rule in (CFGRule, APG, CFGZeroStar)}
 """`cfg_rule` names and their rules."""
-INTERVALS = ("cfg_interval", "sag_interval", "pag_interval", "seg_interval")
+INTERVALS = ("cfg_interval", "sag_interval", "pag_interval", "seg_interval", "stg_interval")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +128,25 @@ class SAGConfig:
     (diffusers' `seg_blur_threshold_inf`) the blur is infinite: every query becomes the mean query,
     so every token attends uniformly (the paper's default). Smaller values smooth less; the paper
     controls it on a log scale."""
+
+    stg_scale: float = 0.0
+    """Spatiotemporal Skip Guidance (Hyung et al. 2024) scale in `+ s_stg * (o_cond - o_skipped)`: the
+    conditional rows again with the blocks `stg_layers` skipped (`stg_mode`). 0 (the default) is off,
+    as in diffusers' community STG pipelines (their examples use 1.0). On the families with a
+    transformer block stack (the video families). B more rows per step. One number, or one per image."""
+
+    stg_layers: tuple = ("mid",)
+    """Which blocks STG skips: block indices (as the STG pipelines' `stg_applied_layers_idx`, e.g. [8]),
+    "mid" (the middle block) or block names ("blocks.8", "transformer_blocks.19"). Checked when a
+    pipeline is enabled with stg_scale > 0."""
+
+    stg_mode: str = "block"
+    """"block" (the paper's STG-R, diffusers' community STG pipelines): the skipped rows get each block's
+    inputs back as its outputs. "attention" (STG-A): only the blocks' self-attention is skipped, each
+    token attending to itself alone (PAG's perturbation on those blocks); the rest of the block runs."""
+
+    stg_interval: tuple = (0.0, 1.0)
+    """Steps with STG (as `cfg_interval`; the community pipelines guide every step)."""
 
     cfg_scale: object = None
     """Classifier-free guidance scale: None takes the pipeline call's `guidance_scale` and leaves the
@@ -229,7 +250,17 @@ class SAGConfig:
                 object.__setattr__(self, name, tuple(layers))
             else:
                 problems.append(f'{name} must be a non-empty string or list of strings ("mid", "up_blocks.0"), got {value!r}')
+        layers = (self.stg_layers,) if isinstance(self.stg_layers, (str, int)) else self.stg_layers
+        if (
+            isinstance(layers, (list, tuple))
+            and layers
+            and all((isinstance(x, str) and x) or (isinstance(x, numbers.Integral) and not isinstance(x, bool)) for x in layers)
+        ):
+            object.__setattr__(self, "stg_layers", tuple(x if isinstance(x, str) else int(x) for x in layers))
+        else:
+            problems.append(f'stg_layers must be a block index, "mid", a block name, or a non-empty list of them, got {self.stg_layers!r}')
         for name, allowed in (
+            ("stg_mode", STG_MODES),
             ("exact_pag_pass", PAG_PASSES),
             ("mode", MODES),
             ("backend", BACKENDS),

@@ -334,6 +334,34 @@ class MapHook:
             capture.hw = input_grid(args[0] if args else kwargs["hidden_states"], capture.patch)
 
 
+@functools.cache
+def _forward_signature(cls: type):
+    import inspect
+
+    return inspect.signature(cls.forward)
+
+
+class BlockSkipHook:
+    """Forward hook on a transformer block that a term's rows skip (STG's "block" mode, a
+    `sagfast.terms.base.SkipRule`): in a model call whose rows include such rows, those rows of the
+    block's outputs are the block's inputs (`rule.outputs` names the input each output stands for), as
+    if the block were not there. Every other call, and every other row, is the block's own."""
+
+    def __call__(self, module, args, kwargs, output):
+        capture = ACTIVE.get()
+        rules = capture.rules_for(module) if capture is not None else []
+        if not rules:
+            return None
+        inputs = _forward_signature(type(module)).bind(module, *args, **kwargs).arguments
+        outs = output if isinstance(output, tuple) else (output,)
+        kept = list(outs)
+        for i, name in enumerate(rules[0][1].outputs):
+            kept[i] = outs[i].clone()
+            for rows, _ in rules:
+                kept[i][rows] = inputs[name][rows]
+        return tuple(kept) if isinstance(output, tuple) else kept[0]
+
+
 _INSTALL_LOCK = threading.Lock()
 
 
@@ -342,7 +370,10 @@ def install(attn: Attention, owner: torch.nn.Module, ruled=()) -> None:
     they are there already (a processor set since, by `set_attn_processor` say, is wrapped anew)."""
     with _INSTALL_LOCK:  # two calls on one model in two threads must not wrap a layer twice
         for layer in (attn, *ruled):
-            if not isinstance(layer.processor, CaptureSwitch):
+            if not hasattr(layer, "set_processor"):  # a block a term's rows skip
+                if not any(isinstance(h, BlockSkipHook) for h in layer._forward_hooks.values()):
+                    layer.register_forward_hook(BlockSkipHook(), with_kwargs=True)
+            elif not isinstance(layer.processor, CaptureSwitch):
                 layer.set_processor(switch_for(layer)(layer.processor))
         if not any(isinstance(h, MapHook) for h in owner._forward_pre_hooks.values()):
             owner.register_forward_pre_hook(MapHook(), with_kwargs=True)
@@ -356,6 +387,9 @@ def uninstall(model: torch.nn.Module) -> None:
         for key in [k for k, h in module._forward_pre_hooks.items() if isinstance(h, MapHook)]:
             del module._forward_pre_hooks[key]
             module._forward_pre_hooks_with_kwargs.pop(key, None)
+        for key in [k for k, h in module._forward_hooks.items() if isinstance(h, BlockSkipHook)]:
+            del module._forward_hooks[key]
+            module._forward_hooks_with_kwargs.pop(key, None)
 
 
 def installed(model: torch.nn.Module) -> bool:

@@ -34,23 +34,38 @@ def identity_attention(attn, hidden_states, encoder_hidden_states=None, attentio
 def joint_identity_attention(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
     """SD3's joint attention (image tokens, then text tokens, one softmax) perturbed as diffusers'
     PAGJointAttnProcessor2_0 does it: an image query attends to its own image key and to the text
-    keys (the image-image block masked to its diagonal); a text query attends to every key.
-
-    Computed without the (N + T)^2 mask: an image query's softmax runs over 1 + T scores (its own key,
-    then the text keys), so memory is O(N * T). Like the stock processor, ignores `attention_mask`.
-    """
+    keys (the image-image block masked to its diagonal); a text query attends to every key
+    (`joint_identity`). Like the stock processor, ignores `attention_mask`."""
     q, k, v, _ = heads_qkv(attn, hidden_states)
     if encoder_hidden_states is None:  # SD3.5's attn2: plain self-attention over the image tokens
         return attn.to_out[1](attn.to_out[0](v.transpose(1, 2).flatten(2).to(hidden_states.dtype)))
     eq, ek, ev = text_heads_qkv(attn, encoder_hidden_states)
-    scale = 1.0 / math.sqrt(q.shape[-1])  # the stock processor calls SDPA with its default scale
+    image_out, text_out = joint_identity(q, k, v, eq, ek, ev)
+    image_out = attn.to_out[1](attn.to_out[0](image_out.transpose(1, 2).flatten(2)))
+    text_out = text_out.transpose(1, 2).flatten(2)
+    if not attn.context_pre_only:
+        text_out = attn.to_add_out(text_out)
+    return image_out, text_out
+
+
+def joint_identity(q, k, v, eq, ek, ev):
+    """PAG's joint attention on heads ([B, H, N, D] image, [B, H, T, D] text, after any norms and
+    rotary embedding): an image query attends to its own image key and to the text keys, a text query
+    to every key; (image out, text out) in q's dtype. The stock processors' default scale.
+
+    Computed without the (N + T)^2 mask: an image query's softmax runs over 1 + T scores (its own key,
+    then the text keys), so memory is O(N * T)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
     own = (q.float() * k.float()).sum(-1, keepdim=True) * scale
     text = torch.matmul(q.float(), ek.float().transpose(-1, -2)) * scale
     weights = torch.softmax(torch.cat([own, text], dim=-1), dim=-1)
     image_out = weights[..., :1] * v.float() + torch.matmul(weights[..., 1:], ev.float())
     text_out = F.scaled_dot_product_attention(eq, torch.cat([k, ek], dim=2), torch.cat([v, ev], dim=2))
-    image_out = attn.to_out[1](attn.to_out[0](image_out.to(q.dtype).transpose(1, 2).flatten(2)))
-    text_out = text_out.transpose(1, 2).flatten(2).to(q.dtype)
-    if not attn.context_pre_only:
-        text_out = attn.to_add_out(text_out)
-    return image_out, text_out
+    return image_out.to(q.dtype), text_out.to(q.dtype)
+
+
+def value_attention(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+    """A self-attention layer whose processor is q, k, v projections, attention and `to_out` (Wan's
+    and LTX-Video's attn1) with each token attending only to itself: the value projection through
+    the output projection (the rotary embedding and the q / k norms then play no part)."""
+    return attn.to_out[1](attn.to_out[0](attn.to_v(hidden_states)))

@@ -17,6 +17,9 @@ from sagfast.attention.capture import SAGCaptureProcessor
 from sagfast.attention.identity import identity_attention
 from sagfast.engine.schedule import check_scheduler
 
+VIDEO_REFUSES = {"seg": "its query blur lays the tokens on an (h, w) grid, and a video layer's tokens are on (t, h, w)"}
+"""What the video families refuse (`Family.refuses`)."""
+
 
 class Family:
     name: str = ""
@@ -71,20 +74,34 @@ class Family:
         outside `cfg_interval`): the last chunk of [uncond, cond]."""
         return chunks - 1
 
-    sag_only: bool = False
-    """Whether the family offers SAG alone: PAG's and SEG's rows are refused (the video families, whose
-    attention takes a rotary embedding the capture switch's rules do not pass on yet)."""
+    refuses: dict = {}
+    """Terms this family does not run (their name -> why), refused when a pipeline is enabled with them."""
+
+    blocks: str | None = None
+    """The attribute of the transformer's block stack (what STG skips), or None: STG is refused."""
+
+    block_outputs: tuple = ("hidden_states",)
+    """The inputs a block's outputs stand for, in the order it returns them (STG's skipped rows get
+    these inputs back)."""
+
+    def self_attention_layers(self, model: torch.nn.Module) -> list[str]:
+        """The names of the self-attention layers PAG may perturb (diffusers' non-cross `Attention` layers)."""
+        return self_attention_layers(model)
+
+    def refuse(self, term: str) -> None:
+        if term in self.refuses:
+            raise ValueError(
+                f"sagfast does not run {term.upper()} on {self.name}: {self.refuses[term]}. Use {term}_scale=0 with {self.name}."
+            )
 
     def matching_layers(self, model: torch.nn.Module, identifiers: tuple, field: str = "pag_layers") -> list:
         """The self-attention modules a term changes (PAG's, SEG's) for layer identifiers (the config
         `field`, named in errors), matched as diffusers' `PAGMixin` matches `pag_applied_layers`: a
         regular-expression search in each self-attention layer's name (`_fake_integral_match` aside)."""
-        if self.sag_only:
-            term = field.split("_")[0].upper()
-            raise ValueError(f"sagfast does not run {term} on {self.name} yet (SAG only). Use {term.lower()}_scale=0 with {self.name}.")
+        self.refuse(field.split("_")[0])
         model = getattr(model, "_orig_mod", model)
         modules = dict(model.named_modules())
-        names = self_attention_layers(model)
+        names = self.self_attention_layers(model)
         found = []
         for identifier in identifiers:
             try:
@@ -99,6 +116,37 @@ class Family:
                 )
             found += [modules[n] for n in matched if modules[n] not in found]
         return found
+
+    def skipped_blocks(self, model: torch.nn.Module, identifiers: tuple, field: str = "stg_layers") -> list:
+        """The transformer blocks STG skips for its identifiers: a block index (as the STG pipelines'
+        `stg_applied_layers_idx`), "mid" (the block in the middle, as SAG's "mid"), or a block's name
+        ("blocks.8")."""
+        self.refuse("stg")
+        model = getattr(model, "_orig_mod", model)
+        if self.blocks is None:
+            raise ValueError(
+                f"STG skips transformer blocks, and sagfast knows no block stack in {self.name}'s {type(model).__name__}: "
+                "use stg_scale=0 (PAG perturbs the self-attention of chosen layers on every family)"
+            )
+        stack = getattr(model, self.blocks)
+        names = {f"{self.blocks}.{i}": block for i, block in enumerate(stack)}
+        found = []
+        for identifier in identifiers:
+            if identifier == "mid":
+                identifier = len(stack) // 2
+            block = stack[identifier] if isinstance(identifier, int) and -len(stack) <= identifier < len(stack) else names.get(identifier)
+            if block is None:
+                raise ValueError(
+                    f"{field} entry {identifier!r} is not a block of this {type(model).__name__}: give a block index "
+                    f"0..{len(stack) - 1}, 'mid', or a block name ('{self.blocks}.0' ... '{self.blocks}.{len(stack) - 1}')"
+                )
+            if block not in found:
+                found.append(block)
+        return found
+
+    def self_attention_of(self, block: torch.nn.Module) -> torch.nn.Module:
+        """A block's self-attention (STG's "attention" mode perturbs it): its `attn1`."""
+        return block.attn1
 
     perturbed_attention = staticmethod(identity_attention)
     """PAG's perturbed attention for this family's layers, with an attention processor's signature."""
@@ -157,6 +205,11 @@ def layer_error(model: torch.nn.Module, where: str, name: str) -> ValueError:
     )
 
 
+def stack_layers(model: torch.nn.Module, stack: str, attention: str = "attn1") -> list[str]:
+    """The names of `attention` in every block of `model.<stack>` (a video transformer's self-attention layers)."""
+    return [f"{stack}.{i}.{attention}" for i in range(len(getattr(model, stack)))]
+
+
 def transformer_block_layer(
     model: torch.nn.Module, layers: str, attention: str = "attn1", stack: str = "transformer_blocks", module_class: str | None = None
 ):
@@ -183,7 +236,7 @@ def transformer_block_layer(
         if not isinstance(attn, Attention) or attn.is_cross_attention:
             raise layer_error(model, where, name)
     elif not is_attention(attn) or not name.endswith(attention):
-        found = [f"{stack}.{i}.{attention}" for i in range(len(blocks))]
+        found = stack_layers(model, stack, attention)
         raise ValueError(
             f"SAG needs a self-attention layer at {where} ({name}), and this {type(model).__name__} has none there. "
             f"Its self-attention layers: {found[:8]}" + (" ..." if len(found) > 8 else "")

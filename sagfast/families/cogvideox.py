@@ -21,7 +21,8 @@ import torch
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from sagfast.attention.capture import SAGCaptureProcessor, heads_qkv
-from sagfast.families.base import Family, transformer_block_layer
+from sagfast.attention.identity import joint_identity
+from sagfast.families.base import VIDEO_REFUSES, Family, stack_layers, transformer_block_layer
 
 
 class CogVideoXCaptureProcessor(SAGCaptureProcessor):
@@ -29,23 +30,37 @@ class CogVideoXCaptureProcessor(SAGCaptureProcessor):
     the guide rows (SDPA with its default scale, as the stock processor; no attention mask)."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None, *args, **kwargs):
-        from diffusers.models.embeddings import apply_rotary_emb
-
         if attention_mask is not None:
             raise ValueError("SAG's CogVideoX capture layer does not take an attention mask")
-        n_text = encoder_hidden_states.shape[1]
-        joint = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-        query, key, value, _ = heads_qkv(attn, joint)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        if image_rotary_emb is not None:
-            query = torch.cat([query[:, :, :n_text], apply_rotary_emb(query[:, :, n_text:], image_rotary_emb)], dim=2)
-            key = torch.cat([key[:, :, :n_text], apply_rotary_emb(key[:, :, n_text:], image_rotary_emb)], dim=2)
+        query, key, value, n_text = cogvideox_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         out = attn.to_out[1](attn.to_out[0](self.attend(query, key, value, keys=slice(n_text, query.shape[2]))))
         text, video_out = out.split([n_text, out.shape[1] - n_text], dim=1)
         return video_out, text
+
+
+def cogvideox_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb):
+    """(q, k, v [B, H, T + N, D], T) of CogVideoXAttnProcessor2_0: text tokens then video tokens, the
+    norms on both, RoPE on the video part."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    n_text = encoder_hidden_states.shape[1]
+    query, key, value, _ = heads_qkv(attn, torch.cat([encoder_hidden_states, hidden_states], dim=1))
+    if image_rotary_emb is not None:
+        query = torch.cat([query[:, :, :n_text], apply_rotary_emb(query[:, :, n_text:], image_rotary_emb)], dim=2)
+        key = torch.cat([key[:, :, :n_text], apply_rotary_emb(key[:, :, n_text:], image_rotary_emb)], dim=2)
+    return query, key, value, n_text
+
+
+def cogvideox_identity_attention(
+    attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None, *args, **kwargs
+):
+    """PAG's (and STG's "attention" mode's) perturbed CogVideoX attention: as SD3's joint attention is
+    perturbed (diffusers' PAGJointAttnProcessor2_0), a video query attends to its own key and to the
+    text keys, a text query to every key; (video out, text out) as the stock processor returns them."""
+    q, k, v, n = cogvideox_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+    video, text = joint_identity(q[:, :, n:], k[:, :, n:], v[:, :, n:], q[:, :, :n], k[:, :, :n], v[:, :, :n])
+    out = attn.to_out[1](attn.to_out[0](torch.cat([text, video], dim=2).transpose(1, 2).flatten(2)))
+    return out[:, n:], out[:, :n]
 
 
 class CogVideoXFamily(Family):
@@ -54,7 +69,14 @@ class CogVideoXFamily(Family):
     model_class = "CogVideoXTransformer3DModel"
     pipelines = ("CogVideoXPipeline",)
     sample_argument = "hidden_states"
-    sag_only = True
+    refuses = VIDEO_REFUSES
+    blocks = "transformer_blocks"
+    block_outputs = ("hidden_states", "encoder_hidden_states")
+
+    def self_attention_layers(self, model) -> list[str]:
+        return stack_layers(model, self.blocks)
+
+    perturbed_attention = staticmethod(cogvideox_identity_attention)
 
     def resolve_layer(self, model, layers: str):
         name, attn = transformer_block_layer(model, layers)

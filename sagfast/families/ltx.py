@@ -17,7 +17,8 @@ import torch
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from sagfast.attention.capture import SAGCaptureProcessor
-from sagfast.families.base import Family, transformer_block_layer
+from sagfast.attention.identity import value_attention
+from sagfast.families.base import VIDEO_REFUSES, Family, stack_layers, transformer_block_layer
 
 
 class LTXCaptureProcessor(SAGCaptureProcessor):
@@ -43,7 +44,8 @@ class LTXFamily(Family):
     model_class = "LTXVideoTransformer3DModel"
     pipelines = ("LTXPipeline",)
     sample_argument = "hidden_states"
-    sag_only = True
+    refuses = VIDEO_REFUSES
+    blocks = "transformer_blocks"
 
     def problems(self, pipe) -> list[str]:
         found = super().problems(pipe)
@@ -53,6 +55,11 @@ class LTXFamily(Family):
                 f"its transformer patches tokens by {config.patch_size_t}x{config.patch_size}x{config.patch_size}; sagfast knows LTX-Video's 1x1x1"
             )
         return found
+
+    def self_attention_layers(self, model) -> list[str]:
+        return stack_layers(model, self.blocks)
+
+    perturbed_attention = staticmethod(value_attention)
 
     def resolve_layer(self, model, layers: str):
         name, attn = transformer_block_layer(model, layers, module_class="LTXAttention")

@@ -23,7 +23,8 @@ import torch
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from sagfast.attention.capture import SAGCaptureProcessor
-from sagfast.families.base import Family, transformer_block_layer
+from sagfast.attention.identity import value_attention
+from sagfast.families.base import VIDEO_REFUSES, Family, stack_layers, transformer_block_layer
 
 
 def wan_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -55,7 +56,8 @@ class WanFamily(Family):
     model_class = "WanTransformer3DModel"
     pipelines = ("WanPipeline",)
     sample_argument = "hidden_states"
-    sag_only = True
+    refuses = VIDEO_REFUSES
+    blocks = "blocks"
 
     def problems(self, pipe) -> list[str]:
         found = super().problems(pipe)
@@ -69,6 +71,11 @@ class WanFamily(Family):
     def sequential_cfg(self, pipe):
         """WanPipeline's CFG: two calls per step, cond then uncond, combined with its guidance_scale."""
         return float(pipe.guidance_scale) if pipe.do_classifier_free_guidance else None
+
+    def self_attention_layers(self, model) -> list[str]:
+        return stack_layers(model, self.blocks)
+
+    perturbed_attention = staticmethod(value_attention)
 
     def resolve_layer(self, model, layers: str):
         name, attn = transformer_block_layer(model, layers, stack="blocks", module_class="WanAttention")

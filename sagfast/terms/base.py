@@ -35,8 +35,8 @@ class Rows:
     conditioning: slice | torch.Tensor
     """The rows of the step's batch whose other inputs (text embeddings, added conditions, a per-row
     timestep) they take."""
-    rule: AttentionRule | None = None
-    """How they run through some attention layers, or None: every layer as it is."""
+    rule: AttentionRule | SkipRule | None = None
+    """How they run through some attention layers or blocks, or None: every layer as it is."""
 
 
 class AttentionRule:
@@ -50,6 +50,16 @@ class AttentionRule:
 
     def __call__(self, own, attn, *args, **kwargs):
         return self.fn(own, attn, *args, **kwargs)
+
+
+class SkipRule:
+    """A term's rows skip whole transformer blocks (`layers`): each block gives those rows its inputs
+    back as its outputs (`outputs`: the inputs its outputs stand for, in order; the block hook in
+    sagfast.attention.capture)."""
+
+    def __init__(self, layers, outputs: tuple):
+        self.layers = frozenset(layers)
+        self.outputs = outputs
 
 
 def on(scale) -> bool:

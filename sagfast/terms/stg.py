@@ -1,0 +1,47 @@
+"""Spatiotemporal Skip Guidance (Hyung et al. 2024, arXiv 2411.18664): the cond rows again with chosen
+transformer blocks skipped, and `+ stg_scale * (o_cond - o_skipped)`.
+
+Two modes, as the paper's STG-R and STG-A:
+
+- "block" (STG-R, what diffusers' community STG pipelines run, and diffusers' `LayerSkipConfig` with
+  `skip_attention` and `skip_ff`): each block of `stg_layers` hands the perturbed rows their inputs
+  back, for every stream it returns (video and text tokens);
+- "attention" (STG-A, as the STG authors' LTX-Video processor, LTX-2's perturbed attention and
+  `LayerSkipConfig(skip_attention_scores=True)`): the self-attention of those blocks returns the
+  value projection, each token attending only to itself: PAG's perturbation
+  (`Family.perturbed_attention`) on the blocks' self-attention, the rest of the blocks as they are.
+
+The community pipelines put the skipped rows in the [uncond, cond, perturbed] batch of one call (so
+does sagfast, in both modes) and guide every step; `stg_interval` limits the steps as every term's
+interval does. Their optional std rescale (`do_rescaling`) is not part of STG's formula and is not
+offered.
+"""
+
+from __future__ import annotations
+
+from sagfast.terms.base import AttentionRule, Rows, SkipRule, Term
+
+
+class STG(Term):
+    name = "stg"
+    scale_field = "stg_scale"
+    interval_field = "stg_interval"
+    layers_field = "stg_layers"
+    source = "cond"
+
+    def __init__(self, call):
+        super().__init__(call)
+        family = call.family
+        if self.config.stg_mode == "block":
+            self.rule = SkipRule(self.layers, family.block_outputs)
+        else:
+            perturbed = family.perturbed_attention
+            self.rule = AttentionRule(self.layers, lambda own, attn, *args, **kwargs: perturbed(attn, *args, **kwargs))
+
+    @classmethod
+    def layers_of(cls, family, model, config) -> list:
+        blocks = family.skipped_blocks(model, config.stg_layers)
+        return blocks if config.stg_mode == "block" else [family.self_attention_of(block) for block in blocks]
+
+    def rows(self, step) -> Rows:
+        return Rows(step.sample[step.cond], step.cond, self.rule)
