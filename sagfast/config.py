@@ -64,6 +64,11 @@ class SAGConfig:
     blur_sigma: float = 1.0
     """Gaussian blur standard deviation in latent pixels."""
 
+    blur_sigma_t: float = 0.0
+    """Video: the blur's standard deviation over time, in latent frames. 0 (the default) blurs each frame
+    in (h, w) only; > 0 blurs the predicted x0 over its frames as well (a window of `blur_kernel_size`
+    frames, cut to 2T - 1 for T latent frames), in PyTorch (the fused ops are 2-D). Images ignore it."""
+
     layers: str = "mid"
     """Which self-attention layer the map is read from: "mid" (the first self-attention of the UNet's
     mid block, as in the paper and diffusers) or the module name of a self-attention layer, such as
@@ -203,6 +208,7 @@ class SAGConfig:
         for name, low, low_ok in (
             ("threshold", None, True),
             ("blur_sigma", 0.0, False),
+            ("blur_sigma_t", 0.0, True),
             ("random_mask_ratio", 0.0, True),
             ("pag_adaptive_scale", 0.0, True),
             ("seg_blur_sigma", 0.0, False),

@@ -165,8 +165,26 @@ def dense_video_mass(attn, inputs, rows):
     return p[:, :, n:, n:].sum(2).mean(1)
 
 
-def expected_degraded(attn, inputs, x, v, abar, guide):
-    """[B, F, C, H, W] model layout in, the spec's degraded input out (v-prediction, VP schedule)."""
+def time_blur(x0, sigma_t, kernel_size=9):
+    """x0 [B, F, C, H, W] blurred over its frames: Gaussian weights over a window of kernel_size frames cut
+    to 2F - 1, each frame the weighted sum of its neighbours, the frame index reflected at the ends."""
+    f = x0.shape[1]
+    size = min(kernel_size, 2 * f - 1)
+    offsets = range(-(size // 2), size // 2 + 1)
+    weights = [math.exp(-0.5 * (o / sigma_t) ** 2) for o in offsets]
+    total = sum(weights)
+    out = torch.zeros_like(x0)
+    for i in range(f):
+        for o, wt in zip(offsets, weights):
+            j = abs(i + o)
+            j = 2 * (f - 1) - j if j > f - 1 else j
+            out[:, i] += (wt / total) * x0[:, j]
+    return out
+
+
+def expected_degraded(attn, inputs, x, v, abar, guide, sigma_t=0.0):
+    """[B, F, C, H, W] model layout in, the spec's degraded input out (v-prediction, VP schedule); with
+    `sigma_t` the blur is over time as well (the time blur, then each frame's)."""
     xg, vg = x[guide].double(), v[guide].double()
     b, f, c, h, w = xg.shape
     mass = dense_video_mass(attn, inputs, guide)
@@ -176,7 +194,8 @@ def expected_degraded(attn, inputs, x, v, abar, guide):
     mask = F.interpolate(mask, (h, w)).reshape(b, f, 1, h, w)  # nearest, per frame
     a, s = abar**0.5, (1 - abar) ** 0.5
     x0, eps = a * xg - s * vg, s * xg + a * vg
-    blurred = gaussian_blur_2d(x0.reshape(b * f, c, h, w), 9, 1.0).reshape(b, f, c, h, w)  # per frame
+    blurred = time_blur(x0, sigma_t) if sigma_t else x0
+    blurred = gaussian_blur_2d(blurred.reshape(b * f, c, h, w), 9, 1.0).reshape(b, f, c, h, w)  # per frame
     return a * (blurred * mask + x0 * (1 - mask)) + s * eps, mask
 
 
@@ -202,8 +221,9 @@ def test_sag_runs_changes_the_video_and_leaves_the_pipeline_as_it_was(name, mode
     assert {n: m.processor for n, m in pipe.transformer.named_modules() if hasattr(m, "processor")} == processors
 
 
-def test_exact_sag_follows_the_spec_on_the_video_grid():
-    pipe = sagfast.enable(cogvideox(), scale=1.0)
+@pytest.mark.parametrize("sigma_t", [0.0, 1.5])
+def test_exact_sag_follows_the_spec_on_the_video_grid(sigma_t):
+    pipe = sagfast.enable(cogvideox(), scale=1.0, blur_sigma_t=sigma_t)
     rec = Recorder(pipe)
     try:
         run(pipe)
@@ -212,16 +232,33 @@ def test_exact_sag_follows_the_spec_on_the_video_grid():
     main, degraded = rec.calls[0::2], rec.calls[1::2]
     assert [c["x"].shape[0] for c in rec.calls] == [2, 1] * STEPS
     guide = slice(0, 1)  # [uncond, cond]: the guide branch is uncond
-    partial = False
+    partial = seen = False
     for i, (m, d) in enumerate(zip(main, degraded)):
         t = int(m["t"].reshape(-1)[0])
         abar = pipe.scheduler.alphas_cumprod[t].double().item()
         with torch.no_grad():
-            want, mask = expected_degraded(rec.attn, rec.layer[2 * i], m["x"], m["out"], abar, guide)
+            want, mask = expected_degraded(rec.attn, rec.layer[2 * i], m["x"], m["out"], abar, guide, sigma_t)
         got = d["x"].double()
         assert (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item()), i
         partial |= bool(mask.any()) and not bool(mask.all())
+        if sigma_t:
+            with torch.no_grad():
+                per_frame, _ = expected_degraded(rec.attn, rec.layer[2 * i], m["x"], m["out"], abar, guide)
+            seen |= (per_frame - want).abs().max().item() > 1e-3
     assert partial, "the test never saw a mask that blurs part of the video"
+    assert seen or not sigma_t, "the time blur never changed the degraded input"
+
+
+@pytest.mark.parametrize("frames, kernel", [(1, 9), (2, 9), (5, 3), (7, 9)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_blur_time_equals_its_reference_on_odd_shapes(frames, kernel, dtype):
+    from sagfast.ops import blur_time
+
+    x = torch.randn(2, 3, frames, 5, 7, generator=torch.Generator().manual_seed(frames)).to(dtype)
+    want = time_blur(x.double().transpose(1, 2), 1.3, kernel).transpose(1, 2)
+    got = blur_time(x, kernel, 1.3)
+    assert got.dtype == torch.float32
+    assert (got.double() - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
 
 
 def dense_ltx_mass(attn, inputs, rows):
@@ -462,3 +499,22 @@ def test_a_video_layer_that_is_not_there_is_refused_with_the_layers_there_are(na
     pipe = (ltx if name == "ltx" else wan)()
     with pytest.raises(ValueError, match=rf"{stack}\.0\.attn1"):
         sagfast.enable(pipe, layers=f"{stack}.7")
+
+
+@pytest.mark.parametrize("rule", ["apg", "cfg_zero_star"])
+def test_wan_cfg_rules_equal_diffusers_guiders_on_the_modular_wan_pipeline(rule):
+    # With the two branches joined into one batch, sagfast's CFG rules run on Wan too; the reference is
+    # diffusers' own guider on the modular Wan pipeline (one call per condition).
+    from diffusers.guiders import AdaptiveProjectedGuidance, ClassifierFreeGuidance, ClassifierFreeZeroStarGuidance
+
+    guider = {
+        "apg": AdaptiveProjectedGuidance(guidance_scale=5.0, adaptive_projected_guidance_momentum=-0.5, eta=0.0),
+        "cfg_zero_star": ClassifierFreeZeroStarGuidance(guidance_scale=5.0, zero_init_steps=1),
+    }[rule]
+    config = {"apg": dict(apg_momentum=-0.5, apg_eta=0.0), "cfg_zero_star": dict(zero_init_steps=1)}[rule]
+    want = modular_wan(wan(), guider)(**wan_call(), output="latents")
+    cfg = modular_wan(wan(), ClassifierFreeGuidance(guidance_scale=5.0))(**wan_call(), output="latents")
+    got = sagfast.enable(wan(), scale=0.0, cfg_rule=rule, **config)(**wan_call(), guidance_scale=5.0, output_type="latent").frames
+    bound = 1e-4 * max(1.0, want.abs().max().item())
+    assert (got - want).abs().max().item() <= bound
+    assert (want - cfg).abs().max().item() > 100 * bound

@@ -3,7 +3,7 @@
 from sagfast.ops._dispatch import BackendUnsupported, clear_cache
 from sagfast.ops.attention_mass import attention_mass, attention_mass_ref
 from sagfast.ops.combine import combine, combine_ref
-from sagfast.ops.degrade import blur_ref, degrade, degrade_ref, gaussian_weights
+from sagfast.ops.degrade import blur_ref, blur_time, degrade, degrade_ref, gaussian_weights
 from sagfast.ops.mask import sag_mask_ref, upsample_mask_ref
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "attention_mass",
     "attention_mass_ref",
     "blur_ref",
+    "blur_time",
     "combine",
     "combine_ref",
     "degrade",

@@ -65,6 +65,22 @@ def blur_ref(x: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
     return F.conv2d(xf, wts.view(1, 1, -1, 1).expand(c, 1, kernel_size, 1), groups=c)
 
 
+def blur_time(x: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
+    """x [B, C, T, H, W] blurred over its frames (T) by a Gaussian of `sigma` frames, reflect padding,
+    in fp32. The window is `kernel_size` cut to the longest that reflect padding allows (2T - 1): the
+    video mode of SAG's blur (`blur_sigma_t`). PyTorch only: one depthwise 1-D pass over a latent is
+    a small part of a video step."""
+    t = x.shape[2]
+    size = min(kernel_size, 2 * t - 1)
+    if size <= 1:
+        return x.float()
+    b, c, _, h, w = x.shape
+    wts = gaussian_weights(size, float(sigma), x.device)
+    rows = x.float().permute(0, 1, 3, 4, 2).reshape(-1, 1, t)  # one sequence of T values per (b, c, h, w)
+    rows = F.conv1d(F.pad(rows, (size // 2, size // 2), mode="reflect"), wts.view(1, 1, -1))
+    return rows.reshape(b, c, h, w, t).permute(0, 1, 4, 2, 3)
+
+
 def degrade_ref(x0, mask, eps, abar, kernel_size: int = 9, sigma: float = 1.0) -> torch.Tensor:
     """The spec. x0, eps: [B, C, H, W]; mask: [B, h, w] (bool or 0/1); abar: [B]. Returns x0's dtype."""
     check_degrade_inputs(x0, mask, eps, abar, kernel_size)

@@ -41,11 +41,14 @@ def predicted_channels(o: torch.Tensor, sample: torch.Tensor) -> int:
     return min(o.shape[1], sample.shape[1])
 
 
-def degraded_input(x0, mask, eps, noise: Noise, kernel_size: int, sigma: float, backend: str = "auto") -> torch.Tensor:
+def degraded_input(
+    x0, mask, eps, noise: Noise, kernel_size: int, sigma: float, backend: str = "auto", sigma_t: float = 0.0
+) -> torch.Tensor:
     """Exact mode's degraded input: a * Degrade(x0; mask) + b * eps, through the variance-preserving op
     (sagfast.engine.schedule), for the guide rows' x0 and eps [B, C, H, W] and mask [B, h, w]; for video,
     x0 and eps [B, C, T, H, W] and mask [B, t, h, w], each frame blurred in (h, w) under its mask (a
-    map frame covers T / t latent frames)."""
+    map frame covers T / t latent frames), and over time too where `sigma_t` > 0 (the blurred x0 is
+    blurred over its frames first: a 3-D separable Gaussian; the unmasked pixels keep x0)."""
     if x0.dim() == 5:
         b, c, t = x0.shape[:3]
 
@@ -54,19 +57,27 @@ def degraded_input(x0, mask, eps, noise: Noise, kernel_size: int, sigma: float, 
 
         per_frame = mask.repeat_interleave(t // mask.shape[1], dim=1).reshape(b * t, *mask.shape[-2:])
         noise = Noise(*(v.repeat_interleave(t) if v is not None else None for v in (noise.a, noise.b, noise.abar, noise.scale)))
-        xd = degraded_input(frames(x0), per_frame, frames(eps), noise, kernel_size, sigma, backend)
-        return xd.reshape(b, t, c, *xd.shape[-2:]).transpose(1, 2)
+        blurred = ops.blur_time(x0, kernel_size, sigma_t).to(x0.dtype) if sigma_t > 0 else x0
+        xd = degraded_input(frames(blurred), per_frame, frames(eps), noise, kernel_size, sigma, backend)
+        if sigma_t > 0:
+            # The op blends with the input it blurred; the unmasked pixels are x0's, not its time blur's.
+            keep = ~ops.upsample_mask_ref(per_frame, *x0.shape[-2:])
+            scale = noise.abar.float().sqrt() * (noise.scale.float() if noise.scale is not None else 1.0)
+            xd = xd.float() + scale.view(-1, 1, 1, 1) * keep * (frames(x0) - frames(blurred)).float()
+        return xd.reshape(b, t, c, *xd.shape[-2:]).transpose(1, 2).to(x0.dtype)
     xd = ops.degrade(x0, mask, eps, noise.abar, kernel_size, sigma, backend=backend)
     return xd if noise.scale is None else xd * noise.scale.view(-1, 1, 1, 1).to(xd.dtype)
 
 
-def degraded_from_previous(x, previous: Previous, noise: Noise, kernel_size: int, sigma: float, backend: str = "auto"):
+def degraded_from_previous(
+    x, previous: Previous, noise: Noise, kernel_size: int, sigma: float, backend: str = "auto", sigma_t: float = 0.0
+):
     """Batched mode's degraded input: this step's guide input `x` with the previous evaluation's eps and
     mask (the module docstring's formula); x itself where a = 0."""
     a = noise.a.view(-1, *([1] * (x.dim() - 1)))
     safe = Noise(torch.where(noise.a > 0, noise.a, torch.ones_like(noise.a)), noise.b, noise.abar, noise.scale)
     x0_prev, _ = x0_eps(x, previous.eps, safe, "epsilon")  # eps is eps whatever the model predicts
-    xd = degraded_input(x0_prev, previous.mask, previous.eps, noise, kernel_size, sigma, backend)
+    xd = degraded_input(x0_prev, previous.mask, previous.eps, noise, kernel_size, sigma, backend, sigma_t)
     return torch.where(a > 0, xd, x.float())
 
 
@@ -127,11 +138,11 @@ class SAG(Term):
         image = fam.to_image(step.sample, step.call)
         cfg = self.config
         if step.variant == "exact":
-            xd = degraded_input(self.x0, self.mask, self.eps, noise, cfg.blur_kernel_size, cfg.blur_sigma, cfg.backend)
+            xd = degraded_input(self.x0, self.mask, self.eps, noise, cfg.blur_kernel_size, cfg.blur_sigma, cfg.backend, cfg.blur_sigma_t)
         else:
             previous = self.store[step.state_key]
             x = image[step.guide, : previous.eps.shape[1]]
-            xd = degraded_from_previous(x, previous, noise, cfg.blur_kernel_size, cfg.blur_sigma, cfg.backend)
+            xd = degraded_from_previous(x, previous, noise, cfg.blur_kernel_size, cfg.blur_sigma, cfg.backend, cfg.blur_sigma_t)
         guide = image[step.guide]
         # The guide rows' extra input channels (an inpainting UNet's mask and masked image) after it.
         xd = torch.cat([xd.to(step.sample.dtype), guide[:, xd.shape[1] :]], dim=1)
