@@ -66,31 +66,43 @@ def call_arguments(function, args: tuple, kwargs: dict) -> dict:
 def guided_call(pipe, config: SAGConfig, arguments: dict | None = None):
     """The body runs one guided call of `pipe` (a pipeline with a GuidedPipelineMixin class);
     `arguments` are the pipeline call's (sagfast reads `generator` and, for pipelines without a
-    `do_classifier_free_guidance` property, `guidance_scale`)."""
+    `do_classifier_free_guidance` property, `guidance_scale`). A pipeline with two denoisers (Wan 2.2's
+    `transformer_2`) gets a guided call for each, which share the pipeline's CFG state."""
     family = family_of(pipe)
-    call = GuidedCall(pipe, config, family, arguments or {})
-    model = call.model
+    calls = [GuidedCall(pipe, config, family, arguments or {}, attribute) for attribute in denoisers(pipe)]
+    for call in calls[1:]:
+        calls[0].join(call)
+    models = [call.model for call in calls]
     with _LOCK:
-        # Again at each call: a processor set since `enable` (set_attn_processor) is wrapped anew.
-        call.capture.reinstall()
-        _RUNNING[id(model)] = _RUNNING.get(id(model), 0) + 1
-    call_token = ACTIVE_CALL.set(call)
-    capture_token = capture.ACTIVE.set(call.capture)
+        for call in calls:
+            # Again at each call: a processor set since `enable` (set_attn_processor) is wrapped anew.
+            call.capture.reinstall()
+        for model in models:
+            _RUNNING[id(model)] = _RUNNING.get(id(model), 0) + 1
+    call_token = ACTIVE_CALL.set(calls[0])
+    capture_token = capture.ACTIVE.set(calls[0].capture)
     try:
-        yield call
+        yield calls[0]
     finally:
         capture.ACTIVE.reset(capture_token)
         ACTIVE_CALL.reset(call_token)
         with _LOCK:
-            _RUNNING[id(model)] -= 1
-            if not _RUNNING[id(model)]:
-                del _RUNNING[id(model)]
-            _release(model)
+            for model in models:
+                _RUNNING[id(model)] -= 1
+                if not _RUNNING[id(model)]:
+                    del _RUNNING[id(model)]
+                _release(model)
+
+
+def denoisers(pipe) -> list[str]:
+    """The attributes of `pipe` that hold a denoiser sagfast guides (Wan 2.2: "transformer" and, when
+    set, "transformer_2")."""
+    return [a for a in family_of_class(type(pipe)).attributes if pipe.__dict__.get(a) is not None]
 
 
 def _release(model) -> None:
     """Take the capture off `model` when no enabled pipeline and no running call uses it (under _LOCK)."""
-    if model is None or id(model) in _RUNNING or any(_model(p) is model for p in list(_ENABLED)):
+    if model is None or id(model) in _RUNNING or any(model is m for p in list(_ENABLED) for m in _models(p)):
         return
     capture.uninstall(getattr(model, "_orig_mod", model))
 
@@ -101,8 +113,8 @@ def denoiser_property(attribute: str) -> property:
 
     def get(self):
         call = ACTIVE_CALL.get()
-        if call is not None and call.pipe is self:
-            return call.denoiser
+        if call is not None and call.pipe is self and attribute in call.siblings:
+            return call.denoiser_of(attribute)
         return self.__dict__[attribute]
 
     def set(self, value):
@@ -129,9 +141,9 @@ class GuidedPipelineMixin:
     def components(self) -> dict:
         # Inside a call too (diffusers' offload hooks are put back at the end of every call): the models.
         components = super().components
-        attribute = family_of_class(type(self)).attribute
-        if attribute in components:
-            components[attribute] = self.__dict__[attribute]
+        for attribute in family_of_class(type(self)).attributes:
+            if attribute in components:
+                components[attribute] = self.__dict__[attribute]
         return components
 
 
@@ -161,11 +173,10 @@ def guided_class(base: type) -> type:
     with _LOCK:
         cls = _GUIDED_CLASSES.get(base)
         if cls is None:
-            attribute = family_of_class(base).attribute
             namespace = {
                 "sagfast_base": base,
                 "__call__": _guided_call_method(base),
-                attribute: denoiser_property(attribute),
+                **{attribute: denoiser_property(attribute) for attribute in family_of_class(base).attributes},
                 "__reduce_ex__": _reduce_guided,
                 "__module__": base.__module__,
                 "__qualname__": base.__qualname__,
@@ -182,8 +193,8 @@ def rebuild_guided(base: type):
     return pipe
 
 
-def _model(pipe):
-    return pipe.__dict__.get(family_of_class(type(pipe)).attribute)
+def _models(pipe) -> list:
+    return [pipe.__dict__[a] for a in denoisers(pipe)]
 
 
 def enable(pipe, config: SAGConfig | None = None, **overrides):
@@ -194,15 +205,19 @@ def enable(pipe, config: SAGConfig | None = None, **overrides):
     """
     config = make_config(config, overrides)
     family = family_of(pipe)
-    model = getattr(pipe, family.attribute)
     scheduler = getattr(pipe, "scheduler", None)
     if scheduler is None:
         raise ValueError(f"{type(pipe).__name__} has no scheduler")
     family.check_scheduler(scheduler)
-    _, attn, owner, _ = family.resolve_layer(model, config.layers)
-    ruled = [layer for term in TERMS if term.requested(config) for layer in term.layers_of(family, model, config)]
+    installs = []
+    for attribute in denoisers(pipe):
+        model = getattr(pipe, attribute)
+        _, attn, owner, _ = family.resolve_layer(model, config.layers)
+        ruled = [layer for term in TERMS if term.requested(config) for layer in term.layers_of(family, model, config)]
+        installs.append((attn, owner, ruled))
     with _LOCK:
-        capture.install(attn, owner, ruled)
+        for attn, owner, ruled in installs:
+            capture.install(attn, owner, ruled)
         pipe.__dict__[CONFIG_KEY] = config
         if not isinstance(pipe, GuidedPipelineMixin):
             pipe.__class__ = guided_class(type(pipe))
@@ -216,13 +231,14 @@ def disable(pipe):
     if CONFIG_KEY not in pipe.__dict__:
         return pipe
     with _LOCK:
-        model = _model(pipe)
+        models = _models(pipe)
         del pipe.__dict__[CONFIG_KEY]
         base = getattr(type(pipe), "sagfast_base", None)
         if base is not None:
             pipe.__class__ = base
         _ENABLED.discard(pipe)
-        _release(model)
+        for model in models:
+            _release(model)
     return pipe
 
 
@@ -240,8 +256,7 @@ def drop_graphs(pipe) -> None:
     afresh. Needed after a change to the model that the graphs cannot see (adapter weights set with
     `set_adapters`, an attribute a layer reads); moved or cast weights, a LoRA loaded and swapped
     processors are seen."""
-    model = _model(pipe)
-    if model is not None:
+    for model in _models(pipe):
         drop_graphs_of(model)
 
 

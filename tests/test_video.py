@@ -451,6 +451,19 @@ def wan_mass(attn, hs):
     return p.sum(2).mean(1)
 
 
+def wan_expected(attn, layer_inputs, x, v, sigma):
+    """The spec's degraded input of Wan's guide row (flow matching: x0 = x - sigma v, eps = x + (1 - sigma) v),
+    x and v [1, C, F, H, W] (the predicted channels), and its mask on the latent."""
+    mass = wan_mass(attn, layer_inputs)
+    f, h, w = x.shape[2:]
+    c = x.shape[1]
+    mask = (mass > 1.0).double().reshape(f, 1, h // 2, w // 2)  # (t, h, w) = (F, H/2, W/2)
+    mask = F.interpolate(mask, (h, w)).reshape(1, f, 1, h, w).transpose(1, 2)  # nearest, per frame
+    x0, eps = x - sigma * v, x + (1 - sigma) * v
+    blurred = gaussian_blur_2d(x0.transpose(1, 2).reshape(f, c, h, w), 9, 1.0).reshape(1, f, c, h, w).transpose(1, 2)
+    return (1 - sigma) * (blurred * mask + x0 * (1 - mask)) + sigma * eps, mask
+
+
 def test_wan_modular_guider_with_cfg_follows_the_spec():
     from diffusers.guiders import ClassifierFreeGuidance
 
@@ -480,15 +493,8 @@ def test_wan_modular_guider_with_cfg_follows_the_spec():
     for i in range(STEPS):
         u, d = calls[3 * i + 1], calls[3 * i + 2]  # the guide branch is uncond
         sigma = pipe.scheduler.sigmas[i].double().item()
-        x, v = u["x"].double(), u["out"].double()
         with torch.no_grad():
-            mass = wan_mass(attn, layer[3 * i + 1])
-        f, h, w = x.shape[2:]
-        mask = (mass > 1.0).double().reshape(f, 1, h // 2, w // 2)  # (t, h, w) = (F, H/2, W/2)
-        mask = F.interpolate(mask, (h, w)).reshape(1, f, 1, h, w).transpose(1, 2)  # nearest, per frame
-        x0, eps = x - sigma * v, x + (1 - sigma) * v
-        blurred = gaussian_blur_2d(x0.transpose(1, 2).reshape(f, 4, h, w), 9, 1.0).reshape(1, f, 4, h, w).transpose(1, 2)
-        want = (1 - sigma) * (blurred * mask + x0 * (1 - mask)) + sigma * eps
+            want, mask = wan_expected(attn, layer[3 * i + 1], u["x"].double(), u["out"].double(), sigma)
         assert (d["x"].double() - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item()), i
         partial |= bool(mask.any()) and not bool(mask.all())
     assert partial
@@ -518,3 +524,196 @@ def test_wan_cfg_rules_equal_diffusers_guiders_on_the_modular_wan_pipeline(rule)
     bound = 1e-4 * max(1.0, want.abs().max().item())
     assert (got - want).abs().max().item() <= bound
     assert (want - cfg).abs().max().item() > 100 * bound
+
+
+# -- Wan 2.2: a high-noise transformer, then transformer_2 below boundary_ratio --
+
+
+def wan22():
+    from diffusers import WanPipeline
+
+    low = wan()  # the same tiny config, other random weights
+    torch.manual_seed(1)
+    second = type(low.transformer)(**low.transformer.config).eval()
+    first = wan()
+    pipe = WanPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=first.vae,
+        transformer=first.transformer,
+        transformer_2=second,
+        scheduler=first.scheduler,
+        boundary_ratio=0.5,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    # The boundary between the 2nd and 3rd of 4 timesteps: two steps for each transformer.
+    pipe.scheduler.set_timesteps(4)
+    t = pipe.scheduler.timesteps
+    pipe.register_to_config(boundary_ratio=float(t[1] + t[2]) / 2 / pipe.scheduler.config.num_train_timesteps)
+    return pipe
+
+
+@pytest.mark.parametrize(
+    "mode, first, second",
+    [("exact", [1, 2, 1, 2, 1], [2, 1, 2, 1]), ("batched", [1, 2, 1, 3], [2, 1, 3])],
+)
+def test_wan22_guides_both_transformers_and_equals_the_modular_wan22_guiders(mode, first, second):
+    from diffusers.modular_pipelines.wan import Wan22Blocks
+
+    from sagfast.guiders import SelfAttentionGuidance
+
+    arguments = dict(wan_call(), num_inference_steps=4)
+    reference = wan22()
+    blocks = Wan22Blocks()
+    blocks.sub_blocks.pop("text_encoder")
+    blocks.sub_blocks.pop("decode")
+    modular = blocks.init_pipeline()
+    modular.register_to_config(boundary_ratio=reference.config.boundary_ratio)
+    modular.update_components(transformer=reference.transformer, transformer_2=reference.transformer_2, scheduler=reference.scheduler)
+    modular.update_components(
+        guider=SelfAttentionGuidance(guidance_scale=5.0, sag_scale=0.75, mode=mode).bind(modular),
+        guider_2=SelfAttentionGuidance(guidance_scale=3.0, sag_scale=0.75, mode=mode).bind(modular),
+    )
+    want = modular(**arguments, output="latents")
+
+    pipe = wan22()
+    plain = pipe(**arguments, guidance_scale=5.0, guidance_scale_2=3.0, output_type="latent").frames
+    processors = {n: m.processor for n, m in pipe.transformer_2.named_modules() if hasattr(m, "processor")}
+    sagfast.enable(pipe, scale=0.75, mode=mode)
+    sizes = {"transformer": [], "transformer_2": []}
+    handles = [
+        getattr(pipe, name).register_forward_pre_hook(
+            lambda m, a, k, name=name: sizes[name].append((a[0] if a else k["hidden_states"]).shape[0]), with_kwargs=True
+        )
+        for name in sizes
+    ]
+    got = pipe(**arguments, guidance_scale=5.0, guidance_scale_2=3.0, output_type="latent").frames
+    for handle in handles:
+        handle.remove()
+    bound = 1e-4 * max(1.0, want.abs().max().item())
+    assert (got - want).abs().max().item() <= bound
+    assert (want - plain).abs().max().item() > 100 * bound
+    # The low-noise stage joins its branches from its first step (the uncond inputs carry over); its
+    # first SAG step is exact (its own model has no previous evaluation).
+    assert sizes == {"transformer": first, "transformer_2": second}
+    sagfast.disable(pipe)
+    assert torch.equal(pipe(**arguments, guidance_scale=5.0, guidance_scale_2=3.0, output_type="latent").frames, plain)
+    assert {n: m.processor for n, m in pipe.transformer_2.named_modules() if hasattr(m, "processor")} == processors
+
+
+# -- Wan 2.1 I2V: the image's latents concatenated to the latent's channels, CLIP image embeddings --
+
+
+def wan_i2v():
+    from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
+
+    base = wan()
+    torch.manual_seed(0)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=12,  # the latent's 4, the first-frame mask's 4 (the VAE's temporal factor), the image latent's 4
+        out_channels=4,
+        text_dim=16,
+        freq_dim=16,
+        ffn_dim=16,
+        num_layers=3,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+        image_dim=8,
+        added_kv_proj_dim=16,
+    ).eval()
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    encoder = CLIPVisionModel(
+        CLIPVisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=16)
+    ).eval()  # 4 patches and the class token: image embeddings [1, 5, 8]
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    # The image is encoded through the VAE here: its latent statistics sized to its 4 channels.
+    vae = AutoencoderKLWan(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    ).eval()
+    pipe = WanImageToVideoPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=vae,
+        scheduler=base.scheduler,
+        image_processor=processor,
+        image_encoder=encoder,
+        transformer=transformer,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def wan_i2v_call():
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(3)
+    # Wan's image cross-attention takes the text as its last 512 tokens (hard-coded in WanAttnProcessor).
+    text = dict(prompt_embeds=torch.randn(1, 512, 16, generator=g), negative_prompt_embeds=torch.randn(1, 512, 16, generator=g))
+    image = Image.fromarray((torch.rand(64, 80, 3, generator=g) * 255).to(torch.uint8).numpy())
+    latents = torch.randn(1, 4, 3, 8, 10, generator=torch.Generator().manual_seed(7))
+    return dict(
+        image=image, latents=latents, height=64, width=80, num_frames=9,
+        num_inference_steps=STEPS, guidance_scale=5.0, output_type="latent", **text,
+    )  # fmt: skip
+
+
+def test_wan_i2v_degraded_rows_take_the_guide_rows_image_latents_and_follow_the_spec():
+    pipe = wan_i2v()
+    plain = pipe(**wan_i2v_call()).frames
+    sagfast.enable(pipe, scale=1.0)
+    model, attn = pipe.transformer, pipe.transformer.blocks[1].attn1
+    calls, layer = [], []
+
+    def record(module, args, kwargs):
+        calls.append({name: v for name, v in kwargs.items() if torch.is_tensor(v)})
+        if args:  # sagfast hands the sample positionally
+            calls[-1]["hidden_states"] = args[0]
+
+    handles = [
+        model.register_forward_pre_hook(record, with_kwargs=True),
+        model.register_forward_hook(lambda m, a, k, out: calls[-1].update(out=out[0].clone()), with_kwargs=True),
+        attn.register_forward_pre_hook(lambda m, a, k: layer.append({"hidden_states": a[0][:1], "rotary_emb": a[3]}), with_kwargs=True),
+    ]
+    try:
+        got = pipe(**wan_i2v_call()).frames
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert (got - plain).abs().max().item() > 1e-2
+    # Step 1: the cond call alone, the joined [uncond, cond], the degraded rows; then joined and degraded.
+    assert [c["hidden_states"].shape[0] for c in calls] == [1, 2, 1] + [2, 1] * (STEPS - 1)
+    mains = [1] + [3 + 2 * i for i in range(STEPS - 1)]
+    partial = False
+    for i, at in enumerate(mains):
+        main, degraded = calls[at], calls[at + 1]
+        x, v = main["hidden_states"][:1].double(), main["out"][:1].double()  # the guide row: uncond
+        sigma = pipe.scheduler.sigmas[i].double().item()
+        with torch.no_grad():
+            want, mask = wan_expected(attn, layer[at], x[:, :4], v, sigma)
+        xd = degraded["hidden_states"].double()
+        assert (xd[:, :4] - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item()), i
+        # Every other input of the degraded rows is the guide row's: the image latents, the negative
+        # prompt, the image embeddings, the timestep.
+        assert torch.equal(xd[:, 4:], x[:, 4:])
+        for name in ("encoder_hidden_states", "encoder_hidden_states_image", "timestep"):
+            assert torch.equal(degraded[name], main[name][:1]), name
+        assert torch.equal(degraded["encoder_hidden_states"], wan_i2v_call()["negative_prompt_embeds"])
+        partial |= bool(mask.any()) and not bool(mask.all())
+    assert partial
+    sagfast.disable(pipe)
+    assert torch.equal(pipe(**wan_i2v_call()).frames, plain)

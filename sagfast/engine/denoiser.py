@@ -27,7 +27,7 @@ import inspect
 import torch
 
 from sagfast import ops
-from sagfast.attention.capture import Capture
+from sagfast.attention.capture import ACTIVE, Capture
 from sagfast.config import CFG_RULES, PER_IMAGE, TERMS, SAGConfig
 from sagfast.engine.batch import gather_batch, join_calls, same_inputs, slice_batch
 from sagfast.engine.cuda_graph import graphs_of
@@ -76,11 +76,13 @@ class GuidedCall:
     terms and state. Made when the call starts (the scheduler, the capture layer and the terms' layers
     are checked then, once), dropped when it ends."""
 
-    def __init__(self, pipe, config: SAGConfig, family, arguments: dict):
+    def __init__(self, pipe, config: SAGConfig, family, arguments: dict, attribute: str | None = None):
         self.pipe = pipe
         self.config = config
         self.family = family
-        self.model = pipe.__dict__[family.attribute]
+        self.attribute = attribute or family.attribute
+        """The pipeline attribute whose model this call guides."""
+        self.model = pipe.__dict__[self.attribute]
         family.check_scheduler(pipe.scheduler)
         self.arguments = arguments
         if config.owns_cfg and (arguments.get("guidance_rescale") or 0) > 0:
@@ -105,7 +107,20 @@ class GuidedCall:
         latest model call, so that the second call of a step is known as the uncond one."""
         self.sequential: dict = {}
         """Those pipelines' branches between their calls (`sequential_step`)."""
+        self.siblings = {self.attribute: self}
+        """The guided calls of the same pipeline call, by attribute (a pipeline with two denoisers)."""
         self.denoiser = GuidedDenoiser(self)
+
+    def join(self, other: GuidedCall) -> None:
+        """Make `other` (the same pipeline call, another of its denoisers) a sibling: the pipeline's
+        attribute then gives its denoiser, and both share the state of the pipeline's CFG calls (the
+        uncond inputs do not change with the model: Wan 2.2's first low-noise step joins its branches
+        with the high-noise stage's)."""
+        self.siblings[other.attribute] = other
+        other.siblings, other.sequential = self.siblings, self.sequential
+
+    def denoiser_of(self, attribute: str) -> GuidedDenoiser:
+        return self.siblings[attribute].denoiser
 
     @property
     def last_mask(self):
@@ -128,7 +143,7 @@ class GuidedCall:
         """The guided prediction for one model call of the pipeline (`call`: the model's arguments)."""
         fam = self.family
         sample = call.pop(fam.sample_argument)
-        g = fam.sequential_cfg(self.pipe)
+        g = fam.sequential_cfg(self.pipe, self.attribute)
         if g is not None:
             return self.sequential_step(sample, call, g)
         chunks = fam.cfg_chunks(self.pipe, self.arguments)
@@ -191,6 +206,8 @@ class GuidedCall:
         seq["uncond"] = call
         out = self.batch_step(torch.cat([sample, cond_sample]), join_calls(call, cond_call, b), 2)
         u, c = out[:b], out[b:]
+        if g == 1.0:
+            return u  # the pipeline's line is then c_r alone (Wan 2.2's guidance_scale_2 = 1)
         return u + (g / (1.0 - g)) * (c - seq["returned"])
 
     def guided_rows(
@@ -476,8 +493,13 @@ class GuidedDenoiser(torch.nn.Module):
             call.update(call.pop("kwargs", {}))
         return_dict = call.pop("return_dict", True)
         guided = self.guided_call
-        if not guided.config.guides:
-            out = self.model(**call, return_dict=False)[0]
-        else:
-            out = guided.step(call)
+        # This model's capture for its passes (a pipeline with two denoisers runs either).
+        token = ACTIVE.set(guided.capture)
+        try:
+            if not guided.config.guides:
+                out = self.model(**call, return_dict=False)[0]
+            else:
+                out = guided.step(call)
+        finally:
+            ACTIVE.reset(token)
         return guided.family.wrap_output(out) if return_dict else (out,)

@@ -28,6 +28,12 @@ class Family:
     attribute: str = ""
     """The pipeline attribute that holds the denoiser ("unet" or "transformer")."""
 
+    @property
+    def attributes(self) -> tuple:
+        """Every pipeline attribute that may hold a denoiser this family guides, `attribute` first (Wan
+        2.2 adds "transformer_2"); those that are None in a pipeline are left out."""
+        return (self.attribute,)
+
     pipelines: tuple = ()
     """Names of the pipeline classes (and their subclasses) whose batch layout this family knows."""
 
@@ -59,9 +65,10 @@ class Family:
             return 2 if pipe.do_classifier_free_guidance else 1
         return 2 if arguments.get("guidance_scale", 1.0) > 1 else 1
 
-    def sequential_cfg(self, pipe):
-        """For a pipeline that runs CFG as two model calls per step (cond, then uncond): the CFG scale of
-        its current call when CFG is on, else None (the default: CFG, if any, is one [uncond, cond] batch)."""
+    def sequential_cfg(self, pipe, attribute: str):
+        """For a pipeline that runs CFG as two model calls per step (cond, then uncond): the CFG scale its
+        current call combines the denoiser `attribute`'s calls with when CFG is on, else None (the
+        default: CFG, if any, is one [uncond, cond] batch)."""
         return None
 
     def guide_chunk(self, chunks: int) -> int:

@@ -54,23 +54,33 @@ class WanFamily(Family):
     name = "Wan"
     attribute = "transformer"
     model_class = "WanTransformer3DModel"
-    pipelines = ("WanPipeline",)
+    attributes = ("transformer", "transformer_2")
+    pipelines = ("WanPipeline", "WanImageToVideoPipeline")
     sample_argument = "hidden_states"
     refuses = VIDEO_REFUSES
     blocks = "blocks"
 
     def problems(self, pipe) -> list[str]:
         found = super().problems(pipe)
-        if getattr(pipe, "transformer_2", None) is not None:
-            found.append("it has a second transformer (Wan 2.2's transformer_2 below boundary_ratio), which sagfast does not guide yet")
+        second = getattr(pipe, "transformer_2", None)
+        if second is not None and self.model_class not in {c.__name__ for c in type(getattr(second, "_orig_mod", second)).__mro__}:
+            found.append(f"its `transformer_2` is a {type(second).__name__}, not a {self.model_class}")
+        if getattr(pipe.config, "expand_timesteps", False):
+            found.append(
+                "it denoises with a timestep per token (expand_timesteps: Wan 2.2 TI2V's first frame kept clean), "
+                "which SAG's re-noising at one noise level per image does not follow yet"
+            )
         return found
 
     def cfg_chunks(self, pipe, arguments: dict) -> int:
         return 1  # each model call is one branch
 
-    def sequential_cfg(self, pipe):
-        """WanPipeline's CFG: two calls per step, cond then uncond, combined with its guidance_scale."""
-        return float(pipe.guidance_scale) if pipe.do_classifier_free_guidance else None
+    def sequential_cfg(self, pipe, attribute: str):
+        """Wan's CFG: two calls per step, cond then uncond, combined with the call's guidance_scale
+        (Wan 2.2's low-noise transformer_2: guidance_scale_2)."""
+        if not pipe.do_classifier_free_guidance:
+            return None
+        return float(pipe._guidance_scale_2 if attribute == "transformer_2" else pipe.guidance_scale)
 
     def self_attention_layers(self, model) -> list[str]:
         return stack_layers(model, self.blocks)
