@@ -108,7 +108,7 @@ def family_pipelines():
     from test_families import dit, pixart, unconditional
     from test_families_flow import embeds, flux, sd3
     from test_pipelines import sdxl_pipeline
-    from test_video import cogvideox, ltx, wan, wan_i2v, wan_i2v_call
+    from test_video import cogvideox, hunyuan, hunyuan_call, ltx, wan, wan_i2v, wan_i2v_call
 
     from sagfast.digits import load_dit_pipeline, load_pipeline
 
@@ -143,7 +143,8 @@ def family_pipelines():
             dict(prompt_embeds=pe, pooled_prompt_embeds=pooled, negative_prompt_embeds=-pe, negative_pooled_prompt_embeds=-pooled),
         ),
         ("flux", flux, dict(prompt_embeds=pe, pooled_prompt_embeds=pooled, height=32, width=32)),
-        # The video pipelines' default sizes (CogVideoX 49 frames of 480x720, LTX 161 of 512x704, Wan 81 of 480x832) are too slow here.
+        # The video pipelines' default sizes (CogVideoX 49 frames of 480x720, LTX 161 of 512x704, Wan 81 of 480x832,
+    # HunyuanVideo 129 of 720x1280) are too slow here.
         (
             "cogvideox",
             cogvideox,
@@ -175,6 +176,11 @@ def family_pipelines():
                 for k, v in wan_i2v_call().items()
                 if k in ("image", "prompt_embeds", "negative_prompt_embeds", "height", "width", "num_frames")
             },
+        ),
+        (
+            "hunyuan",
+            hunyuan,
+            {k: v for k, v in hunyuan_call().items() if k in ("prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask", "height", "width", "num_frames")},
         ),
         ("digits", lambda: load_pipeline(progress=False), dict(class_labels=[3])),
         ("digits-dit", load_dit_pipeline, dict(class_labels=[3])),

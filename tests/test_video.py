@@ -313,8 +313,8 @@ def test_seg_is_refused_on_video(name):
 def test_an_unknown_pipeline_is_told_the_video_pipelines():
     from sagfast.families import family_of_class
 
-    with pytest.raises(ValueError, match="CogVideoXPipeline, LTXPipeline, WanPipeline"):
-        family_of_class(type("HunyuanVideoPipeline", (), {}))
+    with pytest.raises(ValueError, match="CogVideoXPipeline, LTXPipeline, WanPipeline, WanImageToVideoPipeline, HunyuanVideoPipeline"):
+        family_of_class(type("MochiPipeline", (), {}))
 
 
 # -- Wan 2.1: no CFG on WanPipeline (two sequential calls per step), CFG through the modular guider --
@@ -451,13 +451,14 @@ def wan_mass(attn, hs):
     return p.sum(2).mean(1)
 
 
-def wan_expected(attn, layer_inputs, x, v, sigma):
+def wan_expected(attn, layer_inputs, x, v, sigma, mass=None, patch=2):
     """The spec's degraded input of Wan's guide row (flow matching: x0 = x - sigma v, eps = x + (1 - sigma) v),
-    x and v [1, C, F, H, W] (the predicted channels), and its mask on the latent."""
-    mass = wan_mass(attn, layer_inputs)
+    x and v [1, C, F, H, W] (the predicted channels), and its mask on the latent; `mass` (HunyuanVideo's)
+    on the (F, H / patch, W / patch) map, else Wan's."""
+    mass = wan_mass(attn, layer_inputs) if mass is None else mass
     f, h, w = x.shape[2:]
     c = x.shape[1]
-    mask = (mass > 1.0).double().reshape(f, 1, h // 2, w // 2)  # (t, h, w) = (F, H/2, W/2)
+    mask = (mass > 1.0).double().reshape(f, 1, h // patch, w // patch)  # (t, h, w) = (F, H/2, W/2) on Wan
     mask = F.interpolate(mask, (h, w)).reshape(1, f, 1, h, w).transpose(1, 2)  # nearest, per frame
     x0, eps = x - sigma * v, x + (1 - sigma) * v
     blurred = gaussian_blur_2d(x0.transpose(1, 2).reshape(f, c, h, w), 9, 1.0).reshape(1, f, c, h, w).transpose(1, 2)
@@ -717,3 +718,172 @@ def test_wan_i2v_degraded_rows_take_the_guide_rows_image_latents_and_follow_the_
     assert partial
     sagfast.disable(pipe)
     assert torch.equal(pipe(**wan_i2v_call()).frames, plain)
+
+
+# -- HunyuanVideo: guidance distilled (one branch per call), a text padding mask in its joint attention --
+
+
+def hunyuan():
+    from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=10,
+        num_layers=3,
+        num_single_layers=1,
+        num_refiner_layers=1,
+        patch_size=1,
+        patch_size_t=1,
+        guidance_embeds=True,
+        text_embed_dim=16,
+        pooled_projection_dim=8,
+        rope_axes_dim=(2, 4, 4),
+    ).eval()
+    vae = AutoencoderKLHunyuanVideo(
+        latent_channels=4,
+        down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+        spatial_compression_ratio=8,
+        temporal_compression_ratio=4,
+    ).eval()
+    pipe = HunyuanVideoPipeline(
+        text_encoder=None,
+        tokenizer=None,
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder_2=None,
+        tokenizer_2=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def hunyuan_call(true_cfg=False):
+    g = torch.Generator().manual_seed(1)
+    pe, pooled = torch.randn(1, 8, 16, generator=g), torch.randn(1, 8, generator=g)
+    # 5 of 8 text tokens valid: the padded keys are masked in the joint attention.
+    text = dict(prompt_embeds=pe, pooled_prompt_embeds=pooled, prompt_attention_mask=torch.tensor([[1] * 5 + [0] * 3]))
+    if true_cfg:
+        negative = dict(
+            negative_prompt_embeds=-pe, negative_pooled_prompt_embeds=-pooled, negative_prompt_attention_mask=torch.tensor([[1] * 7 + [0]])
+        )
+        text.update(negative, true_cfg_scale=4.0)
+    return dict(
+        **text,
+        height=64,
+        width=80,
+        num_frames=9,
+        num_inference_steps=STEPS,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+    )  # latent 3 x 8 x 10, patch 1: the map is 3 x 8 x 10
+
+
+@pytest.mark.parametrize("mode", ["exact", "batched"])
+def test_hunyuan_video_runs_and_leaves_the_pipeline_as_it_was(mode):
+    pipe = hunyuan()
+    processors = {n: m.processor for n, m in pipe.transformer.named_modules() if hasattr(m, "processor")}
+    plain = pipe(**hunyuan_call()).frames
+    sagfast.enable(pipe, scale=0.0, mode=mode)
+    assert torch.equal(pipe(**hunyuan_call()).frames, plain)
+    sagfast.enable(pipe, scale=0.75, mode=mode)
+    sizes = []
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, k: sizes.append((a[0] if a else k["hidden_states"]).shape[0]), with_kwargs=True
+    )
+    guided = pipe(**hunyuan_call()).frames
+    handle.remove()
+    assert torch.isfinite(guided).all() and (guided - plain).abs().max().item() > 1e-2
+    assert sizes == ([1, 1] * STEPS if mode == "exact" else [1, 1] + [2] * (STEPS - 1))
+    sagfast.disable(pipe)
+    assert torch.equal(pipe(**hunyuan_call()).frames, plain)
+    assert {n: m.processor for n, m in pipe.transformer.named_modules() if hasattr(m, "processor")} == processors
+
+
+def hunyuan_mass(attn, inputs, rows):
+    """Mass of the video keys from the video queries of HunyuanVideo's joint attention (video then text
+    tokens, RoPE on the video part, the padded text keys masked), from the dense softmax: the spec."""
+    hs, ehs = inputs["hidden_states"][rows], inputs["encoder_hidden_states"][rows]
+    keep = inputs["attention_mask"][rows].reshape(hs.shape[0], -1).bool()
+    rope = inputs["image_rotary_emb"]
+    q, k = attn.norm_q(attn.to_q(hs).unflatten(2, (attn.heads, -1))), attn.norm_k(attn.to_k(hs).unflatten(2, (attn.heads, -1)))
+    q, k = apply_rotary_emb(q, rope, sequence_dim=1), apply_rotary_emb(k, rope, sequence_dim=1)
+    eq = attn.norm_added_q(attn.add_q_proj(ehs).unflatten(2, (attn.heads, -1)))
+    ek = attn.norm_added_k(attn.add_k_proj(ehs).unflatten(2, (attn.heads, -1)))
+    q, k = torch.cat([q, eq], 1).transpose(1, 2).double(), torch.cat([k, ek], 1).transpose(1, 2).double()
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    p = torch.softmax(scores.masked_fill(~keep[:, None, None, :], float("-inf")), dim=-1)
+    n = hs.shape[1]
+    return p[:, :, :n, :n].sum(2).mean(1)
+
+
+@pytest.mark.parametrize("true_cfg", [False, True])
+def test_hunyuan_video_exact_sag_follows_the_spec_with_the_text_padding_mask(true_cfg):
+    pipe = sagfast.enable(hunyuan(), scale=1.0)
+    model, attn = pipe.transformer, pipe.transformer.transformer_blocks[1].attn
+    calls, layer = [], []
+
+    def record(module, args, kwargs):
+        calls.append({"x": (args[0] if args else kwargs["hidden_states"]).clone()})
+
+    handles = [
+        model.register_forward_pre_hook(record, with_kwargs=True),
+        model.register_forward_hook(lambda m, a, k, out: calls[-1].update(out=out[0].clone()), with_kwargs=True),
+        attn.register_forward_pre_hook(lambda m, a, k: layer.append(dict(k)), with_kwargs=True),
+    ]
+    try:
+        pipe(**hunyuan_call(true_cfg))
+    finally:
+        for handle in handles:
+            handle.remove()
+    # Without true CFG: [cond], then the degraded rows. With it: step 1's cond call alone, then the
+    # joined [uncond, cond] and the degraded rows at every step (the guide branch: uncond, row 0).
+    sizes = [c["x"].shape[0] for c in calls]
+    assert sizes == ([1, 2, 1] + [2, 1] * (STEPS - 1) if true_cfg else [1, 1] * STEPS)
+    mains = [1 + 2 * i if true_cfg else 2 * i for i in range(STEPS)]
+    partial = False
+    for i, at in enumerate(mains):
+        x, v = calls[at]["x"][:1].double(), calls[at]["out"][:1].double()
+        sigma = pipe.scheduler.sigmas[i].double().item()
+        inputs = layer[at]
+        keep = inputs["attention_mask"]
+        assert not keep.reshape(keep.shape[0], -1)[0].all()  # the guide row's text is padded: the mask matters
+        with torch.no_grad():
+            want, mask = wan_expected(attn, None, x, v, sigma, mass=hunyuan_mass(attn, inputs, slice(0, 1)), patch=1)
+        got = calls[at + 1]["x"].double()
+        assert (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item()), i
+        partial |= bool(mask.any()) and not bool(mask.all())
+    assert partial
+
+
+@pytest.mark.parametrize("mode", ["exact", "batched"])
+def test_hunyuan_video_true_cfg_gives_cfg_plus_sag_of_the_uncond_branch(mode):
+    # True CFG is two calls per step, cond then uncond, combined by the pipeline as
+    # neg + w * (cond - neg). sagfast joins them; whatever it hands each call, the prediction the
+    # scheduler receives must be u + w * (c - u) + s * (u - o_deg), from the joined call's rows.
+    pipe = sagfast.enable(hunyuan(), scale=0.75, mode=mode)
+    outs, steps = [], []
+    pipe.transformer.register_forward_hook(lambda m, a, k, out: outs.append(out[0].clone()), with_kwargs=True)
+    step = pipe.scheduler.step
+
+    def record(noise_pred, *args, **kwargs):
+        steps.append(noise_pred.clone())
+        return step(noise_pred, *args, **kwargs)
+
+    pipe.scheduler.step = record
+    pipe(**hunyuan_call(true_cfg=True))
+    sizes = [o.shape[0] for o in outs]
+    assert sizes == ([1, 2, 1] + [2, 1] * (STEPS - 1) if mode == "exact" else [1, 2, 1] + [3] * (STEPS - 1))
+    joined = [1] + [3 + (2 if mode == "exact" else 1) * i for i in range(STEPS - 1)]
+    for i, at in enumerate(joined):
+        u, c = outs[at][:1].double(), outs[at][1:2].double()
+        degraded = outs[at + 1] if sizes[at] == 2 else outs[at][2:]
+        want = u + 4.0 * (c - u) + 0.75 * (u - degraded.double())
+        assert (steps[i].double() - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item()), i

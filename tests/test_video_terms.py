@@ -21,19 +21,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
-from test_video import call, cogvideox, ltx, wan, wan_call
+from test_video import call, cogvideox, hunyuan, hunyuan_call, ltx, wan, wan_call
 
 import sagfast
 from sagfast.attention.capture import BlockSkipHook
 
-BUILD = {"cogvideox": cogvideox, "ltx": ltx, "wan": wan}
-STACK = {"cogvideox": "transformer_blocks", "ltx": "transformer_blocks", "wan": "blocks"}
-G = {"cogvideox": 6.0, "ltx": 6.0, "wan": 5.0}
+BUILD = {"cogvideox": cogvideox, "ltx": ltx, "wan": wan, "hunyuan": hunyuan}
+STACK = {"cogvideox": "transformer_blocks", "ltx": "transformer_blocks", "wan": "blocks", "hunyuan": "transformer_blocks"}
+G = {"cogvideox": 6.0, "ltx": 6.0, "wan": 5.0, "hunyuan": 1.0}  # HunyuanVideo: guidance distilled, no CFG line
+CHUNKS = {"cogvideox": 2, "ltx": 2, "wan": 2, "hunyuan": 1}
+"""Rows of the main batch: [uncond, cond], HunyuanVideo's [cond]."""
 
 
 def arguments(name):
     if name == "wan":
         return dict(wan_call(), guidance_scale=G[name], output_type="latent")
+    if name == "hunyuan":
+        return hunyuan_call()
     return call(name, guidance=G[name])
 
 
@@ -65,6 +69,31 @@ def cogvideox_diagonal(attn, hidden_states, encoder_hidden_states=None, attentio
     return out[:, n_text:], out[:, :n_text]
 
 
+class HunyuanDiagonal:
+    """HunyuanVideo's joint attention (video then text tokens, RoPE on the video part) with the
+    video-video block masked to its diagonal and the padded text keys masked: the dense mask."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        n = hidden_states.shape[1]
+
+        def heads(x, proj, norm):
+            return norm(proj(x).unflatten(2, (attn.heads, -1)))
+
+        q, k = heads(hidden_states, attn.to_q, attn.norm_q), heads(hidden_states, attn.to_k, attn.norm_k)
+        q, k = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1), apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+        v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
+        q = torch.cat([q, heads(encoder_hidden_states, attn.add_q_proj, attn.norm_added_q)], 1).transpose(1, 2)
+        k = torch.cat([k, heads(encoder_hidden_states, attn.add_k_proj, attn.norm_added_k)], 1).transpose(1, 2)
+        v = torch.cat([v, attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))], 1).transpose(1, 2)
+        total = q.shape[2]
+        allowed = attention_mask.reshape(q.shape[0], 1, 1, total).bool().expand(-1, 1, total, -1).clone()
+        allowed[:, :, :n, :n] &= torch.eye(n, dtype=torch.bool)
+        scores = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        out = (torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v.double()).to(q.dtype)
+        out = out.transpose(1, 2).flatten(2)
+        return attn.to_out[1](attn.to_out[0](out[:, :n])), attn.to_add_out(out[:, n:])
+
+
 class Perturbed:
     """The perturbation, on the plain model, for the length of a `with` block."""
 
@@ -74,21 +103,22 @@ class Perturbed:
 
     def __enter__(self):
         if self.term == "stg_block":
-            outputs = 2 if self.name == "cogvideox" else 1
+            outputs = 2 if self.name in ("cogvideox", "hunyuan") else 1
 
             def skipped(module, hidden_states, encoder_hidden_states=None, *args, **kwargs):
                 return (hidden_states, encoder_hidden_states) if outputs == 2 else hidden_states
 
             self.block.forward = types.MethodType(skipped, self.block)
         else:
-            self.processor = self.block.attn1.processor
-            self.block.attn1.processor = Diagonal() if self.name == "cogvideox" else ValueOnly()
+            attn = self.block.attn if self.name == "hunyuan" else self.block.attn1
+            self.processor = attn.processor
+            attn.processor = {"cogvideox": Diagonal, "hunyuan": HunyuanDiagonal}.get(self.name, ValueOnly)()
 
     def __exit__(self, *exc):
         if self.term == "stg_block":
             del self.block.forward
         else:
-            self.block.attn1.processor = self.processor
+            (self.block.attn if self.name == "hunyuan" else self.block.attn1).processor = self.processor
 
 
 def reference(name, term, s, block):
@@ -126,9 +156,9 @@ def reference(name, term, s, block):
         handle.remove()
 
 
-def config_of(term, s, block):
-    if term == "pag":
-        return dict(pag_scale=s, pag_layers=rf"\.{block}\.attn1")
+def config_of(name, term, s, block):
+    if term == "pag":  # the block's self-attention: attn1, HunyuanVideo's joint attn
+        return dict(pag_scale=s, pag_layers=rf"^{STACK[name]}\.{block}\.attn1?$")
     return dict(stg_scale=s, stg_layers=block, stg_mode="block" if term == "stg_block" else "attention")
 
 
@@ -140,7 +170,7 @@ def test_pag_and_stg_on_video_follow_the_formula(name, term):
     pipe = BUILD[name]()
     plain = pipe(**arguments(name)).frames
     processors = {n: m.processor for n, m in pipe.transformer.named_modules() if hasattr(m, "processor")}
-    sagfast.enable(pipe, scale=0.0, **config_of(term, s, block))
+    sagfast.enable(pipe, scale=0.0, **config_of(name, term, s, block))
     sizes = []
     handle = pipe.transformer.register_forward_pre_hook(
         lambda m, a, k: sizes.append((a[0] if a else k["hidden_states"]).shape[0]), with_kwargs=True
@@ -150,8 +180,9 @@ def test_pag_and_stg_on_video_follow_the_formula(name, term):
     bound = 1e-4 * max(1.0, want.abs().max().item())
     assert (got - want).abs().max().item() <= bound
     assert (want - plain).abs().max().item() > 100 * bound  # the term moved the latents
-    # One call per step of [uncond, cond, perturbed]; Wan's first step: its cond call, then the joined batch.
-    assert sizes == ([1] if name == "wan" else []) + [3] * 3
+    # One call per step of [uncond, cond, perturbed] (HunyuanVideo: [cond, perturbed]); Wan's first step:
+    # its cond call, then the joined batch.
+    assert sizes == ([1] if name == "wan" else []) + [CHUNKS[name] + 1] * 3
     sagfast.disable(pipe)
     assert torch.equal(pipe(**arguments(name)).frames, plain)
     assert {n: m.processor for n, m in pipe.transformer.named_modules() if hasattr(m, "processor")} == processors
@@ -162,7 +193,7 @@ def test_pag_and_stg_on_video_follow_the_formula(name, term):
 def test_sag_pag_and_stg_batched_on_video_make_one_call_per_step(name):
     pipe = BUILD[name]()
     plain = pipe(**arguments(name)).frames
-    sagfast.enable(pipe, scale=0.75, mode="batched", pag_scale=1.0, pag_layers=r"\.0\.attn1", stg_scale=1.0, stg_layers=[2])
+    sagfast.enable(pipe, scale=0.75, mode="batched", pag_scale=1.0, pag_layers=r"blocks\.0\.attn1?$", stg_scale=1.0, stg_layers=[2])
     sizes = []
     handle = pipe.transformer.register_forward_pre_hook(
         lambda m, a, k: sizes.append((a[0] if a else k["hidden_states"]).shape[0]), with_kwargs=True
@@ -172,7 +203,8 @@ def test_sag_pag_and_stg_batched_on_video_make_one_call_per_step(name):
     assert torch.isfinite(got).all() and (got - plain).abs().max().item() > 1e-2
     # The first step is exact ([uncond, cond, perturbed, skipped], then the degraded rows); every later
     # step is one call of [uncond, cond, perturbed, skipped, degraded].
-    assert sizes == ([1] if name == "wan" else []) + [4, 1] + [5] * 2
+    k = CHUNKS[name]
+    assert sizes == ([1] if name == "wan" else []) + [k + 2, 1] + [k + 3] * 2
 
 
 @pytest.mark.parametrize(

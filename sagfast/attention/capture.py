@@ -36,12 +36,15 @@ from sagfast.ops import attention_mass
 from sagfast.ops.mask import to_map
 
 
-def lse_chunked(q, k, scale):
-    """Row log-sum-exp in fp32, a block of queries at a time (for devices SDPA gives no lse on)."""
+def lse_chunked(q, k, scale, bias=None):
+    """Row log-sum-exp in fp32, a block of queries at a time (for devices SDPA gives no lse on); `bias`
+    an additive key mask broadcast to [B, H, N, Nk] (a key padding mask: [B, 1, 1, Nk])."""
     b, h, n, _ = q.shape
     rows = max(1, (1 << 23) // max(1, b * h * k.shape[2]))
+    bias = 0.0 if bias is None else bias.float()
     parts = [
-        torch.logsumexp(torch.matmul(q[:, :, i : i + rows].float(), k.float().transpose(-1, -2)) * scale, dim=-1) for i in range(0, n, rows)
+        torch.logsumexp(torch.matmul(q[:, :, i : i + rows].float(), k.float().transpose(-1, -2)) * scale + bias, dim=-1)
+        for i in range(0, n, rows)
     ]
     return torch.cat(parts, dim=2)
 
@@ -52,11 +55,20 @@ def _flash_runs_on(device: torch.device) -> bool:
     return torch.backends.cuda.is_flash_attention_available() and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
-def sdpa_with_lse(q, k, v, scale: float):
-    """(out, lse) of softmax attention; q, k, v [B, H, N, D]; lse [B, H, N] fp32 (natural log)."""
+def key_bias(keep: torch.Tensor, dtype) -> torch.Tensor:
+    """A boolean key mask (True: attended) as the additive mask SDPA takes: 0 or -inf."""
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, float("-inf"))
+
+
+def sdpa_with_lse(q, k, v, scale: float, bias=None):
+    """(out, lse) of softmax attention; q, k, v [B, H, N, D]; lse [B, H, N] fp32 (natural log). `bias`:
+    an additive key mask ([B, 1, 1, Nk], 0 or -inf: a text padding mask), or None."""
     if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
         return out, lse
+    if bias is not None:
+        # A masked layer on a GPU: SDPA's output, and the lse in a second, blockwise pass.
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=scale), lse_chunked(q, k, scale, bias)
     if q.device.type == "cuda":
         d = q.shape[-1]
         if q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256 and _flash_runs_on(q.device):
@@ -189,12 +201,13 @@ class SAGCaptureProcessor:
         hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         return attention_output(attn, hidden_states, residual, shape)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: slice = slice(None)) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: slice = slice(None), bias=None) -> torch.Tensor:
         """Attention of q, k, v [B, H, N, D] with SDPA's default scale, recording the mass and mask of
         the `keys` tokens received from those same query tokens of the guide rows (each query's softmax
-        over all keys); the output as [B, N, H * D] (the video families' processors)."""
+        over all keys, `bias` an additive key mask or None); the output as [B, N, H * D] (the video
+        families' processors)."""
         scale = 1.0 / math.sqrt(q.shape[-1])
-        out, lse = _joint_out_and_lse(self, q, k, v, scale)
+        out, lse = _joint_out_and_lse(self, q, k, v, scale, bias)
         _image_mass(self, q, k, lse, keys, scale)
         return out.transpose(1, 2).flatten(2, 3).to(q.dtype)
 
@@ -399,12 +412,12 @@ def installed(model: torch.nn.Module) -> bool:
 # --- Joint attention (SD3, Flux): image and text tokens in one softmax --------------------------------
 
 
-def _joint_out_and_lse(processor, q, k, v, scale):
+def _joint_out_and_lse(processor, q, k, v, scale, bias=None):
     """(out, lse) of the capture layer's one attention call, from xformers where the layer's own
-    processor was xformers' and xformers can run, else SDPA."""
-    if processor.xformers and not xformers_reasons(q):
+    processor was xformers' and xformers can run (without a key mask), else SDPA."""
+    if processor.xformers and bias is None and not xformers_reasons(q):
         return xformers_with_lse(q, k, v, scale)
-    return sdpa_with_lse(q, k, v, scale)
+    return sdpa_with_lse(q, k, v, scale, bias)
 
 
 def _image_mass(processor, q, k, lse, image: slice, scale):

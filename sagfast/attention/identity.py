@@ -48,19 +48,25 @@ def joint_identity_attention(attn, hidden_states, encoder_hidden_states=None, at
     return image_out, text_out
 
 
-def joint_identity(q, k, v, eq, ek, ev):
+def joint_identity(q, k, v, eq, ek, ev, text_keep=None):
     """PAG's joint attention on heads ([B, H, N, D] image, [B, H, T, D] text, after any norms and
     rotary embedding): an image query attends to its own image key and to the text keys, a text query
     to every key; (image out, text out) in q's dtype. The stock processors' default scale.
+    `text_keep` [B, T] bool: the text keys attended (a padding mask, HunyuanVideo's), or None: all.
 
     Computed without the (N + T)^2 mask: an image query's softmax runs over 1 + T scores (its own key,
     then the text keys), so memory is O(N * T)."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     own = (q.float() * k.float()).sum(-1, keepdim=True) * scale
     text = torch.matmul(q.float(), ek.float().transpose(-1, -2)) * scale
+    mask = None
+    if text_keep is not None:
+        text = text.masked_fill(~text_keep[:, None, None, :], float("-inf"))
+        keep = torch.cat([torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device), text_keep], dim=1)
+        mask = keep[:, None, None, :]
     weights = torch.softmax(torch.cat([own, text], dim=-1), dim=-1)
     image_out = weights[..., :1] * v.float() + torch.matmul(weights[..., 1:], ev.float())
-    text_out = F.scaled_dot_product_attention(eq, torch.cat([k, ek], dim=2), torch.cat([v, ev], dim=2))
+    text_out = F.scaled_dot_product_attention(eq, torch.cat([k, ek], dim=2), torch.cat([v, ev], dim=2), attn_mask=mask)
     return image_out.to(q.dtype), text_out.to(q.dtype)
 
 

@@ -143,7 +143,7 @@ class GuidedCall:
         """The guided prediction for one model call of the pipeline (`call`: the model's arguments)."""
         fam = self.family
         sample = call.pop(fam.sample_argument)
-        g = fam.sequential_cfg(self.pipe, self.attribute)
+        g = fam.sequential_cfg(self.pipe, self.attribute, self.arguments)
         if g is not None:
             return self.sequential_step(sample, call, g)
         chunks = fam.cfg_chunks(self.pipe, self.arguments)

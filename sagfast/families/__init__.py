@@ -6,6 +6,7 @@ from sagfast.families.base import Family
 from sagfast.families.cogvideox import CogVideoXFamily
 from sagfast.families.dit import DigitDiTFamily, DiTFamily
 from sagfast.families.flux import FluxFamily
+from sagfast.families.hunyuan_video import HunyuanVideoFamily
 from sagfast.families.ltx import LTXFamily
 from sagfast.families.pixart import PixArtFamily
 from sagfast.families.sd3 import SD3Family
@@ -24,6 +25,7 @@ FAMILIES: tuple = (
     CogVideoXFamily(),
     LTXFamily(),
     WanFamily(),
+    HunyuanVideoFamily(),
 )
 
 

@@ -65,10 +65,10 @@ class Family:
             return 2 if pipe.do_classifier_free_guidance else 1
         return 2 if arguments.get("guidance_scale", 1.0) > 1 else 1
 
-    def sequential_cfg(self, pipe, attribute: str):
+    def sequential_cfg(self, pipe, attribute: str, arguments: dict):
         """For a pipeline that runs CFG as two model calls per step (cond, then uncond): the CFG scale its
-        current call combines the denoiser `attribute`'s calls with when CFG is on, else None (the
-        default: CFG, if any, is one [uncond, cond] batch)."""
+        current call (`arguments`, defaults included) combines the denoiser `attribute`'s calls with when
+        CFG is on, else None (the default: CFG, if any, is one [uncond, cond] batch)."""
         return None
 
     def guide_chunk(self, chunks: int) -> int:

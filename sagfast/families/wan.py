@@ -75,7 +75,7 @@ class WanFamily(Family):
     def cfg_chunks(self, pipe, arguments: dict) -> int:
         return 1  # each model call is one branch
 
-    def sequential_cfg(self, pipe, attribute: str):
+    def sequential_cfg(self, pipe, attribute: str, arguments: dict):
         """Wan's CFG: two calls per step, cond then uncond, combined with the call's guidance_scale
         (Wan 2.2's low-noise transformer_2: guidance_scale_2)."""
         if not pipe.do_classifier_free_guidance:
