@@ -144,7 +144,7 @@ def family_pipelines():
         ),
         ("flux", flux, dict(prompt_embeds=pe, pooled_prompt_embeds=pooled, height=32, width=32)),
         # The video pipelines' default sizes (CogVideoX 49 frames of 480x720, LTX 161 of 512x704, Wan 81 of 480x832,
-    # HunyuanVideo 129 of 720x1280) are too slow here.
+        # HunyuanVideo 129 of 720x1280) are too slow here.
         (
             "cogvideox",
             cogvideox,
@@ -180,7 +180,11 @@ def family_pipelines():
         (
             "hunyuan",
             hunyuan,
-            {k: v for k, v in hunyuan_call().items() if k in ("prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask", "height", "width", "num_frames")},
+            {
+                k: v
+                for k, v in hunyuan_call().items()
+                if k in ("prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask", "height", "width", "num_frames")
+            },
         ),
         ("digits", lambda: load_pipeline(progress=False), dict(class_labels=[3])),
         ("digits-dit", load_dit_pipeline, dict(class_labels=[3])),

@@ -412,12 +412,49 @@ def test_unknown_layers_are_refused_with_the_layers_there_are():
     assert not sagfast.is_enabled(pipe) and attention_processors(pipe) == before
 
 
-def test_flux_true_cfg_and_sd3_skip_layer_guidance_are_refused():
-    pipe = sagfast.enable(flux())
+@pytest.mark.parametrize("mode", ["exact", "batched"])
+def test_flux_true_cfg_gives_true_cfg_plus_sag_of_the_negative_branch(mode):
+    # True CFG is two calls per step, cond then negative, combined by the pipeline as
+    # neg + w * (pos - neg). sagfast joins them; whatever it hands each call, the prediction the
+    # scheduler receives must be neg + w * (pos - neg) + s * (neg - o_deg), from the joined call's rows.
+    pipe = sagfast.enable(flux(), scale=0.75, mode=mode)
     ne, npooled = embeds(2, seed=2)
-    with pytest.raises(ValueError, match="true CFG"):
-        pipe(**call_kwargs("flux"), negative_prompt_embeds=ne, negative_pooled_prompt_embeds=npooled, true_cfg_scale=4.0)
-    pipe(**call_kwargs("flux"), negative_prompt_embeds=ne, negative_pooled_prompt_embeds=npooled, true_cfg_scale=1.0)  # no true CFG: fine
+    outs, steps = [], []
+    pipe.transformer.register_forward_hook(lambda m, a, k, out: outs.append(out[0].clone()), with_kwargs=True)
+    step = pipe.scheduler.step
+
+    def record(noise_pred, *args, **kwargs):
+        steps.append(noise_pred.clone())
+        return step(noise_pred, *args, **kwargs)
+
+    pipe.scheduler.step = record
+    pipe(**call_kwargs("flux"), negative_prompt_embeds=ne, negative_pooled_prompt_embeds=npooled, true_cfg_scale=4.0)
+    sizes = [o.shape[0] // 2 for o in outs]  # in images: two prompts
+    assert sizes == ([1, 2, 1] + [2, 1] * 2 if mode == "exact" else [1, 2, 1] + [3] * 2)
+    joined = [1] + [3 + (2 if mode == "exact" else 1) * i for i in range(2)]
+    seen = 0.0
+    for i, at in enumerate(joined):
+        neg, pos = outs[at][:2].double(), outs[at][2:4].double()
+        degraded = outs[at + 1] if sizes[at] == 2 else outs[at][4:]
+        want = neg + 4.0 * (pos - neg) + 0.75 * (neg - degraded.double())
+        assert (steps[i].double() - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item()), i
+        seen = max(seen, (want - (neg + 4.0 * (pos - neg))).abs().max().item())
+    assert seen > 1e-3  # SAG's term is there (at sigma = 1 the degraded input is x itself: none)
+
+
+def test_joining_calls_whose_inputs_cannot_join_is_refused_clearly():
+    from sagfast.engine.batch import join_calls
+
+    cond = {"encoder_hidden_states": torch.zeros(1, 5, 4), "txt_ids": torch.zeros(5, 3)}
+    joined = join_calls(dict(cond, encoder_hidden_states=torch.ones(1, 5, 4)), cond, 1)
+    assert joined["encoder_hidden_states"].shape == (2, 5, 4) and joined["encoder_hidden_states"][0].eq(1).all()
+    with pytest.raises(ValueError, match=r"`encoder_hidden_states` differ .*\(1, 4, 4\) and \(1, 5, 4\).*the prompt's length"):
+        join_calls(dict(cond, encoder_hidden_states=torch.zeros(1, 4, 4)), cond, 1)
+    with pytest.raises(ValueError, match="`txt_ids` differ"):
+        join_calls(dict(cond, txt_ids=torch.ones(5, 3)), cond, 1)
+
+
+def test_sd3_skip_layer_guidance_is_refused():
     pipe = sagfast.enable(sd3())
     with pytest.raises(ValueError, match="skip_guidance_layers"):
         pipe(**call_kwargs("sd3"), skip_guidance_layers=[1])

@@ -882,8 +882,11 @@ def test_hunyuan_video_true_cfg_gives_cfg_plus_sag_of_the_uncond_branch(mode):
     sizes = [o.shape[0] for o in outs]
     assert sizes == ([1, 2, 1] + [2, 1] * (STEPS - 1) if mode == "exact" else [1, 2, 1] + [3] * (STEPS - 1))
     joined = [1] + [3 + (2 if mode == "exact" else 1) * i for i in range(STEPS - 1)]
+    seen = 0.0
     for i, at in enumerate(joined):
         u, c = outs[at][:1].double(), outs[at][1:2].double()
         degraded = outs[at + 1] if sizes[at] == 2 else outs[at][2:]
         want = u + 4.0 * (c - u) + 0.75 * (u - degraded.double())
         assert (steps[i].double() - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item()), i
+        seen = max(seen, (want - (u + 4.0 * (c - u))).abs().max().item())
+    assert seen > 1e-3  # SAG's term is there

@@ -36,16 +36,25 @@ def gather_batch(value, full: int, parts: list):
     return map_batched(value, full, lambda t: torch.cat([t[p] for p in parts]))
 
 
-def join_calls(first, second, rows: int):
+def join_calls(first, second, rows: int, name: str = "input"):
     """Two model calls' inputs of `rows` rows each as one call: every tensor whose batch dim is `rows`
-    is `first`'s rows then `second`'s; everything else is `second`'s."""
-    if torch.is_tensor(second):
-        return torch.cat([first, second]) if second.dim() >= 1 and second.shape[0] == rows else second
+    is `first`'s rows then `second`'s; everything else is `second`'s, and must be `first`'s too (a
+    ValueError names the input that differs)."""
     if isinstance(second, dict):
-        return {k: join_calls(first[k], v, rows) for k, v in second.items()}
-    if isinstance(second, (list, tuple)):
-        return type(second)(join_calls(a, v, rows) for a, v in zip(first, second))
-    return second
+        return {k: join_calls(first.get(k), v, rows, k) for k, v in second.items()}
+    if isinstance(second, (list, tuple)) and len(first or ()) == len(second):
+        return type(second)(join_calls(a, v, rows, name) for a, v in zip(first, second))
+    batched = torch.is_tensor(second) and second.dim() >= 1 and second.shape[0] == rows
+    if batched and torch.is_tensor(first) and first.shape == second.shape:
+        return torch.cat([first, second])
+    if not batched and same_inputs(first, second):
+        return second
+    shapes = [tuple(x.shape) if torch.is_tensor(x) else type(x).__name__ for x in (first, second)]
+    raise ValueError(
+        f"sagfast joins the pipeline's uncond and cond model calls of a step into one batch, and their `{name}` "
+        f"differ where they cannot ({shapes[0]} and {shapes[1]}): give the negative prompt's embeddings the "
+        "prompt's length (pad both to one max_sequence_length)"
+    )
 
 
 def same_inputs(a, b) -> bool:

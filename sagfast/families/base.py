@@ -192,6 +192,16 @@ class Family:
         raise NotImplementedError
 
 
+def true_cfg(arguments: dict):
+    """The true CFG scale of a call of a guidance-distilled pipeline (FluxPipeline's and
+    HunyuanVideoPipeline's rule: `true_cfg_scale > 1` and a negative prompt), or None: no true CFG."""
+    negative = arguments.get("negative_prompt") is not None or (
+        arguments.get("negative_prompt_embeds") is not None and arguments.get("negative_pooled_prompt_embeds") is not None
+    )
+    scale = float(arguments.get("true_cfg_scale") or 1.0)
+    return scale if scale > 1 and negative else None
+
+
 def _fake_integral_match(identifier: str, name: str) -> bool:
     """diffusers' `is_fake_integral_match`, kept as it is for parity: an identifier and a layer name
     that both end in the same number do not match. (It does not keep "blocks.1" from finding

@@ -9,11 +9,11 @@ guides its rows: `out = o + s * (o - o_degraded)`. The noise level is read from 
 sigmas at its step index (FluxPipeline sets `begin_index` to 0 before its loop; a call made by hand
 outside a pipeline loop must set one too: the transformer's `timestep` is not the scheduler's).
 
-True CFG (`true_cfg_scale > 1` with a negative prompt) is refused: FluxPipeline then makes a second,
-separate model call per step for the negative prompt. Guiding each call on its own rows would give
-`cfg(o_neg, o_pos) + s * ((1 - w) * D_neg + w * D_pos)` (D = o - o_degraded), SAG extrapolated by the
-true-CFG scale w instead of SAG's term on the unconditional branch, and batched mode would carry one
-branch's eps and mask into the other branch's degraded input (the two calls share x, t and shapes).
+True CFG (`true_cfg_scale > 1` with a negative prompt): FluxPipeline then makes a second, separate
+model call per step for the negative prompt and combines them as `neg + w * (pos - neg)`. Guiding each
+call on its own rows would extrapolate SAG by w; sagfast joins the two calls into one [uncond, cond]
+batch instead (`GuidedCall.sequential_step`, as Wan's CFG), so SAG guides the unconditional branch:
+`neg + w * (pos - neg) + s * (neg - o_degraded)`.
 
 Capture layer "mid": the joint attention of the double-stream block in the middle,
 transformer_blocks[N // 2].attn (single-stream blocks get text and image as one sequence with no
@@ -31,7 +31,7 @@ import torch
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from sagfast.attention.capture import FluxCaptureProcessor
-from sagfast.families.base import Family
+from sagfast.families.base import Family, true_cfg
 
 # id(img_ids) -> (weak reference, version or None, (h, w)): the grid is read on the host once per
 # img_ids tensor (one per pipeline call), not once per step.
@@ -108,17 +108,11 @@ class FluxFamily(Family):
         return []
 
     def cfg_chunks(self, pipe, arguments: dict) -> int:
-        has_negative = arguments.get("negative_prompt") is not None or (
-            arguments.get("negative_prompt_embeds") is not None and arguments.get("negative_pooled_prompt_embeds") is not None
-        )
-        if (arguments.get("true_cfg_scale") or 1.0) > 1 and has_negative:
-            raise ValueError(
-                "sagfast does not guide FluxPipeline with true CFG (true_cfg_scale > 1 and a negative prompt): the "
-                "pipeline makes a separate model call for the negative prompt, and SAG on each call would be "
-                "extrapolated by true_cfg_scale instead of guiding the unconditional branch. Call with "
-                "true_cfg_scale=1 (Flux is guidance distilled), or disable SAG."
-            )
-        return 1
+        return 1  # guidance distilled: each model call is one branch
+
+    def sequential_cfg(self, pipe, attribute: str, arguments: dict):
+        """True CFG: the call's true_cfg_scale when it is > 1 and the call has a negative prompt."""
+        return true_cfg(arguments)
 
     def matching_layers(self, model, identifiers: tuple, field: str = "pag_layers") -> list:
         term = field.split("_")[0].upper()

@@ -25,7 +25,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from sagfast.attention.capture import SAGCaptureProcessor, key_bias
 from sagfast.attention.identity import joint_identity
-from sagfast.families.base import VIDEO_REFUSES, Family, stack_layers, transformer_block_layer
+from sagfast.families.base import VIDEO_REFUSES, Family, stack_layers, transformer_block_layer, true_cfg
 
 
 def hunyuan_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb):
@@ -107,11 +107,7 @@ class HunyuanVideoFamily(Family):
     def sequential_cfg(self, pipe, attribute: str, arguments: dict):
         """True CFG: the call's true_cfg_scale when it is > 1 and the call has a negative prompt (as the
         pipeline decides it), else None."""
-        negative = arguments.get("negative_prompt") is not None or (
-            arguments.get("negative_prompt_embeds") is not None and arguments.get("negative_pooled_prompt_embeds") is not None
-        )
-        scale = float(arguments.get("true_cfg_scale") or 1.0)
-        return scale if scale > 1 and negative else None
+        return true_cfg(arguments)
 
     def self_attention_layers(self, model) -> list[str]:
         return stack_layers(model, "transformer_blocks", "attn") + stack_layers(model, "single_transformer_blocks", "attn")
