@@ -99,6 +99,8 @@ def parser() -> argparse.ArgumentParser:
             )
             s.add_argument("--heads", type=_positive, help="attention heads (default 8)")
             s.add_argument("--head-dim", type=_positive, help="head dimension (default 40)")
+        if name == "kernels":
+            s.add_argument("--video", action="store_true", help="also the attention mass at Wan's video N (32760 at 480p, 75600 at 720p)")
         if name == "serve":
             s.add_argument("--concurrency", type=_positive_list, help="comma-separated client counts (default 1,2,4,8,16; --quick 1,4,8)")
             s.add_argument("--requests", type=_positive, help="requests per concurrency level (default 64; --quick 24)")
@@ -123,6 +125,7 @@ def parse(argv=None):
         requests=None,
         heads=None,
         head_dim=None,
+        video=False,
     ).items():
         opts.__dict__.setdefault(name, value)
     opts.command = "python -m bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
@@ -156,6 +159,7 @@ def settings_of(opts) -> dict:
         "requests",
         "heads",
         "head_dim",
+        "video",
     )
     return {k: getattr(opts, k) for k in keep}
 
@@ -165,7 +169,7 @@ def run_kernels(opts, record: dict) -> dict:
     from bench import kernels
 
     columns = [("op", "op"), ("backend", "backend"), ("status", "status")]
-    rows = list(kernels.run(opts.quick))
+    rows = list(kernels.run(opts.quick, opts.device, opts.dtype, opts.video))
     keys = []
     for r in rows:
         keys += [k for k in r if k not in keys]

@@ -1,6 +1,6 @@
 """Kernel benchmark: each op per backend against its PyTorch reference, time and peak memory per shape.
 
-    python -m bench.kernels [--quick] [--device cpu|cuda]     # a table on stdout (+ JSON with --json)
+    python -m bench.kernels [--quick] [--video] [--device cpu|cuda]   # a table on stdout (+ JSON with --json)
     python -m bench kernels                                   # the same rows through the bench CLI
 
 `run(quick)` returns rows {op, backend, shape, dtype, device, ms, p25_ms, p75_ms, speedup_vs_ref,
@@ -41,6 +41,15 @@ BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
 
 MEMORY_SHAPE = (2, 8, 4096, 64)  # B, H, N, D: where materializing the map hurts
 
+VIDEO_TOKENS = (32760, 75600)
+"""Wan 2.1 at 81 frames: 21 x 30 x 52 tokens at 480x832, 21 x 45 x 80 at 720x1280 (`--video`)."""
+
+
+def video_shape(n: int, device: torch.device) -> tuple:
+    """The attention mass's shape at video N: Wan 2.1 1.3B's layer (12 heads of 128) on CUDA; one head
+    of 16 on CPU (the cost scales with heads x head dim; a 2-core CPU takes seconds per call even so)."""
+    return (1, 12, n, 128) if device.type == "cuda" else (1, 1, n, 16)
+
 
 # ----------------------------------------------------------------------------------------------------
 # Cases
@@ -71,8 +80,9 @@ def materialized_mass(q, k, lse, scale):
     return p.sum(dim=2).mean(dim=1)
 
 
-def cases(quick: bool, device: torch.device, dtype: torch.dtype) -> list:
-    """(op, shape label, inputs builder, {variant: fn(inputs)}, bytes moved, flops)."""
+def cases(quick: bool, device: torch.device, dtype: torch.dtype, video: bool = False) -> list:
+    """(op, shape label, inputs builder, {variant: fn(inputs)}, bytes moved, flops). `video`: the
+    attention mass at Wan's video N as well."""
     from sagfast import ops
 
     itemsize = torch.empty(0, dtype=dtype).element_size()
@@ -80,6 +90,8 @@ def cases(quick: bool, device: torch.device, dtype: torch.dtype) -> list:
     mass_shapes = [(1, 8, 64, 160), (1, 20, 1024, 64)]  # SD1.5 mid block, SDXL mid block
     if not quick or device.type == "cuda":
         mass_shapes.append(MEMORY_SHAPE)
+    if video:
+        mass_shapes += [video_shape(n, device) for n in VIDEO_TOKENS]
     for shape in mass_shapes:
         b, h, n, d = shape
         out.append(
@@ -147,12 +159,12 @@ def backends_for(device: torch.device) -> list:
 # ----------------------------------------------------------------------------------------------------
 
 
-def time_rows(quick: bool, device: torch.device, dtype: torch.dtype) -> list:
+def time_rows(quick: bool, device: torch.device, dtype: torch.dtype, video: bool = False) -> list:
     rows = []
     rounds, warmup = (5, 1) if quick else (15, 2)
     backends = backends_for(device)
     bw = next((v for k, v in BANDWIDTH.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
-    for case in cases(quick, device, dtype):
+    for case in cases(quick, device, dtype, video):
         inp = case["inputs"]()
         heavy = case["flops"] is not None and case["flops"] > 1e10 and device.type == "cpu"
         variants = {}
@@ -278,12 +290,13 @@ def run_memory(device: torch.device, dtype: torch.dtype) -> list:
 # ----------------------------------------------------------------------------------------------------
 
 
-def run(quick: bool, device: str | torch.device = "auto", dtype: torch.dtype | None = None) -> list:
+def run(quick: bool, device: str | torch.device = "auto", dtype: torch.dtype | None = None, video: bool = False) -> list:
     """Rows of timings, then rows of peak memory (keys: op, backend, shape, dtype, device, ms, ...,
-    peak_bytes). Quick: fewer rounds, and on CPU no timing at N = 4096 (memory is still measured)."""
+    peak_bytes). Quick: fewer rounds, and on CPU no timing at N = 4096 (memory is still measured).
+    `video`: timings of the attention mass at Wan's N too (its memory: `bench memory --tokens`)."""
     device = common.pick_device(device) if not isinstance(device, torch.device) else device
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-    rows = time_rows(quick, device, dtype)
+    rows = time_rows(quick, device, dtype, video)
     mem = {(r["op"], r["backend"], r["shape"]): r for r in run_memory(device, dtype)}
     for r in rows:
         m = mem.pop((r["op"], r["backend"], r["shape"]), None)
@@ -328,6 +341,7 @@ def _table(rows: list) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--video", action="store_true", help="also the attention mass at Wan's video N (32760, 75600)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=sorted(common.DTYPES), default=None)
     p.add_argument("--json", help="also write the rows to this JSON file")
@@ -341,7 +355,7 @@ def main(argv=None) -> int:
     if opts.memory_worker:
         print(json.dumps(measure_memory(device, dtype or torch.float32)))
         return 0
-    rows = run(opts.quick, device, dtype)
+    rows = run(opts.quick, device, dtype, opts.video)
     try:
         print("# " + common.machine_line(common.machine_record(device, dtype or torch.float32, {})))
     except Exception as exc:  # the machine line is a convenience

@@ -64,7 +64,7 @@ def gpu_stages() -> list[Stage]:
         ),
         Stage("step_b4", step.format(b=4), 60),  # 52 s measured
         Stage("half_precision", "$PY -m bench.half_precision --device cuda --out $R", 35),
-        Stage("kernels", "$PY -m bench kernels --device cuda --out $R", 30),
+        Stage("kernels", "$PY -m bench kernels --device cuda --video --out $R", 30),
         Stage("memory", "$PY -m bench memory --device cuda --out $R", 35),
     ]
 

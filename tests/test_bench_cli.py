@@ -130,3 +130,14 @@ def test_each_scenario_help_shows_its_own_options(tmp_path):
     assert "--tokens" in memory.stdout and "--variants" not in memory.stdout
     bad = _bench(["step", "--steps", "0"], tmp_path)
     assert bad.returncode == 2 and "argument --steps: must be a positive integer, got 0" in bad.stderr
+
+
+def test_kernels_video_rows_time_the_attention_mass_at_wan_n():
+    import torch
+
+    from bench.kernels import cases
+
+    def shapes(video):
+        return [c["shape"] for c in cases(True, torch.device("cpu"), torch.float32, video) if c["op"] == "attention_mass"]
+
+    assert shapes(True) == shapes(False) + ["B1 H1 N32760 D16", "B1 H1 N75600 D16"]
