@@ -164,3 +164,36 @@ if __name__ == "__main__":
     pipe = sagfast.enable(tiny_stable_diffusion(), scale=0.75)
     image = pipe("a photo of a cat").images[0]
     print(f"a {image.size[0]}x{image.size[1]} image from a guided call with only a prompt")
+
+
+def tiny_wan(seed: int = 0):
+    """What `WanPipeline.from_pretrained(<a Wan 2.1 repo>)` returns, tiny and offline: a UMT5 text
+    encoder (on the tiny tokenizer, padded to Wan's 512 tokens), a three-block WanTransformer3DModel
+    (patch 1x2x2, 3-D RoPE), a Wan VAE (8x spatial, 4x temporal compression) and Wan's flow UniPC."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)).eval()
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=16,
+        ffn_dim=16,
+        num_layers=3,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=64,
+    ).eval()
+    vae = AutoencoderKLWan(
+        base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4
+    ).eval()
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

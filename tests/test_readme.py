@@ -60,3 +60,19 @@ def test_the_readme_modular_section_runs_as_written(tmp_path, monkeypatch):
         assert scope["image"].size == (32, 32)
     saved = scope["SelfAttentionGuidance"].from_pretrained("my-guider")
     assert saved.sag_scale == 0.75 and saved.guidance_scale == 5.0
+
+
+WAN_LOAD = "pipe = WanPipeline.from_pretrained(...)  # e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+
+
+def test_the_readme_video_example_runs_as_written():
+    sys.path.insert(0, str(EXAMPLES))
+    from offline_pipeline import tiny_wan
+
+    text = (REPO / "README.md").read_text()
+    start = text.rindex("```python\n", 0, text.index(WAN_LOAD)) + len("```python\n")
+    block = text[start : text.index("```", start)]
+    assert block.count(WAN_LOAD) == 1
+    scope = {"tiny_wan": tiny_wan}
+    exec(compile(block.replace(WAN_LOAD, "pipe = tiny_wan()"), "README.md (video)", "exec"), scope)
+    assert scope["video"].shape == (33, 256, 256, 3)  # 33 frames of 256x256
