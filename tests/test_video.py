@@ -890,3 +890,24 @@ def test_hunyuan_video_true_cfg_gives_cfg_plus_sag_of_the_uncond_branch(mode):
         assert (steps[i].double() - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item()), i
         seen = max(seen, (want - (u + 4.0 * (c - u))).abs().max().item())
     assert seen > 1e-3  # SAG's term is there
+
+
+@pytest.mark.parametrize("mode", ["exact", "batched"])
+def test_wan_i2v_runs_and_leaves_the_pipeline_as_it_was(mode):
+    pipe = wan_i2v()
+    processors = {n: m.processor for n, m in pipe.transformer.named_modules() if hasattr(m, "processor")}
+    plain = pipe(**wan_i2v_call()).frames
+    sagfast.enable(pipe, scale=0.0, mode=mode)
+    assert torch.equal(pipe(**wan_i2v_call()).frames, plain)
+    sagfast.enable(pipe, scale=0.75, mode=mode)
+    sizes = []
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, k: sizes.append((a[0] if a else k["hidden_states"]).shape[0]), with_kwargs=True
+    )
+    guided = pipe(**wan_i2v_call()).frames
+    handle.remove()
+    assert (guided - plain).abs().max().item() > 1e-2
+    assert sizes == [1, 2, 1] + ([2, 1] if mode == "exact" else [3]) * (STEPS - 1)
+    sagfast.disable(pipe)
+    assert torch.equal(pipe(**wan_i2v_call()).frames, plain)
+    assert {n: m.processor for n, m in pipe.transformer.named_modules() if hasattr(m, "processor")} == processors

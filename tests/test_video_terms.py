@@ -252,3 +252,21 @@ def test_the_reference_perturbations_are_not_the_plain_model():
         plain, _ = attn(hs, text, image_rotary_emb=rope)
     assert (video - plain).abs().max().item() > 1e-3
     assert F.mse_loss(video, plain).item() > 0
+
+
+@pytest.mark.parametrize("mode", ["exact", "batched"])
+def test_per_video_stg_and_pag_scales_in_one_call_equal_each_video_alone(mode):
+    # Two prompts with their own STG and PAG scales share every model call, each video guided as if
+    # alone (its own generator: the same noise alone and in the pair).
+    settings = dict(scale=0.75, stg_scale=(0.0, 1.5), pag_scale=(1.0, 0.0), pag_layers=r"\.0\.attn1", mode=mode)
+    base = call("ltx")
+    g = torch.Generator().manual_seed(9)
+    texts = {k: torch.cat([v, torch.randn(v.shape, generator=g) if v.is_floating_point() else v]) for k, v in base.items() if "prompt" in k}
+    pipe = sagfast.enable(ltx(), **settings)
+    pair = pipe(**dict(base, **texts, generator=[torch.Generator().manual_seed(s) for s in (5, 6)])).frames
+    for i, seed in enumerate((5, 6)):
+        sagfast.enable(pipe, **dict(settings, stg_scale=settings["stg_scale"][i], pag_scale=settings["pag_scale"][i]))
+        one = {k: v[i : i + 1] for k, v in texts.items()}
+        want = pipe(**dict(base, **one, generator=torch.Generator().manual_seed(seed))).frames[0]
+        assert (pair[i] - want).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item()), i
+    assert (pair[0] - pair[1]).abs().max().item() > 1e-2
