@@ -166,17 +166,13 @@ if __name__ == "__main__":
     print(f"a {image.size[0]}x{image.size[1]} image from a guided call with only a prompt")
 
 
-def tiny_wan(seed: int = 0):
-    """What `WanPipeline.from_pretrained(<a Wan 2.1 repo>)` returns, tiny and offline: a UMT5 text
-    encoder (on the tiny tokenizer, padded to Wan's 512 tokens), a three-block WanTransformer3DModel
-    (patch 1x2x2, 3-D RoPE), a Wan VAE (8x spatial, 4x temporal compression) and Wan's flow UniPC."""
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
-    from transformers import UMT5Config, UMT5EncoderModel
+def tiny_wan_transformer(seed: int = 0, **overrides):
+    """A three-block WanTransformer3DModel (patch 1x2x2, 3-D RoPE, 2 heads of 8, text dim 16);
+    `overrides` change its config (I2V: more input channels, image embeddings)."""
+    from diffusers import WanTransformer3DModel
 
-    tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
-    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)).eval()
-    transformer = WanTransformer3DModel(
+    config = dict(
         patch_size=(1, 2, 2),
         num_attention_heads=2,
         attention_head_dim=8,
@@ -189,8 +185,17 @@ def tiny_wan(seed: int = 0):
         cross_attn_norm=True,
         qk_norm="rms_norm_across_heads",
         rope_max_seq_len=64,
-    ).eval()
-    vae = AutoencoderKLWan(
+    )
+    return WanTransformer3DModel(**{**config, **overrides}).eval()
+
+
+def tiny_wan_vae(seed: int = 0):
+    """A Wan VAE with 4 latent channels (8x spatial, 4x temporal compression), its latent statistics
+    sized to them."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    return AutoencoderKLWan(
         base_dim=8,
         z_dim=4,
         dim_mult=[1, 1, 1, 1],
@@ -199,7 +204,31 @@ def tiny_wan(seed: int = 0):
         latents_mean=[0.0] * 4,
         latents_std=[1.0] * 4,
     ).eval()
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler)
+
+
+def wan_scheduler():
+    """Wan 2.1's scheduler: UniPC on flow sigmas, shift 3."""
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+
+
+def tiny_wan(seed: int = 0):
+    """What `WanPipeline.from_pretrained(<a Wan 2.1 repo>)` returns, tiny and offline: a UMT5 text
+    encoder (on the tiny tokenizer, padded to Wan's 512 tokens), the tiny transformer and VAE above and
+    Wan's flow UniPC."""
+    from diffusers import WanPipeline
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)).eval()
+    pipe = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=tiny_wan_vae(seed),
+        transformer=tiny_wan_transformer(seed),
+        scheduler=wan_scheduler(),
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -64,3 +64,37 @@ def recording(pipe):
         yield rec
     finally:
         rec.remove()
+
+
+def check_joined_cfg(pipe, run, images: int, w: float, s: float, mode: str, steps: int) -> None:
+    """A pipeline that runs CFG as two calls per step (cond, then uncond), enabled with SAG scale `s`:
+    whatever sagfast hands each call, the prediction the scheduler receives at every step must be
+    u + w * (c - u) + s * (u - o_deg), from the rows of the joined [uncond, cond] call (and its
+    degraded rows: the next call in exact mode, the call's last rows in batched mode). `run()` makes
+    the pipeline call; `images` per branch."""
+    outs, predictions = [], []
+    handle = pipe.transformer.register_forward_hook(lambda m, a, k, out: outs.append(out[0].clone()), with_kwargs=True)
+    step = pipe.scheduler.step
+
+    def record(noise_pred, *args, **kwargs):
+        predictions.append(noise_pred.clone())
+        return step(noise_pred, *args, **kwargs)
+
+    pipe.scheduler.step = record
+    try:
+        run()
+    finally:
+        handle.remove()
+        del pipe.scheduler.step
+    sizes = [o.shape[0] // images for o in outs]
+    # Step 1: the cond call alone, the joined batch, its degraded rows; then the joined step only.
+    assert sizes == [1, 2, 1] + ([2, 1] if mode == "exact" else [3]) * (steps - 1)
+    joined = [1] + [3 + (2 if mode == "exact" else 1) * i for i in range(steps - 1)]
+    seen = 0.0
+    for i, at in enumerate(joined):
+        u, c = outs[at][:images].double(), outs[at][images : 2 * images].double()
+        degraded = (outs[at + 1] if sizes[at] == 2 else outs[at][2 * images :]).double()
+        want = u + w * (c - u) + s * (u - degraded)
+        assert (predictions[i].double() - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item()), i
+        seen = max(seen, (want - (u + w * (c - u))).abs().max().item())
+    assert seen > 1e-3  # SAG's term is there (at sigma = 1 the degraded input is x itself: none)

@@ -417,29 +417,15 @@ def test_flux_true_cfg_gives_true_cfg_plus_sag_of_the_negative_branch(mode):
     # True CFG is two calls per step, cond then negative, combined by the pipeline as
     # neg + w * (pos - neg). sagfast joins them; whatever it hands each call, the prediction the
     # scheduler receives must be neg + w * (pos - neg) + s * (neg - o_deg), from the joined call's rows.
+    from recording import check_joined_cfg
+
     pipe = sagfast.enable(flux(), scale=0.75, mode=mode)
     ne, npooled = embeds(2, seed=2)
-    outs, steps = [], []
-    pipe.transformer.register_forward_hook(lambda m, a, k, out: outs.append(out[0].clone()), with_kwargs=True)
-    step = pipe.scheduler.step
 
-    def record(noise_pred, *args, **kwargs):
-        steps.append(noise_pred.clone())
-        return step(noise_pred, *args, **kwargs)
+    def run():
+        pipe(**call_kwargs("flux"), negative_prompt_embeds=ne, negative_pooled_prompt_embeds=npooled, true_cfg_scale=4.0)
 
-    pipe.scheduler.step = record
-    pipe(**call_kwargs("flux"), negative_prompt_embeds=ne, negative_pooled_prompt_embeds=npooled, true_cfg_scale=4.0)
-    sizes = [o.shape[0] // 2 for o in outs]  # in images: two prompts
-    assert sizes == ([1, 2, 1] + [2, 1] * 2 if mode == "exact" else [1, 2, 1] + [3] * 2)
-    joined = [1] + [3 + (2 if mode == "exact" else 1) * i for i in range(2)]
-    seen = 0.0
-    for i, at in enumerate(joined):
-        neg, pos = outs[at][:2].double(), outs[at][2:4].double()
-        degraded = outs[at + 1] if sizes[at] == 2 else outs[at][4:]
-        want = neg + 4.0 * (pos - neg) + 0.75 * (neg - degraded.double())
-        assert (steps[i].double() - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item()), i
-        seen = max(seen, (want - (neg + 4.0 * (pos - neg))).abs().max().item())
-    assert seen > 1e-3  # SAG's term is there (at sigma = 1 the degraded input is x itself: none)
+    check_joined_cfg(pipe, run, images=2, w=4.0, s=0.75, mode=mode, steps=3)
 
 
 def test_joining_calls_whose_inputs_cannot_join_is_refused_clearly():

@@ -199,26 +199,33 @@ def expected_degraded(attn, inputs, x, v, abar, guide, sigma_t=0.0):
     return a * (blurred * mask + x0 * (1 - mask)) + s * eps, mask
 
 
+def check_guides_and_restores(pipe, go, mode, sizes):
+    """What must hold for every video pipeline: `scale=0` is the plain call bitwise, SAG changes the
+    output, the model calls per step are `sizes` (counted by a hook), and `disable` gives back the
+    plain output and the original attention processors. `go()` makes the call and returns its frames."""
+    processors = {n: m.processor for n, m in pipe.transformer.named_modules() if hasattr(m, "processor")}
+    plain = go()
+    sagfast.enable(pipe, scale=0.0, mode=mode)
+    assert torch.equal(go(), plain), "scale=0 must be exactly the plain pipeline"
+    sagfast.enable(pipe, scale=0.75, mode=mode)
+    seen = []
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, k: seen.append((a[0] if a else k["hidden_states"]).shape[0]), with_kwargs=True
+    )
+    guided = go()
+    handle.remove()
+    assert torch.isfinite(guided).all() and (guided - plain).abs().max().item() > 1e-2
+    assert seen == sizes
+    sagfast.disable(pipe)
+    assert torch.equal(go(), plain)
+    assert {n: m.processor for n, m in pipe.transformer.named_modules() if hasattr(m, "processor")} == processors
+
+
 @pytest.mark.parametrize("mode", ["exact", "batched"])
 @pytest.mark.parametrize("name", ["cogvideox", "ltx"])
 def test_sag_runs_changes_the_video_and_leaves_the_pipeline_as_it_was(name, mode):
     pipe = PIPELINES[name]()
-    processors = {n: m.processor for n, m in pipe.transformer.named_modules() if hasattr(m, "processor")}
-    plain = run(pipe, name)
-    sagfast.enable(pipe, scale=0.0, mode=mode)
-    assert torch.equal(run(pipe, name), plain), "scale=0 must be exactly the plain pipeline"
-    sagfast.enable(pipe, scale=0.75, mode=mode)
-    sizes = []
-    handle = pipe.transformer.register_forward_pre_hook(
-        lambda m, a, k: sizes.append((a[0] if a else k["hidden_states"]).shape[0]), with_kwargs=True
-    )
-    guided = run(pipe, name)
-    handle.remove()
-    assert torch.isfinite(guided).all() and (guided - plain).abs().max().item() > 1e-2
-    assert sizes == ([2, 1] * STEPS if mode == "exact" else [2, 1] + [3] * (STEPS - 1))
-    sagfast.disable(pipe)
-    assert torch.equal(run(pipe, name), plain)
-    assert {n: m.processor for n, m in pipe.transformer.named_modules() if hasattr(m, "processor")} == processors
+    check_guides_and_restores(pipe, lambda: run(pipe, name), mode, [2, 1] * STEPS if mode == "exact" else [2, 1] + [3] * (STEPS - 1))
 
 
 @pytest.mark.parametrize("sigma_t", [0.0, 1.5])
@@ -320,27 +327,15 @@ def test_an_unknown_pipeline_is_told_the_video_pipelines():
 # -- Wan 2.1: no CFG on WanPipeline (two sequential calls per step), CFG through the modular guider --
 
 
-def wan():
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+def wan(seed=0):
+    # The README's offline Wan components (examples/offline_pipeline.py), without a text encoder: the
+    # tests pass prompt embeddings.
+    from diffusers import WanPipeline
+    from offline_pipeline import tiny_wan_transformer, tiny_wan_vae, wan_scheduler
 
-    torch.manual_seed(0)
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=16,
-        ffn_dim=16,
-        num_layers=3,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    ).eval()
-    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]).eval()
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=scheduler)
+    pipe = WanPipeline(
+        tokenizer=None, text_encoder=None, vae=tiny_wan_vae(), transformer=tiny_wan_transformer(seed), scheduler=wan_scheduler()
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -366,26 +361,12 @@ def modular_wan(pipe, guider):
 @pytest.mark.parametrize("mode", ["exact", "batched"])
 def test_wan_without_cfg_runs_and_leaves_the_pipeline_as_it_was(mode):
     pipe = wan()
-    processors = {n: m.processor for n, m in pipe.transformer.named_modules() if hasattr(m, "processor")}
 
-    def go(g=1.0):
-        return pipe(**wan_call(), guidance_scale=g, output_type="latent").frames
+    def go():
+        return pipe(**wan_call(), guidance_scale=1.0, output_type="latent").frames
 
-    plain = go()
-    sagfast.enable(pipe, scale=0.0, mode=mode)
-    assert torch.equal(go(), plain)
-    sagfast.enable(pipe, scale=0.75, mode=mode)
-    sizes = []
-    handle = pipe.transformer.register_forward_pre_hook(
-        lambda m, a, k: sizes.append((a[0] if a else k["hidden_states"]).shape[0]), with_kwargs=True
-    )
-    guided = go()
-    handle.remove()
-    assert (guided - plain).abs().max().item() > 1e-2
-    assert sizes == ([1, 1] * STEPS if mode == "exact" else [1, 1] + [2] * (STEPS - 1))  # cond, then degraded; batched: one call
-    sagfast.disable(pipe)
-    assert torch.equal(go(), plain)
-    assert {n: m.processor for n, m in pipe.transformer.named_modules() if hasattr(m, "processor")} == processors
+    # cond, then degraded; batched: one call
+    check_guides_and_restores(pipe, go, mode, [1, 1] * STEPS if mode == "exact" else [1, 1] + [2] * (STEPS - 1))
 
 
 @pytest.mark.parametrize("mode, per_step", [("exact", [1, 2, 1] + [2, 1] * (STEPS - 1)), ("batched", [1, 2, 1] + [3] * (STEPS - 1))])
@@ -532,17 +513,15 @@ def test_wan_cfg_rules_equal_diffusers_guiders_on_the_modular_wan_pipeline(rule)
 
 def wan22():
     from diffusers import WanPipeline
+    from offline_pipeline import tiny_wan_transformer
 
-    low = wan()  # the same tiny config, other random weights
-    torch.manual_seed(1)
-    second = type(low.transformer)(**low.transformer.config).eval()
     first = wan()
     pipe = WanPipeline(
         tokenizer=None,
         text_encoder=None,
         vae=first.vae,
         transformer=first.transformer,
-        transformer_2=second,
+        transformer_2=tiny_wan_transformer(seed=1),  # the same tiny config, other random weights
         scheduler=first.scheduler,
         boundary_ratio=0.5,
     )
@@ -606,51 +585,23 @@ def test_wan22_guides_both_transformers_and_equals_the_modular_wan22_guiders(mod
 
 
 def wan_i2v():
-    from diffusers import WanImageToVideoPipeline, WanTransformer3DModel
-
-    base = wan()
-    torch.manual_seed(0)
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=12,  # the latent's 4, the first-frame mask's 4 (the VAE's temporal factor), the image latent's 4
-        out_channels=4,
-        text_dim=16,
-        freq_dim=16,
-        ffn_dim=16,
-        num_layers=3,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-        image_dim=8,
-        added_kv_proj_dim=16,
-    ).eval()
+    from diffusers import WanImageToVideoPipeline
+    from offline_pipeline import tiny_wan_transformer, tiny_wan_vae, wan_scheduler
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
+    # In: the latent's 4 channels, the first-frame mask's 4 (the VAE's temporal factor), the image
+    # latent's 4; CLIP image embeddings of 8 through added k / v projections.
+    transformer = tiny_wan_transformer(in_channels=12, image_dim=8, added_kv_proj_dim=16)
     torch.manual_seed(0)
     encoder = CLIPVisionModel(
         CLIPVisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=16)
     ).eval()  # 4 patches and the class token: image embeddings [1, 5, 8]
     processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    from diffusers import AutoencoderKLWan
-
-    torch.manual_seed(0)
-    # The image is encoded through the VAE here: its latent statistics sized to its 4 channels.
-    vae = AutoencoderKLWan(
-        base_dim=8,
-        z_dim=4,
-        dim_mult=[1, 1, 1, 1],
-        num_res_blocks=1,
-        temperal_downsample=[False, True, True],
-        latents_mean=[0.0] * 4,
-        latents_std=[1.0] * 4,
-    ).eval()
     pipe = WanImageToVideoPipeline(
         tokenizer=None,
         text_encoder=None,
-        vae=vae,
-        scheduler=base.scheduler,
+        vae=tiny_wan_vae(),  # the image is encoded through it
+        scheduler=wan_scheduler(),
         image_processor=processor,
         image_encoder=encoder,
         transformer=transformer,
@@ -789,22 +740,8 @@ def hunyuan_call(true_cfg=False):
 @pytest.mark.parametrize("mode", ["exact", "batched"])
 def test_hunyuan_video_runs_and_leaves_the_pipeline_as_it_was(mode):
     pipe = hunyuan()
-    processors = {n: m.processor for n, m in pipe.transformer.named_modules() if hasattr(m, "processor")}
-    plain = pipe(**hunyuan_call()).frames
-    sagfast.enable(pipe, scale=0.0, mode=mode)
-    assert torch.equal(pipe(**hunyuan_call()).frames, plain)
-    sagfast.enable(pipe, scale=0.75, mode=mode)
-    sizes = []
-    handle = pipe.transformer.register_forward_pre_hook(
-        lambda m, a, k: sizes.append((a[0] if a else k["hidden_states"]).shape[0]), with_kwargs=True
-    )
-    guided = pipe(**hunyuan_call()).frames
-    handle.remove()
-    assert torch.isfinite(guided).all() and (guided - plain).abs().max().item() > 1e-2
-    assert sizes == ([1, 1] * STEPS if mode == "exact" else [1, 1] + [2] * (STEPS - 1))
-    sagfast.disable(pipe)
-    assert torch.equal(pipe(**hunyuan_call()).frames, plain)
-    assert {n: m.processor for n, m in pipe.transformer.named_modules() if hasattr(m, "processor")} == processors
+    sizes = [1, 1] * STEPS if mode == "exact" else [1, 1] + [2] * (STEPS - 1)
+    check_guides_and_restores(pipe, lambda: pipe(**hunyuan_call()).frames, mode, sizes)
 
 
 def hunyuan_mass(attn, inputs, rows):
@@ -868,46 +805,14 @@ def test_hunyuan_video_true_cfg_gives_cfg_plus_sag_of_the_uncond_branch(mode):
     # True CFG is two calls per step, cond then uncond, combined by the pipeline as
     # neg + w * (cond - neg). sagfast joins them; whatever it hands each call, the prediction the
     # scheduler receives must be u + w * (c - u) + s * (u - o_deg), from the joined call's rows.
+    from recording import check_joined_cfg
+
     pipe = sagfast.enable(hunyuan(), scale=0.75, mode=mode)
-    outs, steps = [], []
-    pipe.transformer.register_forward_hook(lambda m, a, k, out: outs.append(out[0].clone()), with_kwargs=True)
-    step = pipe.scheduler.step
-
-    def record(noise_pred, *args, **kwargs):
-        steps.append(noise_pred.clone())
-        return step(noise_pred, *args, **kwargs)
-
-    pipe.scheduler.step = record
-    pipe(**hunyuan_call(true_cfg=True))
-    sizes = [o.shape[0] for o in outs]
-    assert sizes == ([1, 2, 1] + [2, 1] * (STEPS - 1) if mode == "exact" else [1, 2, 1] + [3] * (STEPS - 1))
-    joined = [1] + [3 + (2 if mode == "exact" else 1) * i for i in range(STEPS - 1)]
-    seen = 0.0
-    for i, at in enumerate(joined):
-        u, c = outs[at][:1].double(), outs[at][1:2].double()
-        degraded = outs[at + 1] if sizes[at] == 2 else outs[at][2:]
-        want = u + 4.0 * (c - u) + 0.75 * (u - degraded.double())
-        assert (steps[i].double() - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item()), i
-        seen = max(seen, (want - (u + 4.0 * (c - u))).abs().max().item())
-    assert seen > 1e-3  # SAG's term is there
+    check_joined_cfg(pipe, lambda: pipe(**hunyuan_call(true_cfg=True)), images=1, w=4.0, s=0.75, mode=mode, steps=STEPS)
 
 
 @pytest.mark.parametrize("mode", ["exact", "batched"])
 def test_wan_i2v_runs_and_leaves_the_pipeline_as_it_was(mode):
     pipe = wan_i2v()
-    processors = {n: m.processor for n, m in pipe.transformer.named_modules() if hasattr(m, "processor")}
-    plain = pipe(**wan_i2v_call()).frames
-    sagfast.enable(pipe, scale=0.0, mode=mode)
-    assert torch.equal(pipe(**wan_i2v_call()).frames, plain)
-    sagfast.enable(pipe, scale=0.75, mode=mode)
-    sizes = []
-    handle = pipe.transformer.register_forward_pre_hook(
-        lambda m, a, k: sizes.append((a[0] if a else k["hidden_states"]).shape[0]), with_kwargs=True
-    )
-    guided = pipe(**wan_i2v_call()).frames
-    handle.remove()
-    assert (guided - plain).abs().max().item() > 1e-2
-    assert sizes == [1, 2, 1] + ([2, 1] if mode == "exact" else [3]) * (STEPS - 1)
-    sagfast.disable(pipe)
-    assert torch.equal(pipe(**wan_i2v_call()).frames, plain)
-    assert {n: m.processor for n, m in pipe.transformer.named_modules() if hasattr(m, "processor")} == processors
+    sizes = [1, 2, 1] + ([2, 1] if mode == "exact" else [3]) * (STEPS - 1)
+    check_guides_and_restores(pipe, lambda: pipe(**wan_i2v_call()).frames, mode, sizes)
