@@ -816,3 +816,45 @@ def test_wan_i2v_runs_and_leaves_the_pipeline_as_it_was(mode):
     pipe = wan_i2v()
     sizes = [1, 2, 1] + ([2, 1] if mode == "exact" else [3]) * (STEPS - 1)
     check_guides_and_restores(pipe, lambda: pipe(**wan_i2v_call()).frames, mode, sizes)
+
+
+def test_wan22_image_to_video_guides_both_transformers():
+    # Wan 2.2 I2V (A14B's layout): no image encoder, the image latents in the input channels, and a
+    # low-noise transformer_2 below boundary_ratio; both transformers get their guided calls.
+    from diffusers import WanImageToVideoPipeline
+    from offline_pipeline import tiny_wan_transformer, tiny_wan_vae, wan_scheduler
+
+    pipe = WanImageToVideoPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        vae=tiny_wan_vae(),
+        scheduler=wan_scheduler(),
+        image_processor=None,
+        image_encoder=None,
+        transformer=tiny_wan_transformer(in_channels=12),
+        transformer_2=tiny_wan_transformer(seed=1, in_channels=12),
+        boundary_ratio=0.5,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler.set_timesteps(4)
+    t = pipe.scheduler.timesteps
+    pipe.register_to_config(boundary_ratio=float(t[1] + t[2]) / 2 / pipe.scheduler.config.num_train_timesteps)
+    arguments = {k: v for k, v in wan_i2v_call().items() if k != "prompt_embeds"}
+    text = dict(prompt_embeds=wan_call()["prompt_embeds"], negative_prompt_embeds=wan_call()["negative_prompt_embeds"])
+    arguments = dict(arguments, **text, num_inference_steps=4)
+    plain = pipe(**arguments).frames
+    sagfast.enable(pipe, scale=0.75, mode="batched")
+    sizes = {"transformer": [], "transformer_2": []}
+    handles = [
+        getattr(pipe, name).register_forward_pre_hook(
+            lambda m, a, k, name=name: sizes[name].append((a[0] if a else k["hidden_states"]).shape[0]), with_kwargs=True
+        )
+        for name in sizes
+    ]
+    guided = pipe(**arguments).frames
+    for handle in handles:
+        handle.remove()
+    assert (guided - plain).abs().max().item() > 1e-2
+    assert sizes == {"transformer": [1, 2, 1, 3], "transformer_2": [2, 1, 3]}
+    sagfast.disable(pipe)
+    assert torch.equal(pipe(**arguments).frames, plain)
