@@ -11,8 +11,9 @@ over all keys. The map is the layer's true (t, h, w) grid: the latent's frames o
 patch (none in CogVideoX 1.0, `patch_size_t` in 1.5), and (H, W) over the patch size, in the order
 the transformer flattens its tokens (frame, row, column).
 
-SAG blurs the predicted x0 per frame in (h, w) (sagfast.terms.sag.degraded_input); PAG and SEG are
-not offered (their rows would need the rotary embedding through the capture switch's rules).
+SAG blurs the predicted x0 per frame in (h, w) (sagfast.terms.sag.degraded_input). PAG perturbs the
+joint attention as diffusers perturbs SD3's; STG skips blocks (both streams) or their attention; SEG
+is refused (its query blur is 2-D).
 """
 
 from __future__ import annotations

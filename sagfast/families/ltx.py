@@ -8,7 +8,7 @@ Capture layer "mid": `attn1` (self-attention over the video tokens, RoPE on q an
 transformer_blocks[N // 2]; the map is the token grid (F, H, W) the call names. Blur and mask act on
 the unpacked latent [B, C, F, H, W], per frame; the degraded latent is packed back.
 
-PAG and SEG are not offered (their rows would need the rotary embedding through the switch's rules).
+PAG (value attention on `attn1`) and STG run; SEG is refused (its query blur is 2-D).
 """
 
 from __future__ import annotations

@@ -13,8 +13,14 @@ call returns the uncond half it kept (after checking that its inputs are those).
 no uncond inputs yet: its cond call runs as it is, its uncond call runs the joined step, and the
 uncond half it returns is corrected so that the pipeline's CFG line gives the joined step's
 prediction exactly. Per step after the first: exact mode 2 calls (2B, then B degraded), batched mode
-1 call (3B). Without CFG the cond branch is guided. Wan 2.2's second transformer (`transformer_2`) is
-refused. PAG and SEG are not offered (SAG only).
+1 call (3B). Without CFG the cond branch is guided.
+
+Wan 2.2: `transformer_2` (the low-noise stage, below `boundary_ratio`) gets its own guided call (its
+capture and terms), sharing the joined calls' state; its calls combine with `guidance_scale_2`.
+WanImageToVideoPipeline: the image latents ride in the input's extra channels and the CLIP image
+embeddings in `encoder_hidden_states_image`: the degraded rows keep the guide rows' own. Wan 2.2 TI2V's
+per-token timesteps (`expand_timesteps`) are refused. PAG (value attention on `attn1`) and STG run;
+SEG is refused.
 """
 
 from __future__ import annotations
