@@ -1,6 +1,6 @@
 """python -m bench SCENARIO [--quick] [--out DIR] [...]   (python -m bench SCENARIO --help: its options)
 
-Scenarios: step, overhead, memory, kernels, e2e, or all (each in turn, plus DIR/PERFORMANCE.md);
+Scenarios: step, overhead, memory, kernels, e2e, video, or all (each in turn, plus DIR/PERFORMANCE.md);
 serve (the server under load: starts local Ray Serve servers, so not part of all).
 Each exits non-zero when a row it ran failed (a row skipped for a stated reason is not a failure) and
 writes DIR/<scenario>.json (machine, versions, dtype, settings, rows, raw samples), .csv, .md
@@ -21,7 +21,7 @@ import torch
 
 from bench import common
 
-SCENARIOS = ("step", "overhead", "memory", "kernels", "e2e")
+SCENARIOS = ("step", "overhead", "memory", "kernels", "e2e", "video")
 
 
 def _positive(text: str) -> int:
@@ -77,6 +77,7 @@ SCENARIO_HELP = {
     "memory": "peak memory of the attention-mass capture against the dense map",
     "kernels": "each op per backend against its PyTorch reference",
     "e2e": "whole pipeline calls per mode",
+    "video": "ms per denoising step of Wan's guidance variants (CFG's two calls joined, SAG, PAG, STG)",
     "serve": "sagfast serve under closed-loop load: no batching, identical-settings batching, mixed batching",
     "all": "every scenario in turn, plus DIR/PERFORMANCE.md",
 }
@@ -99,6 +100,14 @@ def parser() -> argparse.ArgumentParser:
             )
             s.add_argument("--heads", type=_positive, help="attention heads (default 8)")
             s.add_argument("--head-dim", type=_positive, help="head dimension (default 40)")
+        if name == "video":
+            _timing(s)
+            s.add_argument("--models", help="comma-separated: wan_tiny, wan_small (default both; --quick: wan_tiny)")
+            s.add_argument("--steps", type=_positive, help="denoising steps per pipeline call (default 8; --quick 4)")
+            s.add_argument(
+                "--variants",
+                help="comma-separated: cfg, cfg_joined, sag_exact, sag_batched, pag, stg_block, stg_attention, sag_pag_stg_batched",
+            )
         if name == "kernels":
             s.add_argument("--video", action="store_true", help="also the attention mass at Wan's video N (32760 at 480p, 75600 at 720p)")
         if name == "serve":
@@ -133,6 +142,13 @@ def parse(argv=None):
     opts.dtype = common.DTYPES[opts.dtype or ("fp16" if opts.device.type == "cuda" else "fp32")]
     opts.models = opts.models.split(",") if opts.models else None
     opts.variants = opts.variants.split(",") if opts.variants else None
+    if opts.scenario == "video":
+        from bench import video
+
+        for field, known in (("models", video.MODELS), ("variants", video.VARIANTS)):
+            unknown = [n for n in getattr(opts, field) or () if n not in known]
+            if unknown:
+                p.error(f"argument --{field}: unknown {unknown}; choose from {', '.join(known)}")
     try:
         opts.tokens = [int(n) for n in opts.tokens.split(",")] if opts.tokens else None
     except ValueError:

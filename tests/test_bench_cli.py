@@ -141,3 +141,15 @@ def test_kernels_video_rows_time_the_attention_mass_at_wan_n():
         return [c["shape"] for c in cases(True, torch.device("cpu"), torch.float32, video) if c["op"] == "attention_mass"]
 
     assert shapes(True) == shapes(False) + ["B1 H1 N32760 D16", "B1 H1 N75600 D16"]
+
+
+def test_video_quick_runs_every_variant_and_refuses_unknown_ones(tmp_path):
+    proc = _bench(
+        ["video", "--quick", "--device", "cpu", "--steps", "3", "--rounds", "1", "--warmup", "0", "--out", str(tmp_path)], tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads((tmp_path / "video.json").read_text())["rows"]
+    assert len(rows) == 8 and all(r["status"] == "ok" and r["ms_per_step"] > 0 for r in rows), rows
+    assert rows[0]["x_cfg"] == 1.0
+    bad = _bench(["video", "--variants", "cfg,sag_fast"], tmp_path)
+    assert bad.returncode == 2 and "argument --variants: unknown ['sag_fast']; choose from cfg, cfg_joined" in bad.stderr
