@@ -428,6 +428,20 @@ def test_flux_true_cfg_gives_true_cfg_plus_sag_of_the_negative_branch(mode):
     check_joined_cfg(pipe, run, images=2, w=4.0, s=0.75, mode=mode, steps=3)
 
 
+@pytest.mark.parametrize("rule", ["apg", "cfg_zero_star"])
+def test_flux_true_cfg_with_sagfasts_cfg_rules_takes_the_true_cfg_scale(rule):
+    # With the two calls joined, sagfast's CFG rule combines them with the scale the pipeline would
+    # (true_cfg_scale), not Flux's distilled guidance_scale: the same as naming that scale.
+    ne, npooled = embeds(2, seed=2)
+    true_cfg = dict(negative_prompt_embeds=ne, negative_pooled_prompt_embeds=npooled)
+    pipe = sagfast.enable(flux(), scale=0.75, cfg_rule=rule)
+    got = pipe(**call_kwargs("flux"), **true_cfg, true_cfg_scale=4.0).images
+    named = sagfast.enable(flux(), scale=0.75, cfg_rule=rule, cfg_scale=4.0)(**call_kwargs("flux"), **true_cfg, true_cfg_scale=4.0).images
+    other = sagfast.enable(flux(), scale=0.75, cfg_rule=rule)(**call_kwargs("flux"), **true_cfg, true_cfg_scale=8.0).images
+    assert (got - named).abs().max().item() <= 1e-5 * max(1.0, named.abs().max().item())
+    assert (got - other).abs().max().item() > 1e-2
+
+
 def test_joining_calls_whose_inputs_cannot_join_is_refused_clearly():
     from sagfast.engine.batch import join_calls
 
@@ -438,6 +452,21 @@ def test_joining_calls_whose_inputs_cannot_join_is_refused_clearly():
         join_calls(dict(cond, encoder_hidden_states=torch.zeros(1, 4, 4)), cond, 1)
     with pytest.raises(ValueError, match="`txt_ids` differ"):
         join_calls(dict(cond, txt_ids=torch.ones(5, 3)), cond, 1)
+
+
+def test_a_kept_call_is_a_copy_of_what_the_pipeline_may_edit_in_place():
+    # FluxPipeline puts each branch's IP-Adapter embeddings into one joint_attention_kwargs dict before
+    # each of its two calls, and its transformer pops them: the joined-call state keeps copies.
+    from sagfast.engine.batch import same_inputs, snapshot
+
+    kwargs = {"ip_adapter_image_embeds": [torch.zeros(1, 4)]}
+    call = {"hidden_states": torch.zeros(1, 2), "joint_attention_kwargs": kwargs}
+    kept = snapshot(call)
+    kwargs["ip_adapter_image_embeds"] = [torch.ones(1, 4)]  # the pipeline, before its uncond call
+    assert kept["joint_attention_kwargs"]["ip_adapter_image_embeds"][0].eq(0).all()
+    assert kept["hidden_states"] is call["hidden_states"]  # tensors are not copied
+    assert not same_inputs(call, kept)  # so the uncond call's embeddings are seen to differ
+    assert same_inputs({"a": [1, None]}, {"a": [1, None]}) and not same_inputs({"a": float("nan")}, {"a": float("nan")})
 
 
 def test_sd3_skip_layer_guidance_is_refused():

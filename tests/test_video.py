@@ -533,33 +533,72 @@ def wan22():
     return pipe
 
 
-@pytest.mark.parametrize(
-    "mode, first, second",
-    [("exact", [1, 2, 1, 2, 1], [2, 1, 2, 1]), ("batched", [1, 2, 1, 3], [2, 1, 3])],
-)
-def test_wan22_guides_both_transformers_and_equals_the_modular_wan22_guiders(mode, first, second):
+def modular_wan22(reference, guider, guider_2):
     from diffusers.modular_pipelines.wan import Wan22Blocks
 
-    from sagfast.guiders import SelfAttentionGuidance
-
-    arguments = dict(wan_call(), num_inference_steps=4)
-    reference = wan22()
     blocks = Wan22Blocks()
     blocks.sub_blocks.pop("text_encoder")
     blocks.sub_blocks.pop("decode")
     modular = blocks.init_pipeline()
     modular.register_to_config(boundary_ratio=reference.config.boundary_ratio)
     modular.update_components(transformer=reference.transformer, transformer_2=reference.transformer_2, scheduler=reference.scheduler)
-    modular.update_components(
-        guider=SelfAttentionGuidance(guidance_scale=5.0, sag_scale=0.75, mode=mode).bind(modular),
-        guider_2=SelfAttentionGuidance(guidance_scale=3.0, sag_scale=0.75, mode=mode).bind(modular),
-    )
-    want = modular(**arguments, output="latents")
+    bind = {k: g.bind(modular) if hasattr(g, "bind") else g for k, g in dict(guider=guider, guider_2=guider_2).items()}
+    modular.update_components(**bind)
+    return modular
+
+
+def sag_guider(g, **fields):
+    from sagfast.guiders import SelfAttentionGuidance
+
+    return SelfAttentionGuidance(guidance_scale=g, sag_scale=0.75, **fields)
+
+
+WAN22_CASES = {
+    # name: (sagfast fields, the modular pipeline's two guiders (high, low noise), guidance_scale_2,
+    #        model calls of transformer and transformer_2)
+    "sag-exact": (dict(mode="exact"), lambda: (sag_guider(5.0), sag_guider(3.0)), 3.0, [1, 2, 1, 2, 1], [2, 1, 2, 1]),
+    "sag-batched": (
+        dict(mode="batched"),
+        lambda: (sag_guider(5.0, mode="batched"), sag_guider(3.0, mode="batched")),
+        3.0,
+        [1, 2, 1, 3],
+        [2, 1, 3],
+    ),
+    # Steps are counted over the whole call (diffusers' guiders count them so): SAG on the first three
+    # quarters reaches the low-noise stage's first step (2 of 4), not its second (counted from the
+    # stage's own start, both would be in).
+    "sag-interval": (
+        dict(mode="exact", sag_interval=(0.0, 0.75)),
+        lambda: (sag_guider(5.0, start=0.0, stop=0.75), sag_guider(3.0, start=0.0, stop=0.75)),
+        3.0,
+        [1, 2, 1, 2, 1],
+        [2, 1, 2],
+    ),
+    # guidance_scale_2 = 1: the pipeline's line is the cond call's output; it is guided as without
+    # CFG, and the uncond call makes no model call.
+    "sag-low-noise-without-cfg": (dict(mode="exact"), lambda: (sag_guider(5.0), sag_guider(1.0)), 1.0, [1, 2, 1, 2, 1], [1, 1, 1, 1]),
+    # sagfast's own CFG rule with the low-noise stage's scale.
+    "apg": (
+        dict(scale=0.0, cfg_rule="apg", apg_eta=0.0),
+        lambda: tuple(__import__("diffusers").guiders.AdaptiveProjectedGuidance(guidance_scale=g, eta=0.0) for g in (5.0, 3.0)),
+        3.0,
+        [1, 2, 2],
+        [2, 2],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(WAN22_CASES))
+def test_wan22_guides_both_transformers_and_equals_the_modular_wan22_guiders(case):
+    fields, guiders, g2, first, second = WAN22_CASES[case]
+    arguments = dict(wan_call(), num_inference_steps=4)
+    want = modular_wan22(wan22(), *guiders())(**arguments, output="latents")
 
     pipe = wan22()
-    plain = pipe(**arguments, guidance_scale=5.0, guidance_scale_2=3.0, output_type="latent").frames
+    call = dict(arguments, guidance_scale=5.0, guidance_scale_2=g2, output_type="latent")
+    plain = pipe(**call).frames
     processors = {n: m.processor for n, m in pipe.transformer_2.named_modules() if hasattr(m, "processor")}
-    sagfast.enable(pipe, scale=0.75, mode=mode)
+    sagfast.enable(pipe, **{"scale": 0.75, **fields})
     sizes = {"transformer": [], "transformer_2": []}
     handles = [
         getattr(pipe, name).register_forward_pre_hook(
@@ -567,7 +606,7 @@ def test_wan22_guides_both_transformers_and_equals_the_modular_wan22_guiders(mod
         )
         for name in sizes
     ]
-    got = pipe(**arguments, guidance_scale=5.0, guidance_scale_2=3.0, output_type="latent").frames
+    got = pipe(**call).frames
     for handle in handles:
         handle.remove()
     bound = 1e-4 * max(1.0, want.abs().max().item())
@@ -577,7 +616,7 @@ def test_wan22_guides_both_transformers_and_equals_the_modular_wan22_guiders(mod
     # first SAG step is exact (its own model has no previous evaluation).
     assert sizes == {"transformer": first, "transformer_2": second}
     sagfast.disable(pipe)
-    assert torch.equal(pipe(**arguments, guidance_scale=5.0, guidance_scale_2=3.0, output_type="latent").frames, plain)
+    assert torch.equal(pipe(**call).frames, plain)
     assert {n: m.processor for n, m in pipe.transformer_2.named_modules() if hasattr(m, "processor")} == processors
 
 

@@ -40,12 +40,12 @@ def lse_chunked(q, k, scale, bias=None):
     """Row log-sum-exp in fp32, a block of queries at a time (for devices SDPA gives no lse on); `bias`
     an additive key mask broadcast to [B, H, N, Nk] (a key padding mask: [B, 1, 1, Nk])."""
     b, h, n, _ = q.shape
-    rows = max(1, (1 << 23) // max(1, b * h * k.shape[2]))
+    # A block of scores is 32 MiB in fp32 (256 MiB on a GPU, where fewer, larger matmuls pay).
+    budget = 1 << (26 if q.device.type == "cuda" else 23)
+    rows = max(1, budget // max(1, b * h * k.shape[2]))
     bias = 0.0 if bias is None else bias.float()
-    parts = [
-        torch.logsumexp(torch.matmul(q[:, :, i : i + rows].float(), k.float().transpose(-1, -2)) * scale + bias, dim=-1)
-        for i in range(0, n, rows)
-    ]
+    keys = k.float().transpose(-1, -2)
+    parts = [torch.logsumexp(torch.matmul(q[:, :, i : i + rows].float(), keys) * scale + bias, dim=-1) for i in range(0, n, rows)]
     return torch.cat(parts, dim=2)
 
 
@@ -62,13 +62,13 @@ def key_bias(keep: torch.Tensor, dtype) -> torch.Tensor:
 
 def sdpa_with_lse(q, k, v, scale: float, bias=None):
     """(out, lse) of softmax attention; q, k, v [B, H, N, D]; lse [B, H, N] fp32 (natural log). `bias`:
-    an additive key mask ([B, 1, 1, Nk], 0 or -inf: a text padding mask), or None."""
+    an additive key mask ([B, 1, 1, Nk], 0 or -inf: a text padding mask) on CPU tensors, or None (on a
+    GPU, `SAGCaptureProcessor.attend` takes a masked layer's lse for the guide rows only)."""
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
         return out, lse
     if bias is not None:
-        # A masked layer on a GPU: SDPA's output, and the lse in a second, blockwise pass.
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=scale), lse_chunked(q, k, scale, bias)
+        raise ValueError(f"sdpa_with_lse takes a key mask on CPU tensors only, got {q.device.type} tensors")
     if q.device.type == "cuda":
         d = q.shape[-1]
         if q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256 and _flash_runs_on(q.device):
@@ -207,8 +207,18 @@ class SAGCaptureProcessor:
         over all keys, `bias` an additive key mask or None); the output as [B, N, H * D] (the video
         families' processors)."""
         scale = 1.0 / math.sqrt(q.shape[-1])
-        out, lse = _joint_out_and_lse(self, q, k, v, scale, bias)
-        _image_mass(self, q, k, lse, keys, scale)
+        if bias is not None and q.device.type != "cpu":
+            # A key mask on a GPU: the layer's output from SDPA, and the lse of the guide rows only, in a
+            # second, blockwise pass (no fused kernel here returns both with a mask).
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=scale)
+            g = self.rows
+            lse = lse_chunked(q[g], k[g], scale, bias[g] if bias.shape[0] == q.shape[0] else bias)
+            self.mass, self.mask = attention_mass(
+                q[g][:, :, keys], k[g][:, :, keys], lse[:, :, keys], scale, backend=self.backend, threshold=self.threshold
+            )
+        else:
+            out, lse = _joint_out_and_lse(self, q, k, v, scale, bias)
+            _image_mass(self, q, k, lse, keys, scale)
         return out.transpose(1, 2).flatten(2, 3).to(q.dtype)
 
 

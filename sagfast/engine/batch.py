@@ -52,9 +52,20 @@ def join_calls(first, second, rows: int, name: str = "input"):
     shapes = [tuple(x.shape) if torch.is_tensor(x) else type(x).__name__ for x in (first, second)]
     raise ValueError(
         f"sagfast joins the pipeline's uncond and cond model calls of a step into one batch, and their `{name}` "
-        f"differ where they cannot ({shapes[0]} and {shapes[1]}): give the negative prompt's embeddings the "
-        "prompt's length (pad both to one max_sequence_length)"
+        f"differ where one batch cannot hold both ({shapes[0]} and {shapes[1]}): give the negative prompt's "
+        "embeddings the prompt's length (pad both to one max_sequence_length), and both calls the same "
+        "unbatched inputs"
     )
+
+
+def snapshot(value):
+    """`value` with its dicts, lists and tuples copied (tensors and other leaves as they are): what a
+    caller may go on editing in place no longer changes it."""
+    if isinstance(value, dict):
+        return {k: snapshot(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(snapshot(v) for v in value)
+    return value
 
 
 def same_inputs(a, b) -> bool:
@@ -65,7 +76,10 @@ def same_inputs(a, b) -> bool:
         return a.keys() == b.keys() and all(same_inputs(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(same_inputs(x, y) for x, y in zip(a, b))
-    return a == b
+    try:
+        return bool(a is b or a == b)
+    except Exception:  # an array's elementwise ==: not known to be the same
+        return False
 
 
 def split_rows(rules: list, plain, own, attn, hidden_states, *args, **kwargs):

@@ -29,7 +29,7 @@ import torch
 from sagfast import ops
 from sagfast.attention.capture import ACTIVE, Capture
 from sagfast.config import CFG_RULES, PER_IMAGE, TERMS, SAGConfig
-from sagfast.engine.batch import gather_batch, join_calls, same_inputs, slice_batch
+from sagfast.engine.batch import gather_batch, join_calls, same_inputs, slice_batch, snapshot
 from sagfast.engine.cuda_graph import graphs_of
 from sagfast.engine.schedule import Noise, evaluation_index, noise_of, prediction_of
 from sagfast.terms.base import on
@@ -133,11 +133,14 @@ class GuidedCall:
         count them (both evaluations of a Heun-type step are that step)."""
         scheduler = self.pipe.scheduler
         index = evaluation_index(scheduler, timestep)
-        if self.first_index is None:
-            self.first_index = index
+        # Counted from the call's first evaluation, whichever denoiser made it (Wan 2.2's low-noise
+        # stage goes on counting the steps of the high-noise stage, as diffusers' guiders do).
+        first = self.siblings[self.family.attribute]
+        if first.first_index is None:
+            first.first_index = index
         order = max(1, int(getattr(scheduler, "order", 1)))
-        steps = max(1, -(-(len(scheduler.timesteps) - self.first_index) // order))
-        return (index - self.first_index) // order, steps
+        steps = max(1, -(-(len(scheduler.timesteps) - first.first_index) // order))
+        return (index - first.first_index) // order, steps
 
     def step(self, call: dict) -> torch.Tensor:
         """The guided prediction for one model call of the pipeline (`call`: the model's arguments)."""
@@ -151,8 +154,10 @@ class GuidedCall:
             raise ValueError(f"CFG is on but the model input batch {sample.shape[0]} is not [uncond, cond] (odd size)")
         return self.batch_step(sample, call, chunks)
 
-    def batch_step(self, sample, call: dict, chunks: int) -> torch.Tensor:
-        """The guided prediction of a model input batch of `chunks` CFG chunks ([uncond, cond] for 2)."""
+    def batch_step(self, sample, call: dict, chunks: int, pipeline_cfg=None) -> torch.Tensor:
+        """The guided prediction of a model input batch of `chunks` CFG chunks ([uncond, cond] for 2);
+        `pipeline_cfg`: the scale the pipeline combines its CFG calls with, where it is not its `guidance_scale`
+        (sequential CFG: Wan 2.2's guidance_scale_2, Flux's true_cfg_scale), else None."""
         cfg, fam = self.config, self.family
         full = sample.shape[0]
         timestep = call[fam.timestep_argument]
@@ -166,7 +171,7 @@ class GuidedCall:
             rows = slice(fam.cond_chunk(2) * b, fam.cond_chunk(2) * b + b)
             out = self.guided_rows(sample[rows], slice_batch(call, full, rows), 1, f, index, cfg_off=True)
             return torch.cat([out, out])
-        return self.guided_rows(sample, call, chunks, f, index)
+        return self.guided_rows(sample, call, chunks, f, index, pipeline_cfg=pipeline_cfg)
 
     def sequential_step(self, sample, call: dict, g: float) -> torch.Tensor:
         """A pipeline that runs CFG as two model calls per step, cond then uncond, and combines them with
@@ -189,13 +194,26 @@ class GuidedCall:
         second, self.last_timestep = t == self.last_timestep, t
         seq = self.sequential
         b = sample.shape[0]
+        # The pipeline edits some inputs in place between its calls (FluxPipeline's joint_attention_kwargs
+        # get each branch's IP-Adapter embeddings): what is kept is a copy of the containers.
+        call = snapshot(call)
+        if g == 1.0:
+            # The pipeline's line u + (c - u) is the cond call's output alone: the cond branch guided
+            # as without CFG, handed to the uncond call as well (Wan 2.2's guidance_scale_2 = 1).
+            if not second:
+                seq["returned"] = self.batch_step(sample, call, 1)
+                return seq["returned"]
+            self.last_timestep = None
+            return seq["returned"]
         if not second:  # the cond call
             seq["cond"], seq["kept"] = (sample, call), None
             if seq.get("uncond") is None:
-                seq["returned"] = self.model(sample, **call, return_dict=False)[0]
+                # A copy again: a model may edit what it is handed (FluxTransformer2DModel pops the
+                # IP-Adapter embeddings out of its joint_attention_kwargs).
+                seq["returned"] = self.model(sample, **snapshot(call), return_dict=False)[0]
                 return seq["returned"]
             uncond = dict(seq["uncond"], **{self.family.timestep_argument: timestep})
-            out = self.batch_step(torch.cat([sample, sample]), join_calls(uncond, call, b), 2)
+            out = self.batch_step(torch.cat([sample, sample]), join_calls(uncond, call, b), 2, pipeline_cfg=g)
             seq["returned"], seq["kept"] = out[b:], (uncond, out[:b])
             return seq["returned"]
         self.last_timestep = None
@@ -203,19 +221,18 @@ class GuidedCall:
         kept = seq["kept"]
         if kept is not None and same_inputs(sample, cond_sample) and same_inputs(call, kept[0]):
             return kept[1]
+        # The first step, or inputs that changed since the cond call (a step callback's): the joined
+        # step runs again with them (a second update of the terms' state in this step).
         seq["uncond"] = call
-        out = self.batch_step(torch.cat([sample, cond_sample]), join_calls(call, cond_call, b), 2)
+        out = self.batch_step(torch.cat([sample, cond_sample]), join_calls(call, cond_call, b), 2, pipeline_cfg=g)
         u, c = out[:b], out[b:]
-        if g == 1.0:
-            return u  # the pipeline's line is then c_r alone (Wan 2.2's guidance_scale_2 = 1)
         return u + (g / (1.0 - g)) * (c - seq["returned"])
 
     def guided_rows(
-        self, sample, call: dict, chunks: int, fraction: float, index: int, cfg_off: bool = False, scale_factor: float = 1.0
+        self, sample, call: dict, chunks: int, fraction: float, index: int, cfg_off: bool = False, pipeline_cfg=None
     ) -> torch.Tensor:
-        """The guided prediction of a batch of `chunks` CFG chunks at step `index` (`fraction` of the call);
-        `scale_factor` multiplies every term's scale (sequential CFG, see `sequential_step`)."""
-        step = self.plan(sample, call, chunks, fraction, index, cfg_off, scale_factor)
+        """The guided prediction of a batch of `chunks` CFG chunks at step `index` (`fraction` of the call)."""
+        step = self.plan(sample, call, chunks, fraction, index, cfg_off, pipeline_cfg)
         batched = self.config.mode == "batched" and step.on and all(t.ready(step) for t in step.on)
         step.variant = "batched" if batched else "exact"
         for term in self.terms:
@@ -230,9 +247,9 @@ class GuidedCall:
         return out
 
     def plan(
-        self, sample, call: dict, chunks: int, fraction: float = 0.0, index: int = 0, cfg_off: bool = False, scale_factor: float = 1.0
+        self, sample, call: dict, chunks: int, fraction: float = 0.0, index: int = 0, cfg_off: bool = False, pipeline_cfg=None
     ) -> Step:
-        """The step's rows and terms (see `Step`)."""
+        """The step's rows and terms (see `Step`); `pipeline_cfg` as in `batch_step`."""
         cfg, fam = self.config, self.family
         full = sample.shape[0]
         b = full // chunks
@@ -248,7 +265,7 @@ class GuidedCall:
         guide = uncond if uncond is not None else cond
         g = None
         if self.rule is not None and not cfg_off:
-            g = self._cfg_scale(chunks, sample.device)
+            g = self._cfg_scale(chunks, sample.device, pipeline_cfg)
             if chunks == 2 and isinstance(cfg.cfg_scale, tuple) and min(cfg.cfg_scale) <= 1:
                 # Images without CFG take their cond row as the guide branch (decided on the host).
                 rows = tuple((uncond.start if x > 1 else cond.start) + i for i, x in enumerate(cfg.cfg_scale))
@@ -259,8 +276,6 @@ class GuidedCall:
             scale = term.scale(timestep)
             plan = term.plan(fraction)
             plans[term] = None if plan == "on" and not on(scale) else plan  # adaptive PAG's scale reaching 0
-            if scale_factor != 1.0:
-                scale = tuple(x * scale_factor for x in scale) if isinstance(scale, tuple) else scale * scale_factor
             scales[term.name] = self._scale_tensor(term.scale_field, scale, sample.device) if isinstance(scale, tuple) else scale
         runs = tuple(t for t in self.terms if plans[t] == "on")
         watching = tuple(t for t in self.terms if plans[t] is not None)
@@ -284,10 +299,11 @@ class GuidedCall:
             index,
         )
 
-    def _cfg_scale(self, chunks: int, device):
+    def _cfg_scale(self, chunks: int, device, pipeline_cfg=None):
         """The CFG scale where sagfast owns CFG: the config's (one per image: [B], 1 for the images
-        without CFG) or the pipeline's guidance_scale."""
-        g = self.config.cfg_scale
+        without CFG), else the scale the pipeline combines its CFG with (`pipeline_cfg`, sequential CFG)
+        or its guidance_scale."""
+        g = self.config.cfg_scale if self.config.cfg_scale is not None else pipeline_cfg
         if g is None:
             g = getattr(self.pipe, "guidance_scale", None) if hasattr(type(self.pipe), "guidance_scale") else None
             g = float(self.arguments.get("guidance_scale", 1.0) if g is None else g)

@@ -86,7 +86,10 @@ def hunyuan_identity_attention(
     """PAG's (and STG's "attention" mode's) perturbed HunyuanVideo attention: a video query attends to
     its own key and to the valid text keys, a text query to every valid key (`joint_identity`)."""
     q, k, v, n = hunyuan_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
-    keep = attention_mask.reshape(attention_mask.shape[0], -1)[:, n:].bool() if attention_mask is not None else None
+    keep = None
+    if attention_mask is not None:  # bool (True: attended), or additive (0: attended)
+        mask = attention_mask.reshape(attention_mask.shape[0], -1)[:, n:]
+        keep = mask if mask.dtype == torch.bool else mask == 0
     video, text = joint_identity(q[:, :, :n], k[:, :, :n], v[:, :, :n], q[:, :, n:], k[:, :, n:], v[:, :, n:], keep)
     return hunyuan_output(attn, torch.cat([video, text], dim=2).transpose(1, 2).flatten(2), n, encoder_hidden_states)
 
