@@ -270,3 +270,15 @@ def test_per_video_stg_and_pag_scales_in_one_call_equal_each_video_alone(mode):
         want = pipe(**dict(base, **one, generator=torch.Generator().manual_seed(seed))).frames[0]
         assert (pair[i] - want).abs().max().item() <= 1e-4 * max(1.0, want.abs().max().item()), i
     assert (pair[0] - pair[1]).abs().max().item() > 1e-2
+
+
+def test_a_transformer_with_diffusers_cache_on_is_refused_and_left_as_it_was():
+    from diffusers import FirstBlockCacheConfig
+
+    pipe = wan()
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.05))
+    with pytest.raises(ValueError, match=r"has diffusers' cache on \(FirstBlockCacheConfig\).*pipe\.transformer\.disable_cache\(\)"):
+        sagfast.enable(pipe, scale=0.75)
+    assert type(pipe).__name__ == "WanPipeline" and pipe.transformer.is_cache_enabled
+    pipe.transformer.disable_cache()
+    sagfast.enable(pipe, scale=0.75)

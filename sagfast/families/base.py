@@ -51,6 +51,14 @@ class Family:
         model = getattr(model, "_orig_mod", model)
         if not any(cls.__name__ == self.model_class for cls in type(model).__mro__):
             return [f"its `{self.attribute}` is a {type(model).__name__}, not a {self.model_class}"]
+        if getattr(model, "is_cache_enabled", False):
+            # A cache (FirstBlockCache, FasterCache, MagCache, ...) reuses a previous call's activations
+            # per cache context; sagfast's calls carry other rows (degraded, perturbed) and join a
+            # pipeline's two CFG calls, so cached activations would belong to other rows.
+            return [
+                f"its `{self.attribute}` has diffusers' cache on ({type(model._cache_config).__name__}), which reuses "
+                f"activations across model calls whose rows sagfast changes: call `pipe.{self.attribute}.disable_cache()` first"
+            ]
         return []
 
     def check_scheduler(self, scheduler) -> None:
