@@ -897,3 +897,18 @@ def test_wan22_image_to_video_guides_both_transformers():
     assert sizes == {"transformer": [1, 2, 1, 3], "transformer_2": [2, 1, 3]}
     sagfast.disable(pipe)
     assert torch.equal(pipe(**arguments).frames, plain)
+
+
+def test_an_enabled_wan22_pipeline_shows_its_own_models_and_copies_guide_themselves():
+    import copy
+
+    pipe = sagfast.enable(wan22(), scale=0.75, mode="batched")
+    first, second = pipe.__dict__["transformer"], pipe.__dict__["transformer_2"]
+    assert pipe.transformer is first and pipe.transformer_2 is second  # outside a call: the user's models
+    assert pipe.components["transformer"] is first and pipe.components["transformer_2"] is second
+    call = dict(wan_call(), num_inference_steps=4, guidance_scale=5.0, guidance_scale_2=3.0, output_type="latent")
+    copied = copy.deepcopy(pipe)
+    assert sagfast.is_enabled(copied) and copied.transformer_2 is not second
+    assert torch.equal(copied(**call).frames, pipe(**call).frames)
+    sagfast.disable(pipe)
+    assert not sagfast.is_enabled(pipe) and sagfast.is_enabled(copied)
