@@ -511,6 +511,30 @@ def test_wan_cfg_rules_equal_diffusers_guiders_on_the_modular_wan_pipeline(rule)
 # -- Wan 2.2: a high-noise transformer, then transformer_2 below boundary_ratio --
 
 
+def calls_per_denoiser(pipe, run, names=("transformer", "transformer_2")) -> tuple:
+    """(what `run()` returned, {denoiser attribute: the batch size of each of its model calls})."""
+    sizes = {name: [] for name in names}
+    handles = [
+        getattr(pipe, name).register_forward_pre_hook(
+            lambda m, a, k, name=name: sizes[name].append((a[0] if a else k["hidden_states"]).shape[0]), with_kwargs=True
+        )
+        for name in names
+    ]
+    try:
+        return run(), sizes
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def boundary_in_the_middle(pipe, steps=4):
+    """Sets Wan 2.2's boundary_ratio between the two middle timesteps of a `steps`-step call: half the
+    steps for each transformer."""
+    pipe.scheduler.set_timesteps(steps)
+    t = pipe.scheduler.timesteps
+    pipe.register_to_config(boundary_ratio=float(t[steps // 2 - 1] + t[steps // 2]) / 2 / pipe.scheduler.config.num_train_timesteps)
+
+
 def wan22():
     from diffusers import WanPipeline
     from offline_pipeline import tiny_wan_transformer
@@ -526,10 +550,7 @@ def wan22():
         boundary_ratio=0.5,
     )
     pipe.set_progress_bar_config(disable=True)
-    # The boundary between the 2nd and 3rd of 4 timesteps: two steps for each transformer.
-    pipe.scheduler.set_timesteps(4)
-    t = pipe.scheduler.timesteps
-    pipe.register_to_config(boundary_ratio=float(t[1] + t[2]) / 2 / pipe.scheduler.config.num_train_timesteps)
+    boundary_in_the_middle(pipe)
     return pipe
 
 
@@ -599,16 +620,7 @@ def test_wan22_guides_both_transformers_and_equals_the_modular_wan22_guiders(cas
     plain = pipe(**call).frames
     processors = {n: m.processor for n, m in pipe.transformer_2.named_modules() if hasattr(m, "processor")}
     sagfast.enable(pipe, **{"scale": 0.75, **fields})
-    sizes = {"transformer": [], "transformer_2": []}
-    handles = [
-        getattr(pipe, name).register_forward_pre_hook(
-            lambda m, a, k, name=name: sizes[name].append((a[0] if a else k["hidden_states"]).shape[0]), with_kwargs=True
-        )
-        for name in sizes
-    ]
-    got = pipe(**call).frames
-    for handle in handles:
-        handle.remove()
+    got, sizes = calls_per_denoiser(pipe, lambda: pipe(**call).frames)
     bound = 1e-4 * max(1.0, want.abs().max().item())
     assert (got - want).abs().max().item() <= bound
     assert (want - plain).abs().max().item() > 100 * bound
@@ -875,24 +887,13 @@ def test_wan22_image_to_video_guides_both_transformers():
         boundary_ratio=0.5,
     )
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler.set_timesteps(4)
-    t = pipe.scheduler.timesteps
-    pipe.register_to_config(boundary_ratio=float(t[1] + t[2]) / 2 / pipe.scheduler.config.num_train_timesteps)
+    boundary_in_the_middle(pipe)
     arguments = {k: v for k, v in wan_i2v_call().items() if k != "prompt_embeds"}
     text = dict(prompt_embeds=wan_call()["prompt_embeds"], negative_prompt_embeds=wan_call()["negative_prompt_embeds"])
     arguments = dict(arguments, **text, num_inference_steps=4)
     plain = pipe(**arguments).frames
     sagfast.enable(pipe, scale=0.75, mode="batched")
-    sizes = {"transformer": [], "transformer_2": []}
-    handles = [
-        getattr(pipe, name).register_forward_pre_hook(
-            lambda m, a, k, name=name: sizes[name].append((a[0] if a else k["hidden_states"]).shape[0]), with_kwargs=True
-        )
-        for name in sizes
-    ]
-    guided = pipe(**arguments).frames
-    for handle in handles:
-        handle.remove()
+    guided, sizes = calls_per_denoiser(pipe, lambda: pipe(**arguments).frames)
     assert (guided - plain).abs().max().item() > 1e-2
     assert sizes == {"transformer": [1, 2, 1, 3], "transformer_2": [2, 1, 3]}
     sagfast.disable(pipe)
