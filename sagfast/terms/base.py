@@ -51,6 +51,12 @@ class AttentionRule:
     def __call__(self, own, attn, *args, **kwargs):
         return self.fn(own, attn, *args, **kwargs)
 
+    @classmethod
+    def replacing(cls, layers, attention) -> AttentionRule:
+        """A rule that runs `attention(attn, hidden_states, ...)` in place of the layers' own processor
+        (PAG's and STG-A's perturbed attention)."""
+        return cls(layers, lambda own, attn, *args, **kwargs: attention(attn, *args, **kwargs))
+
 
 class SkipRule:
     """A term's rows skip whole transformer blocks (`layers`): each block gives those rows its inputs

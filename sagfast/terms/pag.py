@@ -23,8 +23,7 @@ class PAG(Term):
 
     def __init__(self, call):
         super().__init__(call)
-        perturbed = call.family.perturbed_attention
-        self.rule = AttentionRule(self.layers, lambda own, attn, *args, **kwargs: perturbed(attn, *args, **kwargs))
+        self.rule = AttentionRule.replacing(self.layers, call.family.perturbed_attention)
 
     def scale(self, timestep):
         if self.config.pag_adaptive_scale:

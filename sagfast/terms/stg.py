@@ -35,8 +35,7 @@ class STG(Term):
         if self.config.stg_mode == "block":
             self.rule = SkipRule(self.layers, family.block_outputs)
         else:
-            perturbed = family.perturbed_attention
-            self.rule = AttentionRule(self.layers, lambda own, attn, *args, **kwargs: perturbed(attn, *args, **kwargs))
+            self.rule = AttentionRule.replacing(self.layers, family.perturbed_attention)
 
     @classmethod
     def layers_of(cls, family, model, config) -> list:
