@@ -80,11 +80,9 @@ def guided_call(pipe, config: SAGConfig, arguments: dict | None = None):
         for model in models:
             _RUNNING[id(model)] = _RUNNING.get(id(model), 0) + 1
     call_token = ACTIVE_CALL.set(calls[0])
-    capture_token = capture.ACTIVE.set(calls[0].capture)
     try:
         yield calls[0]
     finally:
-        capture.ACTIVE.reset(capture_token)
         ACTIVE_CALL.reset(call_token)
         with _LOCK:
             for model in models:

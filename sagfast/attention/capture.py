@@ -2,8 +2,8 @@
 
 Installed once per model, when a pipeline is enabled, and dormant otherwise:
 
-- `CaptureSwitch` replaces the capture layer's processor and wraps it. Outside a guided call (no
-  `Capture` in this thread's `ACTIVE` slot, or one that does not arm this layer) it calls the wrapped
+- `CaptureSwitch` replaces the capture layer's processor and wraps it. Outside a guided call's model
+  pass (no `Capture` in this thread's `ACTIVE` slot, or one that does not arm this layer) it calls the wrapped
   processor exactly as the layer would have; inside the guided call's main pass it runs that call's
   own `SAGCaptureProcessor`. Nothing on the model changes per call, so pipelines that share the model,
   threads and plain calls never see another call's capture.
@@ -245,7 +245,8 @@ class ThreadSlot:
 
 
 ACTIVE = ThreadSlot()
-"""The `Capture` of the guided call running in this thread, or None."""
+"""The `Capture` of the guided call whose model pass runs in this thread, or None (set around each
+pass by the guided call)."""
 
 
 class Capture:
@@ -307,21 +308,24 @@ class CaptureSwitch:
         self.inner = inner
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        return self.dispatch(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+
+    def dispatch(self, attn, *args, **kwargs):
+        """The layer's call with its arguments in the processor's positional order: rows of terms with
+        their own rule on this layer through it (every batched argument cut along, a rotary embedding
+        too where it is batched), the others through `plain`."""
         capture = ACTIVE.get()
         rules = capture.rules_for(attn) if capture is not None else []
         if rules:
-            # Rows of terms with their own rule on this layer through it, the others as below.
-            return split_rows(
-                rules, self.plain, self.own, attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs
-            )
-        return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+            return split_rows(rules, self.plain, self.own, attn, *args, **kwargs)
+        return self.plain(attn, *args, **kwargs)
 
-    def plain(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+    def plain(self, attn, *args, **kwargs):
         """The layer's rows that no rule changes: the armed call's capture processor, else its own."""
         capture = ACTIVE.get()
         if capture is not None and capture.armed and capture.attn is attn and capture.processor is not None:
-            return capture.processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
-        return self.own(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+            return capture.processor(attn, *args, **kwargs)
+        return self.own(attn, *args, **kwargs)
 
     def own(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
         """The wrapped processor, called as the layer would call it."""
@@ -547,19 +551,7 @@ class RotaryCaptureSwitch(CaptureSwitch):
         **kwargs,
     ):
         extra = {k: v for k, v in (("ip_hidden_states", ip_hidden_states), ("ip_adapter_masks", ip_adapter_masks)) if v is not None}
-        capture = ACTIVE.get()
-        rules = capture.rules_for(attn) if capture is not None else []
-        inputs = (hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, *args)
-        if rules:
-            # The rotary embedding is cut along with the rows where it is batched (LTX-Video's).
-            return split_rows(rules, self.plain, self.own, attn, *inputs, **extra, **kwargs)
-        return self.plain(attn, *inputs, **extra, **kwargs)
-
-    def plain(self, attn, *args, **kwargs):
-        capture = ACTIVE.get()
-        if capture is not None and capture.armed and capture.attn is attn and capture.processor is not None:
-            return capture.processor(attn, *args, **kwargs)
-        return self.own(attn, *args, **kwargs)
+        return self.dispatch(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb, *args, **extra, **kwargs)
 
     def own(self, attn, *args, **kwargs):
         return self.inner(attn, *args, **kwargs)

@@ -419,9 +419,13 @@ class GuidedCall:
             for term in step.watching:
                 term.before_main(step)
         capture.rules = tuple(rules)
+        # The thread's capture for the pass is this call's: the switches and hooks on the model read it
+        # (a pipeline with two denoisers runs either one's).
+        token = ACTIVE.set(capture)
         try:
             o = self.model(sample, **call, return_dict=False)[0]
         finally:
+            ACTIVE.reset(token)
             capture.disarm()
             capture.rules = ()
         out, at = {}, 0
@@ -509,13 +513,8 @@ class GuidedDenoiser(torch.nn.Module):
             call.update(call.pop("kwargs", {}))
         return_dict = call.pop("return_dict", True)
         guided = self.guided_call
-        # This model's capture for its passes (a pipeline with two denoisers runs either).
-        token = ACTIVE.set(guided.capture)
-        try:
-            if not guided.config.guides:
-                out = self.model(**call, return_dict=False)[0]
-            else:
-                out = guided.step(call)
-        finally:
-            ACTIVE.reset(token)
+        if not guided.config.guides:
+            out = self.model(**call, return_dict=False)[0]
+        else:
+            out = guided.step(call)
         return guided.family.wrap_output(out) if return_dict else (out,)
