@@ -100,8 +100,10 @@ class Family:
     these inputs back)."""
 
     def self_attention_layers(self, model: torch.nn.Module) -> list[str]:
-        """The names of the self-attention layers PAG may perturb (diffusers' non-cross `Attention` layers)."""
-        return self_attention_layers(model)
+        """The names of the self-attention layers PAG may perturb: each block's `attn1` where the family
+        names a block stack (`blocks`: the video transformers, whose attention modules are not all
+        diffusers' `Attention`), else diffusers' non-cross `Attention` layers."""
+        return stack_layers(model, self.blocks) if self.blocks is not None else self_attention_layers(model)
 
     def refuse(self, term: str) -> None:
         if term in self.refuses:

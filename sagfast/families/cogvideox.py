@@ -23,7 +23,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from sagfast.attention.capture import SAGCaptureProcessor, heads_qkv
 from sagfast.attention.identity import joint_identity
-from sagfast.families.base import VIDEO_REFUSES, Family, stack_layers, transformer_block_layer
+from sagfast.families.base import VIDEO_REFUSES, Family, transformer_block_layer
 
 
 class CogVideoXCaptureProcessor(SAGCaptureProcessor):
@@ -73,9 +73,6 @@ class CogVideoXFamily(Family):
     refuses = VIDEO_REFUSES
     blocks = "transformer_blocks"
     block_outputs = ("hidden_states", "encoder_hidden_states")
-
-    def self_attention_layers(self, model) -> list[str]:
-        return stack_layers(model, self.blocks)
 
     perturbed_attention = staticmethod(cogvideox_identity_attention)
 

@@ -18,7 +18,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from sagfast.attention.capture import SAGCaptureProcessor
 from sagfast.attention.identity import value_attention
-from sagfast.families.base import VIDEO_REFUSES, Family, stack_layers, transformer_block_layer
+from sagfast.families.base import VIDEO_REFUSES, Family, transformer_block_layer
 
 
 class LTXCaptureProcessor(SAGCaptureProcessor):
@@ -55,9 +55,6 @@ class LTXFamily(Family):
                 f"its transformer patches tokens by {config.patch_size_t}x{config.patch_size}x{config.patch_size}; sagfast knows LTX-Video's 1x1x1"
             )
         return found
-
-    def self_attention_layers(self, model) -> list[str]:
-        return stack_layers(model, self.blocks)
 
     perturbed_attention = staticmethod(value_attention)
 

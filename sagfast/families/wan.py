@@ -30,7 +30,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from sagfast.attention.capture import SAGCaptureProcessor
 from sagfast.attention.identity import value_attention
-from sagfast.families.base import VIDEO_REFUSES, Family, stack_layers, transformer_block_layer
+from sagfast.families.base import VIDEO_REFUSES, Family, transformer_block_layer
 
 
 def wan_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -87,9 +87,6 @@ class WanFamily(Family):
         if not pipe.do_classifier_free_guidance:
             return None
         return float(pipe._guidance_scale_2 if attribute == "transformer_2" else pipe.guidance_scale)
-
-    def self_attention_layers(self, model) -> list[str]:
-        return stack_layers(model, self.blocks)
 
     perturbed_attention = staticmethod(value_attention)
 
