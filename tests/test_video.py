@@ -369,6 +369,20 @@ def test_wan_without_cfg_runs_and_leaves_the_pipeline_as_it_was(mode):
     check_guides_and_restores(pipe, go, mode, [1, 1] * STEPS if mode == "exact" else [1, 1] + [2] * (STEPS - 1))
 
 
+@pytest.mark.parametrize("guidance", [5.0, 1.0])
+def test_wan_refuses_a_per_image_list_of_the_wrong_length_before_any_model_call(guidance):
+    # With CFG, Wan's first cond call runs the model before any step is planned: the length is
+    # checked before it (the docs: a wrong length is refused before the first model call).
+    pipe = sagfast.enable(wan(), scale=[0.5, 0.75])
+
+    def go():
+        with pytest.raises(ValueError, match=r"scale has 2 values, but this call makes 1 images"):
+            pipe(**wan_call(), guidance_scale=guidance, output_type="latent")
+
+    _, sizes = calls_per_denoiser(pipe, go, names=("transformer",))
+    assert sizes == {"transformer": []}
+
+
 @pytest.mark.parametrize("mode, per_step", [("exact", [1, 2, 1] + [2, 1] * (STEPS - 1)), ("batched", [1, 2, 1] + [3] * (STEPS - 1))])
 def test_wan_cfg_as_two_calls_per_step_equals_the_modular_guider(mode, per_step):
     # WanPipeline's CFG is a cond call then an uncond call per step. sagfast joins both into one

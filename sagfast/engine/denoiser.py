@@ -194,6 +194,8 @@ class GuidedCall:
         second, self.last_timestep = t == self.last_timestep, t
         seq = self.sequential
         b = sample.shape[0]
+        # Before any model call: the first cond call runs the model as it is, before any step is planned.
+        self.check_images(b)
         # The pipeline edits some inputs in place between its calls (FluxPipeline's joint_attention_kwargs
         # get each branch's IP-Adapter embeddings): what is kept is a copy of the containers.
         call = snapshot(call)
@@ -253,13 +255,7 @@ class GuidedCall:
         cfg, fam = self.config, self.family
         full = sample.shape[0]
         b = full // chunks
-        for name in PER_IMAGE:
-            value = getattr(cfg, name)
-            if isinstance(value, tuple) and len(value) != b:
-                raise ValueError(
-                    f"{name} has {len(value)} values, but this call makes {b} images (batch size x "
-                    f"num_images_per_prompt): give one value per image, or one number for all"
-                )
+        self.check_images(b)
         cond = slice(fam.cond_chunk(chunks) * b, fam.cond_chunk(chunks) * b + b)
         uncond = slice(fam.guide_chunk(chunks) * b, fam.guide_chunk(chunks) * b + b) if chunks == 2 else None
         guide = uncond if uncond is not None else cond
@@ -298,6 +294,16 @@ class GuidedCall:
             g,
             index,
         )
+
+    def check_images(self, b: int) -> None:
+        """A ValueError unless every per-image field has one value for each of the `b` images."""
+        for name in PER_IMAGE:
+            value = getattr(self.config, name)
+            if isinstance(value, tuple) and len(value) != b:
+                raise ValueError(
+                    f"{name} has {len(value)} values, but this call makes {b} images (batch size x "
+                    f"num_images_per_prompt): give one value per image, or one number for all"
+                )
 
     def _cfg_scale(self, chunks: int, device, pipeline_cfg=None):
         """The CFG scale where sagfast owns CFG: the config's (one per image: [B], 1 for the images
