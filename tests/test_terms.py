@@ -294,6 +294,27 @@ def test_images_with_mixed_settings_in_one_call_equal_their_own_calls(family, mo
     assert (mixed[1] - mixed[2]).abs().max() > 0.01  # the settings did something different per image
 
 
+@pytest.mark.parametrize("mode", ["exact", "batched"])
+def test_cfg_scale_one_as_a_number_or_a_list_is_sag_without_cfg(mode):
+    # In a CFG batch (guidance_scale 5), cfg_scale <= 1 guides each image without CFG: its SAG guide is
+    # its cond row, one number as one per image. Reference: the pipeline without CFG (guidance_scale 1,
+    # cond rows only), its SAG guided on the cond row.
+    make, call, latents = sd_inputs(2)
+    pipe = make()
+    steps = dict(num_inference_steps=3, output_type="latent")
+    sagfast.enable(pipe, mode=mode, scale=0.75)
+    cond_only = dict(prompt_embeds=call["prompt_embeds"], height=call["height"], width=call["width"])
+    want = pipe(**cond_only, latents=latents, guidance_scale=1.0, **steps).images
+    bound = 1e-5 * max(1.0, want.abs().max().item())
+    for cfg_scale in (1.0, [1.0, 1.0], 0.5):
+        sagfast.enable(pipe, mode=mode, scale=0.75, cfg_scale=cfg_scale)
+        got = pipe(**call, latents=latents, guidance_scale=5.0, **steps).images
+        assert (got - want).abs().max().item() <= bound, cfg_scale
+    sagfast.enable(pipe, mode=mode, scale=0.75, cfg_scale=5.0)
+    cfg = pipe(**call, latents=latents, guidance_scale=5.0, **steps).images
+    assert (cfg - want).abs().max().item() > 100 * bound  # CFG on moves the latents
+
+
 def test_a_per_image_field_of_the_wrong_length_is_refused_and_the_pipeline_still_runs():
     pipe = sd_pipeline()
     processors = dict(pipe.unet.attn_processors)

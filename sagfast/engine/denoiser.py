@@ -266,6 +266,9 @@ class GuidedCall:
                 # Images without CFG take their cond row as the guide branch (decided on the host).
                 rows = tuple((uncond.start if x > 1 else cond.start) + i for i, x in enumerate(cfg.cfg_scale))
                 guide = self._rows_tensor(rows, sample.device)
+            elif chunks == 2 and not torch.is_tensor(g) and g <= 1:
+                # One scale <= 1 for all (clamped to 1): every image is without CFG, as a list of them.
+                guide = cond
         timestep = call[fam.timestep_argument]
         plans, scales = {}, {}
         for term in self.terms:
