@@ -6,6 +6,7 @@ import dataclasses
 import math
 import numbers
 
+import numpy as np
 import torch
 
 from sagfast.terms.apg import APG
@@ -42,8 +43,9 @@ class SAGConfig:
     """SAG scale `s` in `out = cfg + s * (o_guide - o_degraded) [+ PAG's term]`. The paper uses 0.1 to 1.0; diffusers'
     default is 0.75. Larger values sharpen structure more and start to over-saturate. 0 disables SAG
     (the wrapped UNet then makes exactly the plain pipeline's call). One number for every image, or one
-    value per image of the call (a sequence or 1-D tensor of batch x num_images_per_prompt values):
-    images with different settings share one model call, each guided as if alone."""
+    value per image of the call (a sequence, 1-D tensor or 1-D numpy array of batch x
+    num_images_per_prompt values): images with different settings share one model call, each guided as
+    if alone."""
 
     mode: str = "exact"
     """"exact": two model calls per step (main on [uncond, cond], then degraded on B), the algorithm of
@@ -202,34 +204,35 @@ class SAGConfig:
 
     def __post_init__(self):
         problems = []
-        # Numbers arrive from JSON bodies, numpy and torch: any real number (a 0-d tensor included) is
-        # taken and stored as a Python float; NaN and infinity are refused (a NaN scale makes NaN
+        # Numbers arrive from JSON bodies, numpy and torch: any real number (a 0-d tensor or array included)
+        # is taken and stored as a Python float; NaN and infinity are refused (a NaN scale makes NaN
         # images, a NaN threshold switches SAG off silently).
-        for name, low, low_ok in (
-            ("threshold", None, True),
-            ("blur_sigma", 0.0, False),
-            ("blur_sigma_t", 0.0, True),
-            ("random_mask_ratio", 0.0, True),
-            ("pag_adaptive_scale", 0.0, True),
-            ("seg_blur_sigma", 0.0, False),
-            ("apg_rescale", 0.0, True),
-            ("apg_eta", None, True),
-        ):
-            value, why = _real(getattr(self, name))
-            if why is None and low is not None and (value < low or (value == low and not low_ok)):
-                why = f"must be {'>=' if low_ok else '>'} {low:g}"
-            if why is None and name == "random_mask_ratio" and value > 1.0:
-                why = "must be in [0, 1]"
-            if why is not None:
-                problems.append(f"{name} {why}, got {getattr(self, name)!r}")
-            else:
-                object.__setattr__(self, name, value)
-        for name in PER_IMAGE:
-            if name == "cfg_scale" and self.cfg_scale is None:
-                continue
-            value, why = _scales(getattr(self, name))
-            if why is not None:
-                problems.append(f"{name} {why}, got {getattr(self, name)!r}")
+        checks = [
+            ("threshold", check_real, {}),
+            ("blur_sigma", check_real, {"low": 0.0, "low_ok": False}),
+            ("blur_sigma_t", check_real, {"low": 0.0}),
+            ("random_mask_ratio", check_real, {"low": 0.0, "high": 1.0}),
+            ("pag_adaptive_scale", check_real, {"low": 0.0}),
+            ("seg_blur_sigma", check_real, {"low": 0.0, "low_ok": False}),
+            ("apg_rescale", check_real, {"low": 0.0}),
+            ("apg_eta", check_real, {}),
+            *((name, check_scales, {}) for name in PER_IMAGE if name != "cfg_scale" or self.cfg_scale is not None),
+            *((name, check_interval, {}) for name in INTERVALS),
+            ("pag_layers", check_layers, {}),
+            ("seg_layers", check_layers, {}),
+            ("layers", check_layer, {}),
+            ("blur_kernel_size", check_odd_int, {}),
+            ("stg_mode", check_choice, {"allowed": STG_MODES}),
+            ("exact_pag_pass", check_choice, {"allowed": PAG_PASSES}),
+            ("mode", check_choice, {"allowed": MODES}),
+            ("backend", check_choice, {"allowed": BACKENDS}),
+            ("mask", check_choice, {"allowed": MASKS}),
+            ("cfg_rule", check_choice, {"allowed": tuple(CFG_RULES)}),
+        ]
+        for name, check, options in checks:
+            value, problem = check(name, getattr(self, name), **options)
+            if problem is not None:
+                problems.append(problem)
             else:
                 object.__setattr__(self, name, value)
         if self.apg_momentum is not None:
@@ -243,19 +246,6 @@ class SAGConfig:
             object.__setattr__(self, "zero_init_steps", int(z))
         else:
             problems.append(f"zero_init_steps must be an int >= 0, got {z!r}")
-        for name in INTERVALS:
-            interval, why = _interval(getattr(self, name))
-            if why is not None:
-                problems.append(f"{name} {why}, got {getattr(self, name)!r}")
-            else:
-                object.__setattr__(self, name, interval)
-        for name in ("pag_layers", "seg_layers"):
-            value = getattr(self, name)
-            layers = (value,) if isinstance(value, str) else value
-            if isinstance(layers, (list, tuple)) and layers and all(isinstance(x, str) and x for x in layers):
-                object.__setattr__(self, name, tuple(layers))
-            else:
-                problems.append(f'{name} must be a non-empty string or list of strings ("mid", "up_blocks.0"), got {value!r}')
         layers = (self.stg_layers,) if isinstance(self.stg_layers, (str, int)) else self.stg_layers
         if (
             isinstance(layers, (list, tuple))
@@ -265,23 +255,6 @@ class SAGConfig:
             object.__setattr__(self, "stg_layers", tuple(x if isinstance(x, str) else int(x) for x in layers))
         else:
             problems.append(f'stg_layers must be a block index, "mid", a block name, or a non-empty list of them, got {self.stg_layers!r}')
-        for name, allowed in (
-            ("stg_mode", STG_MODES),
-            ("exact_pag_pass", PAG_PASSES),
-            ("mode", MODES),
-            ("backend", BACKENDS),
-            ("mask", MASKS),
-            ("cfg_rule", tuple(CFG_RULES)),
-        ):
-            if getattr(self, name) not in allowed:
-                problems.append(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        k = self.blur_kernel_size
-        if isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 1 and k % 2 == 1:
-            object.__setattr__(self, "blur_kernel_size", int(k))
-        else:
-            problems.append(f"blur_kernel_size must be an odd int >= 1, got {k!r}")
-        if not isinstance(self.layers, str) or not self.layers:
-            problems.append(f'layers must be "mid" or the module name of a self-attention layer, got {self.layers!r}')
         if not isinstance(self.cuda_graph, bool):
             problems.append(f"cuda_graph must be True or False, got {self.cuda_graph!r}")
         if problems:
@@ -317,10 +290,10 @@ class SAGConfig:
 
 def _real(value) -> tuple:
     """(value as a finite Python float, None), or (None, why it is not one)."""
-    if torch.is_tensor(value):
-        if value.numel() != 1 or value.dim() != 0 or value.is_complex() or value.dtype == torch.bool:
-            return None, "must be a real number (a 0-d real tensor is accepted)"
-        value = value.item()
+    if torch.is_tensor(value) or isinstance(value, np.ndarray):
+        if value.ndim != 0:
+            return None, f"must be a real number (a 0-d real {'tensor' if torch.is_tensor(value) else 'array'} is accepted)"
+        value = value.item()  # a bool or complex one becomes a Python bool or complex, refused below
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return None, "must be a real number"
     value = float(value)
@@ -329,35 +302,86 @@ def _real(value) -> tuple:
     return value, None
 
 
-def _scales(value) -> tuple:
-    """(a scale as a float >= 0, or one per image as a tuple of them, None), or (None, why not)."""
-    if torch.is_tensor(value) and value.dim() == 1:
-        value = value.tolist()
-    if isinstance(value, (list, tuple)):
-        if not value:
-            return None, "must be a number or a non-empty sequence of numbers (one per image)"
-        values = [_real(v) for v in value]
-        bad = next((why for _, why in values if why is not None), None)
-        if bad is None and min(v for v, _ in values) < 0:
-            bad = "must be >= 0"
-        if bad is not None:
-            return None, f"entries {bad}"
-        return tuple(v for v, _ in values), None
-    value, why = _real(value)
-    if why is None and value < 0:
+def _problem(name: str, value, why: str | None) -> str | None:
+    return None if why is None else f"{name} {why}, got {value!r}"
+
+
+# The checks below are shared by every entry point that takes these settings (SAGConfig, and
+# sagfast.guiders.SelfAttentionGuidance under its own field names), so that one rule holds everywhere.
+# Each returns (the value as stored, None), or (None, a message naming the field, what is wrong and the
+# value given).
+
+
+def check_real(name: str, value, low: float | None = None, low_ok: bool = True, high: float | None = None) -> tuple:
+    """A finite real number (Python, numpy, or a 0-d tensor or array), as a Python float, in [low, high]
+    (`low_ok=False`: above `low`)."""
+    number, why = _real(value)
+    if why is None and low is not None and (number < low or (number == low and not low_ok)):
+        why = f"must be {'>=' if low_ok else '>'} {low:g}"
+    if why is None and high is not None and number > high:
+        why = f"must be in [{low:g}, {high:g}]"
+    return (number if why is None else None), _problem(name, value, why)
+
+
+def check_scales(name: str, value) -> tuple:
+    """A scale: a real number >= 0 as a Python float, or one per image (a non-empty sequence, 1-D tensor or
+    1-D numpy array of them) as a tuple of Python floats."""
+    entries = value.tolist() if (torch.is_tensor(value) or isinstance(value, np.ndarray)) and value.ndim == 1 else value
+    if isinstance(entries, (list, tuple)):
+        if not entries:
+            return None, _problem(name, value, "must be a number or a non-empty sequence of numbers (one per image)")
+        parsed = [_real(v) for v in entries]
+        why = next((why for _, why in parsed if why is not None), None)
+        if why is None and min(v for v, _ in parsed) < 0:
+            why = "must be >= 0"
+        if why is not None:
+            return None, _problem(name, value, f"entries {why}")
+        return tuple(v for v, _ in parsed), None
+    number, why = _real(value)
+    if why is None and number < 0:
         why = "must be >= 0"
-    if why is not None:
-        return None, f"{why} (or one value per image)" if why.startswith("must be a real") else why
-    return value, None
+    if why is not None and why.startswith("must be a real"):
+        why = f"{why} (or one value per image)"
+    return (number if why is None else None), _problem(name, value, why)
 
 
-def _interval(value) -> tuple:
-    """((start, stop) as Python floats, None), or (None, why it is not a guidance interval)."""
+def check_interval(name: str, value) -> tuple:
+    """(start, stop), two fractions of the denoising steps with 0 <= start <= stop <= 1, as Python floats."""
     if not isinstance(value, (list, tuple)) or len(value) != 2:
-        return None, "must be (start, stop), two fractions of the denoising steps"
+        return None, _problem(name, value, "must be (start, stop), two fractions of the denoising steps")
     (start, why_start), (stop, why_stop) = _real(value[0]), _real(value[1])
     if why_start or why_stop:
-        return None, f"start and stop {why_start or why_stop}"
+        return None, _problem(name, value, f"start and stop {why_start or why_stop}")
     if not 0.0 <= start <= stop <= 1.0:
-        return None, "must have 0 <= start <= stop <= 1"
+        return None, _problem(name, value, "must have 0 <= start <= stop <= 1")
     return (start, stop), None
+
+
+def check_choice(name: str, value, allowed: tuple) -> tuple:
+    """One of the strings `allowed`."""
+    if isinstance(value, str) and value in allowed:
+        return value, None
+    return None, _problem(name, value, f"must be one of {allowed}")
+
+
+def check_odd_int(name: str, value) -> tuple:
+    """An odd int >= 1 (a blur window), as a Python int."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1 and value % 2 == 1:
+        return int(value), None
+    return None, _problem(name, value, "must be an odd int >= 1")
+
+
+def check_layer(name: str, value) -> tuple:
+    """The self-attention layer SAG reads its map from: "mid" or a module name."""
+    if isinstance(value, str) and value:
+        return value, None
+    return None, _problem(name, value, 'must be "mid" or the module name of a self-attention layer')
+
+
+def check_layers(name: str, value) -> tuple:
+    """Layer identifiers, matched as diffusers' `pag_applied_layers`: a string, or a non-empty list of
+    them, as a tuple."""
+    layers = (value,) if isinstance(value, str) else value
+    if isinstance(layers, (list, tuple)) and layers and all(isinstance(x, str) and x for x in layers):
+        return tuple(layers), None
+    return None, _problem(name, value, 'must be a non-empty string or list of strings ("mid", "up_blocks.0")')
