@@ -351,7 +351,7 @@ def check_interval(name: str, value) -> tuple:
         return None, _problem(name, value, "must be (start, stop), two fractions of the denoising steps")
     (start, why_start), (stop, why_stop) = _real(value[0]), _real(value[1])
     if why_start or why_stop:
-        return None, _problem(name, value, f"start and stop {why_start or why_stop}")
+        return None, _problem(name, value, f"entries {why_start or why_stop}")
     if not 0.0 <= start <= stop <= 1.0:
         return None, _problem(name, value, "must have 0 <= start <= stop <= 1")
     return (start, stop), None

@@ -42,6 +42,7 @@ from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
 from diffusers.hooks import HookRegistry, ModelHook
 
 from sagfast.attention.capture import input_grid, over_patch
+from sagfast.config import BACKENDS, MODES, check_choice, check_interval, check_layer, check_layers, check_odd_int, check_real
 from sagfast.engine.schedule import check_scheduler, noise_of, prediction_of, x0_eps
 from sagfast.families import family_of_model
 from sagfast.ops.degrade import check_blur_size
@@ -50,7 +51,6 @@ from sagfast.terms.sag import Previous, degraded_from_previous, degraded_input, 
 
 CAPTURE_HOOK = "sagfast_sag_capture"
 PERTURB_HOOK = "sagfast_pag_identity"
-MODES = ("exact", "batched")
 
 
 def model_call(family, args: tuple, kwargs: dict) -> dict:
@@ -135,38 +135,48 @@ class SelfAttentionGuidance(BaseGuidance):
         perturbed_guidance_stop: float = 1.0,
         enabled: bool = True,
     ):
+        # The same checks as SAGConfig's fields (sagfast.config), under this guider's field names, so that
+        # a setting means the same here and in `sagfast.enable`; accepted numbers are stored as Python
+        # floats (in the config too, which `save_pretrained` writes as JSON).
+        problems = []
+
+        def take(checked):
+            value, problem = checked
+            if problem is not None:
+                problems.append(problem)
+            return value
+
+        fields = dict(
+            guidance_scale=take(check_real("guidance_scale", guidance_scale, low=0.0)),
+            sag_scale=take(check_real("sag_scale", sag_scale, low=0.0)),
+            threshold=take(check_real("threshold", threshold)),
+            blur_kernel_size=take(check_odd_int("blur_kernel_size", blur_kernel_size)),
+            blur_sigma=take(check_real("blur_sigma", blur_sigma, low=0.0, low_ok=False)),
+            perturbed_guidance_scale=take(check_real("perturbed_guidance_scale", perturbed_guidance_scale, low=0.0)),
+        )
+        sag_layers = take(check_layer("sag_layers", sag_layers))
+        mode = take(check_choice("mode", mode, MODES))
+        backend = take(check_choice("backend", backend, BACKENDS))
+        layers = take(check_layers("perturbed_guidance_layers", perturbed_guidance_layers))
+        interval = take(check_interval("(start, stop)", (start, stop)))
+        pag_interval = take(
+            check_interval("(perturbed_guidance_start, perturbed_guidance_stop)", (perturbed_guidance_start, perturbed_guidance_stop))
+        )
+        if problems:
+            raise ValueError("invalid SelfAttentionGuidance: " + "; ".join(problems))
+        (start, stop), (pag_start, pag_stop) = interval, pag_interval
         super().__init__(start, stop, enabled)
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        numbers = ("guidance_scale", guidance_scale), ("sag_scale", sag_scale), ("threshold", threshold)
-        for name, value in (*numbers, ("perturbed_guidance_scale", perturbed_guidance_scale)):
-            if not (isinstance(value, (int, float)) and value == value and value >= 0):
-                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
-        if not (isinstance(blur_kernel_size, int) and blur_kernel_size >= 1 and blur_kernel_size % 2 == 1):
-            raise ValueError(f"blur_kernel_size must be an odd int >= 1, got {blur_kernel_size!r}")
-        if not (isinstance(blur_sigma, (int, float)) and blur_sigma > 0):
-            raise ValueError(f"blur_sigma must be a number > 0, got {blur_sigma!r}")
-        layers = (perturbed_guidance_layers,) if isinstance(perturbed_guidance_layers, str) else tuple(perturbed_guidance_layers)
-        if not layers or not all(isinstance(layer, str) for layer in layers):
-            raise ValueError(
-                "perturbed_guidance_layers takes layer identifiers (a string or a list of strings: 'mid', "
-                f"'down_blocks.1', 'transformer_blocks.2'), got {perturbed_guidance_layers!r}"
-            )
-        if not (0.0 <= perturbed_guidance_start <= perturbed_guidance_stop <= 1.0):
-            raise ValueError(
-                "perturbed_guidance_start and perturbed_guidance_stop must satisfy 0 <= start <= stop <= 1, "
-                f"got {perturbed_guidance_start!r}, {perturbed_guidance_stop!r}"
-            )
-        self.perturbed_guidance_scale = perturbed_guidance_scale
+        self.register_to_config(**fields, start=start, stop=stop, perturbed_guidance_start=pag_start, perturbed_guidance_stop=pag_stop)
+        self.guidance_scale = fields["guidance_scale"]
+        self.sag_scale = fields["sag_scale"]
+        self.threshold = fields["threshold"]
+        self.blur_kernel_size = fields["blur_kernel_size"]
+        self.blur_sigma = fields["blur_sigma"]
+        self.perturbed_guidance_scale = fields["perturbed_guidance_scale"]
         self.perturbed_guidance_layers = layers
-        self.perturbed_guidance_start = perturbed_guidance_start
-        self.perturbed_guidance_stop = perturbed_guidance_stop
-        self.guidance_scale = guidance_scale
-        self.sag_scale = sag_scale
+        self.perturbed_guidance_start = pag_start
+        self.perturbed_guidance_stop = pag_stop
         self.sag_layers = sag_layers
-        self.threshold = threshold
-        self.blur_kernel_size = blur_kernel_size
-        self.blur_sigma = blur_sigma
         self.mode = mode
         self.backend = backend
         self.pipe = None

@@ -10,6 +10,7 @@ standard pipeline batches [uncond, cond]: float reordering of about 1e-4 on late
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from diffusers.guiders import ClassifierFreeGuidance
@@ -265,6 +266,42 @@ def test_an_unbound_guider_says_how_to_bind_it_and_leaves_the_model_as_it_was():
 def test_bad_config_is_refused_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SelfAttentionGuidance(**{field: value})
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("sag_scale", float("inf"), "sag_scale must be finite, got inf"),
+        ("guidance_scale", float("inf"), "guidance_scale must be finite, got inf"),
+        ("perturbed_guidance_scale", float("inf"), "perturbed_guidance_scale must be finite, got inf"),
+        ("threshold", float("-inf"), "threshold must be finite, got -inf"),
+        ("blur_sigma", float("inf"), "blur_sigma must be finite, got inf"),
+        ("sag_scale", True, "sag_scale must be a real number, got True"),
+        ("guidance_scale", torch.tensor([5.0]), r"guidance_scale must be a real number \(a 0-d real tensor is accepted\)"),
+        ("backend", "bogus", r"backend must be one of \('auto', 'triton', 'cpp', 'torch'\), got 'bogus'"),
+        ("sag_layers", "", 'sag_layers must be "mid" or the module name of a self-attention layer'),
+        ("start", float("nan"), r"\(start, stop\) entries must be finite, got \(nan, 1.0\)"),
+    ],
+)
+def test_the_guider_checks_its_fields_as_sagconfig_does(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        SelfAttentionGuidance(**{field: value})
+
+
+@pytest.mark.parametrize("value", [np.float32(0.5), np.int64(2), torch.tensor(0.5), torch.tensor(2, dtype=torch.int32)])
+def test_numpy_and_0d_torch_numbers_are_numbers_stored_as_floats(value, tmp_path):
+    fields = ("guidance_scale", "sag_scale", "threshold", "blur_sigma", "perturbed_guidance_scale")
+    guider = SelfAttentionGuidance(**dict.fromkeys(fields, value))
+    for name in fields:
+        assert type(getattr(guider, name)) is float and getattr(guider, name) == float(value)
+        assert type(guider.config[name]) is float
+    guider.save_pretrained(tmp_path)  # the config is JSON: Python numbers only
+    assert SelfAttentionGuidance.from_pretrained(tmp_path).sag_scale == float(value)
+
+
+def test_threshold_has_sagconfigs_rule_any_finite_number():
+    # As SAGConfig's threshold: no lower bound (a negative threshold masks every key).
+    assert SelfAttentionGuidance(threshold=-0.5).threshold == sagfast.SAGConfig(threshold=-0.5).threshold == -0.5
 
 
 def test_bind_refuses_what_has_no_scheduler():
