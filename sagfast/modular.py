@@ -50,14 +50,22 @@ def _loop_denoisers(blocks):
     return found
 
 
-def _running_blocks(pipe):
+def _running_blocks(pipe, caller: str):
     """The blocks `pipe` runs (diffusers' `ModularPipeline.blocks` returns a deep copy of them)."""
+    from diffusers.modular_pipelines import ModularPipeline
+
+    if not isinstance(pipe, ModularPipeline):
+        raise ValueError(
+            f"sagfast.modular.{caller} takes a diffusers modular pipeline (a ModularPipeline, such as "
+            f"StableDiffusionXLAutoBlocks().init_pipeline() or ModularPipeline.from_pretrained(...)), got "
+            f"{type(pipe).__name__}; a standard pipeline is guided by sagfast.enable(pipe, ...)"
+        )
     return pipe._blocks
 
 
 def batch_guidance(pipe):
     """Run every guider condition of `pipe`'s denoise steps in one model call per step. Returns `pipe`."""
-    blocks = _loop_denoisers(_running_blocks(pipe))
+    blocks = _loop_denoisers(_running_blocks(pipe, "batch_guidance"))
     if not blocks:
         raise ValueError(
             f"{type(pipe).__name__} has no denoise loop block that calls its model once per guider condition "
@@ -71,7 +79,7 @@ def batch_guidance(pipe):
 
 def unbatch_guidance(pipe):
     """Give `pipe`'s denoise loop blocks back their own classes. Returns `pipe`."""
-    for block in _loop_denoisers(_running_blocks(pipe)):
+    for block in _loop_denoisers(_running_blocks(pipe, "unbatch_guidance")):
         if isinstance(block, BatchedConditions):
             block.__class__ = block.sagfast_base
     return pipe

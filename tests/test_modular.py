@@ -131,3 +131,11 @@ def test_a_pipeline_without_a_guided_loop_is_refused():
 
     with pytest.raises(ValueError, match="no denoise loop block"):
         batch_guidance(SequentialPipelineBlocks().init_pipeline())
+
+
+@pytest.mark.parametrize("function", [batch_guidance, unbatch_guidance])
+def test_a_standard_pipeline_is_refused_saying_what_is_taken(function):
+    pipe = sdxl_pipeline()
+    message = rf"sagfast.modular.{function.__name__} takes a diffusers modular pipeline .* got StableDiffusionXLPipeline; .*sagfast.enable"
+    with pytest.raises(ValueError, match=message):
+        function(pipe)
