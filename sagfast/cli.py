@@ -392,14 +392,60 @@ def _pixels(text: str) -> int:
     return value
 
 
+def demo_scheduler_classes() -> list[str]:
+    """The diffusers scheduler class names `--scheduler` accepts: those diffusers lists as compatible
+    with the digit UNet's schedule (DDIMScheduler's `compatibles`: the DDPM-type schedulers an SD or
+    v-prediction UNet runs with) that build from it here (DPMSolverSDEScheduler needs torchsde) and
+    that SAG takes (EDM's sigma-only schedulers have no alphas_cumprod). A flow-matching or
+    consistency-model scheduler would give the UNet inputs it was not trained on."""
+    from diffusers import DDIMScheduler
+    from diffusers.utils import logging
+
+    from sagfast.digits.weights import scheduler_config
+    from sagfast.engine.schedule import schedule_problems
+
+    config = scheduler_config()
+    accepted = []
+    level = logging.get_verbosity()
+    # A class ignores the config keys it has no use for, with a warning: a refused option's message
+    # is to be one line.
+    logging.set_verbosity_error()
+    try:
+        for cls in DDIMScheduler.from_config(config).compatibles:
+            try:
+                scheduler = cls.from_config(config)
+            except ImportError:  # an optional dependency it needs is not installed
+                continue
+            if not schedule_problems(scheduler):
+                accepted.append(cls.__name__)
+    finally:
+        logging.set_verbosity(level)
+    return sorted(accepted)
+
+
 def _scheduler(text: str) -> str:
     if text in SCHEDULERS:
         return text
-    import diffusers
-
-    if text.endswith("Scheduler") and hasattr(diffusers, text):
+    accepted = demo_scheduler_classes()
+    if text in accepted:
         return text
-    raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(SCHEDULERS)} nor a diffusers scheduler class name")
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not one of {', '.join(SCHEDULERS)} nor of the diffusers schedulers the demo's UNets run with ({', '.join(accepted)})"
+    )
+
+
+SEED_LIMIT = 2**63
+
+
+def _seed(text: str) -> int:
+    # torch's manual_seed takes 64 bits; the SD demo seeds prompt i with seed + i, so below 2**63.
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"an integer 0 <= seed < 2**63 expected, got {text!r}") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"an integer 0 <= seed < 2**63 expected, got {text}")
+    return value
 
 
 def _check(p: argparse.ArgumentParser, args) -> None:
@@ -518,9 +564,14 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=_positive, help="denoising steps (default: 15 digits, 25 SD)")
     d.add_argument("--guidance", type=_scale, help="CFG scale, >= 0 (default: 3 digits, 7.5 SD)")
     d.add_argument("--sag-scale", type=_scale, default=0.75, help="SAG scale, >= 0 (default 0.75)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=_seed, default=0, help="the noise's seed, 0 <= seed < 2**63 (default 0)")
     d.add_argument("--samples", type=_positive, default=1, help="digit demo: samples per cell (default 1)")
-    d.add_argument("--scheduler", type=_scheduler, help=f"{', '.join(SCHEDULERS)} (default ddim), or a diffusers scheduler class name")
+    d.add_argument(
+        "--scheduler",
+        type=_scheduler,
+        help=f"the UNet's scheduler (the digit UNet's, or --model's; the DiT panel keeps its flow-matching Euler): "
+        f"{', '.join(SCHEDULERS)} (default ddim), or a diffusers scheduler class compatible with DDIMScheduler that SAG accepts",
+    )
     d.add_argument("--threads", type=_positive, help="torch.set_num_threads (default: torch's; 1 on machines with <= 2 cores)")
     d.add_argument("--model", help="a local diffusers Stable Diffusion folder (instead of the digit model)")
     d.add_argument("--prompt", action="append", help="with --model: a prompt (repeat for more rows)")
