@@ -22,9 +22,9 @@ import pytest
 
 pytest.importorskip("ray.serve")
 
-from sagfast.serving import DEFAULT_MODELS, start, stop  # noqa: E402
+from sagfast.serving import DEFAULT_MODELS, StartupError, start, stop  # noqa: E402
 from sagfast.serving.engine import decode_png, group_key, load_models, run_group, subject_problem  # noqa: E402
-from sagfast.serving.schema import Limits, request_model  # noqa: E402
+from sagfast.serving.schema import MAX_SCALE, Limits, request_model  # noqa: E402
 
 LIMITS = Limits(max_steps=12, max_size=64, max_batch_size=4, batch_wait_ms=200.0, max_queue=6)
 ImageRequest = request_model(LIMITS)
@@ -50,14 +50,18 @@ def answer_of(raw: bytes):
         return {"text": raw.decode(errors="replace")}
 
 
-def post(url: str, body, timeout: float = 120.0):
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(url + "/v1/images", data=data, headers={"Content-Type": "application/json"})
+def post(url: str, body, timeout: float = 120.0, path: str = "/v1/images", method: str = "POST"):
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"}, method=method)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, answer_of(response.read()), {k.lower(): v for k, v in response.headers.items()}
     except urllib.error.HTTPError as e:
         return e.code, answer_of(e.read()), {k.lower(): v for k, v in e.headers.items()}
+
+
+def pixels_apart(a: str, b: str) -> int:
+    return int(np.abs(decode_png(a).astype(int) - decode_png(b).astype(int)).max())
 
 
 # -- the batching rule, without a server -------------------------------------------------------------
@@ -78,6 +82,30 @@ def test_mixed_settings_in_one_call_give_each_image_its_own_result(digit_models,
         assert image.dtype == np.uint8 and image.shape == (32, 32, 1)
         assert np.abs(image.astype(int) - alone.astype(int)).max() <= 1
     assert np.abs(together[0].astype(int) - plain.astype(int)).max() > 1  # the settings did act
+
+
+@pytest.mark.parametrize("field", ["guidance_scale", "sag_scale", "pag_scale"])
+def test_a_scale_that_overflows_changes_only_its_own_image(digit_models, field):
+    # Past the schema (which refuses it): the call itself keeps each image's arithmetic its own, and
+    # the pipeline's CFG line never sees a request's scale.
+    requests = [ImageRequest(model="digits-unet", steps=3, **fields) for fields in MIXED[:3]]
+    hostile = ImageRequest.model_construct(**{**requests[0].model_dump(), "label": 9, field: 1e39})
+    together = run_group(digit_models["digits-unet"], [*requests, hostile])
+    for request, image in zip(requests, together):
+        alone = run_group(digit_models["digits-unet"], [request])[0]
+        assert np.abs(image.astype(int) - alone.astype(int)).max() <= 1, request
+
+
+def test_defaults_respect_the_limits(digit_models):
+    schema = request_model(Limits(max_steps=5, max_size=256))
+    assert schema(model="digits-unet", label=1).steps == 5
+    properties = schema.model_json_schema()["properties"]
+    assert properties["steps"]["default"] <= properties["steps"]["maximum"] == 5
+    for field in ("guidance_scale", "sag_scale", "pag_scale", "seg_scale", "stg_scale"):
+        assert properties[field]["maximum"] == MAX_SCALE and properties[field]["default"] <= MAX_SCALE
+    assert digit_models["digits-unet"].default_size(1024) == 32
+    with pytest.raises(StartupError, match="--max-size 16"):
+        start(DEFAULT_MODELS, Limits(max_size=16), port=free_port())
 
 
 def test_requests_share_a_call_by_model_steps_size_and_mode():
@@ -139,12 +167,57 @@ def test_concurrent_mixed_requests_share_calls_and_equal_their_own_answers(serve
         ({"model": "nope", "label": 1}, "model"),
         ({"model": "digits-unet", "prompt": "a cat"}, "label"),
         ({"model": "digits-unet", "label": 1, "size": 64}, "size"),
+        ({"model": "digits-unet", "label": 1, "guidance_scale": 1e39}, "guidance_scale"),
+        ({"model": "digits-unet", "label": 1, "sag_scale": 1e39}, "sag_scale"),
+        ({"model": "digits-unet", "label": 1, "pag_scale": MAX_SCALE + 1}, "pag_scale"),
+        ({"model": "digits-unet", "label": 1, "stg_scale": 1.0}, "stg_scale"),  # no block stack to skip
+        ({"model": "digits-unet", "label": 1, "sag_scale": True}, "sag_scale"),
+        (b"not json at all", "body"),
+        (b"[1, 2]", "body"),
+        (b'{"model": "digits-unet", "label": 1}' + b"\xff\xfe", "body"),  # not UTF-8
+        (b"[" * 5000 + b"]" * 5000, "body"),  # deeper than the decoder goes
+        (b'{"model": "digits-unet", "label": ' + b"7" * 5000 + b"}", "body"),  # longer than Python converts
     ],
 )
 def test_bad_requests_get_422_naming_the_field(server, body, field):
     status, answer, _ = post(server, body)
     assert status == 422, answer
-    assert field in {error["field"] for error in answer["errors"]} or field in json.dumps(answer["errors"]), answer
+    assert answer["error"] == "invalid request" and set(answer) == {"error", "errors"}, answer
+    assert field in {error["field"] for error in answer["errors"]}, answer
+
+
+def test_a_hostile_request_in_a_batch_is_refused_alone(server):
+    bodies = [dict(model="digits-unet", steps=4, **fields) for fields in MIXED[:3]]
+    hostile = dict(bodies[0], label=9, guidance_scale=1e39)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda body: post(server, body), [*bodies, hostile]))
+    assert answers[3][0] == 422 and answers[3][1]["errors"][0]["field"] == "guidance_scale", answers[3]
+    for body, (status, answer, _) in zip(bodies, answers):
+        assert status == 200, answer
+        assert pixels_apart(answer["image"], post(server, body)[1]["image"]) <= 1
+
+
+@pytest.mark.parametrize("where", ["model", "field"])
+def test_bad_input_is_not_echoed(server, where):
+    huge = "x" * 1_000_000
+    body = {"model": huge, "label": 1} if where == "model" else {"model": "digits-unet", "label": 1, huge: 1}
+    status, answer, _ = post(server, body)
+    assert status == 422 and len(json.dumps(answer)) < 1000, json.dumps(answer)[:2000]
+    assert "1000000 characters" in json.dumps(answer)
+
+
+def test_every_error_has_one_shape_and_health_answers_head(server):
+    assert post(server, None, path="/health", method="HEAD")[0] == 200
+    status, answer, _ = post(server, None, path="/nowhere", method="GET")
+    assert status == 404 and set(answer) == {"error"}, answer
+    status, answer, _ = post(server, None, path="/v1/images", method="GET")
+    assert status == 405 and set(answer) == {"error"}, answer
+
+
+def test_a_second_server_on_a_port_in_use_does_not_start(server):
+    port = int(server.rsplit(":", 1)[1])
+    with pytest.raises(StartupError, match=f"--port {port}"):
+        start(DEFAULT_MODELS, LIMITS, port=port)
 
 
 def test_a_full_queue_answers_503_with_retry_after(server):
@@ -166,8 +239,14 @@ def test_models_health_and_docs(server):
     assert set(models) == {"digits-unet", "digits-dit"} and models["digits-unet"]["size"] == 32
     with urllib.request.urlopen(server + "/openapi.json", timeout=30) as response:
         schema = json.loads(response.read())
-    steps = schema["components"]["schemas"]["ImageRequest"]["properties"]["steps"]
-    assert steps["maximum"] == LIMITS.max_steps
+    properties = schema["components"]["schemas"]["ImageRequest"]["properties"]
+    assert properties["steps"]["maximum"] == LIMITS.max_steps
+    assert {"guidance_scale", "sag_scale", "pag_scale", "seg_scale", "stg_scale"} <= set(properties)
+    assert models["digits-unet"]["refuses"] == ["stg_scale"]  # no block stack: STG is refused on the UNet
+    # the 422 a client generated from the schema reads is the one the server sends
+    invalid = schema["paths"]["/v1/images"]["post"]["responses"]["422"]["content"]["application/json"]["schema"]["$ref"]
+    error_body = schema["components"]["schemas"][invalid.rsplit("/", 1)[1]]
+    assert set(error_body["properties"]) == {"error", "errors"}
     with urllib.request.urlopen(server + "/docs", timeout=30) as response:
         assert response.status == 200
 

@@ -1,7 +1,7 @@
 """`sagfast serve`: the guided pipelines behind an HTTP API on Ray Serve, requests with different
 guidance settings in one model call.
 
-- `schema.py`: the request body (pydantic) and the server's limits;
+- `schema.py`: the request body (pydantic), the error body and the server's limits;
 - `engine.py`: the served models and the batching rule (which requests share a pipeline call);
 - `app.py`: the Ray Serve deployment (FastAPI ingress, `serve.batch`, the queue bound).
 
@@ -10,35 +10,110 @@ guidance settings in one model call.
 
 from __future__ import annotations
 
+import ipaddress
+import os
+import re
+import socket
+
 DEFAULT_MODELS = {"digits-unet": "embedded", "digits-dit": "embedded"}
+
+
+class StartupError(Exception):
+    """Why the server cannot start, in one line that names the option at fault."""
+
+
+def check_startup(specs: dict, limits, host: str, port: int, gpus_per_replica: float = 0.0, address=None) -> None:
+    """Everything that can be checked before Ray starts: the address to listen on, that the port is
+    free, the models' sources, the limits against the models. Raises StartupError."""
+    from sagfast.serving.engine import DIGIT_MODELS, DIGIT_SIZE
+
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise StartupError(
+            f"--host {host!r}: not an IP address to listen on (127.0.0.1, ::1, 0.0.0.0, or an address of this machine)"
+        ) from None
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # No SO_REUSEPORT: a port another server listens on (sagfast's proxy included) is refused.
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise StartupError(
+                f"--port {port}: cannot listen on {host}:{port} ({exc.strerror or exc}); another program holds it?"
+            ) from None
+    for name, source in specs.items():
+        if source == "embedded":
+            if name not in DIGIT_MODELS:
+                raise StartupError(f"--model {name}: not an embedded model (embedded: {', '.join(DIGIT_MODELS)})")
+            if limits.max_size < DIGIT_SIZE:
+                raise StartupError(
+                    f"--max-size {limits.max_size}: below {DIGIT_SIZE}, the only size the digit models make (raise it, or --no-digits)"
+                )
+        elif looks_like_path(source) and not os.path.isfile(os.path.join(os.path.expanduser(source), "model_index.json")):
+            what = "is not a folder" if not os.path.isdir(os.path.expanduser(source)) else "has no model_index.json"
+            raise StartupError(f"--model {name}={source}: {what} (a diffusers pipeline folder, as save_pretrained writes)")
+    if gpus_per_replica > 0 and address is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise StartupError(f"--gpus-per-replica {gpus_per_replica:g}: this machine has no CUDA device")
+
+
+def looks_like_path(source: str) -> bool:
+    """A local folder rather than a hub repo id ("owner/name"): an absolute, relative or home path,
+    or anything that exists here."""
+    return source.startswith(("/", ".", "~")) or os.path.exists(source) or source.count("/") != 1
+
+
+def one_line(exc: BaseException) -> str:
+    """The cause of a failed deployment in one line: Ray's message holds the replica's whole traceback;
+    its last `SomeError: message` line is the reason."""
+    text = str(exc)
+    found = re.findall(r"^\s*((?:\w+\.)*\w+(?:Error|Exception): .+)$", text, flags=re.MULTILINE)
+    line = found[-1].strip() if found else (text.strip().splitlines() or [type(exc).__name__])[0]
+    return line[:400]
 
 
 def start(
     specs: dict, limits, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1, gpus_per_replica: float = 0.0, address=None
 ) -> str:
-    """Start Ray (a local instance, or join the cluster at `address`) and the deployment; returns its
-    URL once it answers."""
+    """Check what can be checked, start Ray (a local instance of its own, or join the cluster at
+    `address`) and the deployment; returns its URL once it answers. Raises StartupError (Ray is then
+    shut down again)."""
+    check_startup(specs, limits, host, port, gpus_per_replica, address)
     import ray
     from ray import serve
 
     from sagfast.serving.app import application
 
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(application(specs, limits, replicas, gpus_per_replica), name="sagfast", route_prefix="/", blocking=False)
-    return f"http://{host}:{port}"
+    # address="local": a Ray instance of this process's own (never one found on the machine), whose
+    # processes `stop` ends. No dashboard: nothing here uses it, and it is one more port.
+    ray.init(address=address or "local", include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(application(specs, limits, replicas, gpus_per_replica), name="sagfast", route_prefix="/", blocking=False)
+    except Exception as exc:
+        stop(address)
+        raise StartupError(f"the server did not start: {one_line(exc)}") from exc
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def stop() -> None:
-    """Stop the deployment, Serve and the Ray instance this process started or joined."""
+def stop(address=None) -> None:
+    """Stop the deployment, Serve and the Ray instance this process started or joined.
+
+    On its own Ray instance (`address` None) ending Ray ends everything, Serve's controller and
+    replicas included, in a second or two; asking the controller to shut Serve down first could wait
+    30 s for a controller that a signal to the process group has already ended. On a joined cluster
+    the deployment is removed from it first."""
     import ray
     from ray import serve
 
     try:
-        serve.shutdown()
+        if address is not None:
+            serve.shutdown()
     finally:
         ray.shutdown()
 
 
-__all__ = ["DEFAULT_MODELS", "start", "stop"]
+__all__ = ["DEFAULT_MODELS", "StartupError", "check_startup", "start", "stop"]

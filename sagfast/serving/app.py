@@ -1,12 +1,16 @@
 """The Ray Serve deployment: a FastAPI ingress, request batching across guidance settings, and the
 queue bound.
 
-    GET  /health      {"status": "ok", "in_flight", "images", "calls", "failed_calls", "cancelled"}
-    GET  /v1/models   {"models": [{"id", "kind", "size", "source", "scheduler"}, ...]}
-    POST /v1/images   {"model", "prompt" | "label", "seed", "steps", "size", "guidance_scale",
-                       "sag_scale", "pag_scale", "seg_scale", "mode"}
+    GET|HEAD /health  {"status": "ok", "in_flight", "images", "calls", "failed_calls", "cancelled"}
+    GET  /v1/models   {"models": [{"id", "kind", "size", "source", "scheduler", "refuses"}, ...]}
+    POST /v1/images   {"model", "prompt" | "label", "seed", "steps", "size", "mode", "guidance_scale",
+                       "sag_scale", "pag_scale", "seg_scale", "stg_scale", ...(every per-image term)}
                       -> {"image": base64 PNG, "seed", "batch_size", "timings": {"queue_ms", "run_ms", "total_ms"}}
-    GET  /docs        the OpenAPI schema (with this server's limits)
+    GET  /docs        the OpenAPI schema (with this server's limits and its error body)
+
+Every error answer is `{"error": message}`, with `"errors": [{"field", "message"}]` on a 422
+(`schema.ErrorBody`): bad fields, bodies that are not JSON (field "body"), unknown paths (404) and
+methods (405) alike.
 
 Batching: Ray Serve's `serve.batch` collects concurrent requests (up to `max_batch_size`, waiting at
 most `batch_wait_ms` after the first); the batch is split into groups by `engine.group_key` and each
@@ -35,9 +39,19 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
+from starlette.exceptions import HTTPException
 
 from sagfast.serving import engine
-from sagfast.serving.schema import Limits, field_errors, request_model
+from sagfast.serving.schema import ErrorBody, Limits, field_errors, quote, request_model
+
+BODY_NOT_PARSED = "There was an error parsing the body"
+"""FastAPI's 400 detail when the body cannot be decoded at all (not UTF-8, nested deeper than the
+decoder goes, an integer longer than Python converts): a bad field like any other here, so a 422."""
+ERRORS = {
+    422: {"model": ErrorBody, "description": "invalid request: `errors` names each field at fault"},
+    500: {"model": ErrorBody, "description": "the model call failed (the request's group only)"},
+    503: {"model": ErrorBody, "description": "the replica's queue is full: retry after `Retry-After` seconds"},
+}
 
 
 @dataclasses.dataclass
@@ -70,6 +84,15 @@ def make_deployment(limits: Limits):
         # Not FastAPI's default: it echoes the input, and a NaN in it cannot be encoded (a 500).
         return error(422, "invalid request", field_errors(exc.errors()))
 
+    @api.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        # FastAPI's {"detail"} shape for 404, 405 and undecodable bodies: the server has one error shape.
+        if exc.status_code == 400 and exc.detail == BODY_NOT_PARSED:
+            cause = exc.__cause__
+            why = f"{type(cause).__name__}: {str(cause)[:200]}" if cause is not None else "it could not be decoded"
+            return error(422, "invalid request", [{"field": "body", "message": f"the body is not a UTF-8 JSON object ({why})"}])
+        return error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
     # The replica answers 503 with Retry-After past `max_queue`; Ray Serve's router queue is bounded
     # too, looser (a burst arrives at the router before any request is assigned to a replica: at
     # `max_queue` it drops requests the replica would have taken), as a backstop: past it Ray Serve
@@ -85,7 +108,7 @@ def make_deployment(limits: Limits):
             self.generate.set_max_batch_size(limits.max_batch_size)
             self.generate.set_batch_wait_timeout_s(limits.batch_wait_ms / 1000.0)
 
-        @api.get("/health")
+        @api.api_route("/health", methods=["GET", "HEAD"])
         async def health(self) -> dict:
             return {"status": "ok", "in_flight": self.in_flight, **self.stats}
 
@@ -93,13 +116,17 @@ def make_deployment(limits: Limits):
         async def list_models(self) -> dict:
             return {"models": [model.describe() for model in self.models.values()]}
 
-        @api.post("/v1/images")
+        @api.post("/v1/images", responses=ERRORS)
         async def images(self, body: ImageRequest):
             model = self.models.get(body.model)
             if model is None:
                 return error(
-                    422, "invalid request", [{"field": "model", "message": f"unknown model {body.model!r}; served: {sorted(self.models)}"}]
+                    422,
+                    "invalid request",
+                    [{"field": "model", "message": f"unknown model {quote(body.model)}; served: {sorted(self.models)}"}],
                 )
+            if body.size is None:
+                body = body.model_copy(update={"size": model.default_size(self.limits.max_size)})
             problem = engine.subject_problem(model, body)
             if problem is not None:
                 return error(422, "invalid request", [{"field": problem[0], "message": problem[1]}])
@@ -127,7 +154,8 @@ def make_deployment(limits: Limits):
         async def generate(self, jobs: list) -> list:
             groups: dict = {}
             for index, job in enumerate(jobs):
-                groups.setdefault(engine.group_key(job.request, self.limits.group_by), []).append(index)
+                request = job.request
+                groups.setdefault(engine.group_key(request, self.limits.group_by, self.models[request.model]), []).append(index)
             results = [None] * len(jobs)
             for indices in groups.values():
                 requests = [jobs[i].request for i in indices]

@@ -1,11 +1,17 @@
 """The served models and the batching rule: which requests share a guided pipeline call, and that call.
 
 A group is the requests that share the model, steps, size and SAG mode (the model's scheduler is its
-own). Their guidance settings may all differ: the call passes sagfast one `cfg_scale`, `scale`,
-`pag_scale` and `seg_scale` per image and one generator per image, so each image is what the same
-request gives alone (sagfast's per-image settings: every term's rows run for every image when any
-image uses the term, an image with scale 0 gets an exact 0 of it). Exact and batched mode requests
-are in separate calls (they are different step plans).
+own). Their guidance settings may all differ: the call passes sagfast each per-image setting
+(`sagfast.config.PER_IMAGE`: `cfg_scale`, `scale`, `pag_scale`, ...) per image and one generator per
+image, so each image is what the same request gives alone (sagfast's per-image settings: every
+term's rows run for every image when any image uses the term, an image with scale 0 gets an exact 0
+of it). Exact and batched mode requests are in separate calls (they are different step plans).
+
+No request's values reach another's pixels: the per-image arithmetic is sagfast's, and the
+pipeline's own CFG line gets a fixed scale (`CALL_CFG_SCALE`), never one taken from the requests: it
+combines two equal halves (sagfast hands it each image's guided prediction for both), so any finite
+scale gives every image its own prediction unchanged, and no request's scale can overflow it. A
+model whose guidance scale is an input of the model (Flux's embedded guidance) groups requests by it.
 """
 
 from __future__ import annotations
@@ -18,9 +24,14 @@ import numpy as np
 import torch
 
 import sagfast
+from sagfast.config import PER_IMAGE
+from sagfast.serving.schema import request_name
 
 DIGIT_MODELS = ("digits-unet", "digits-dit")
-SETTINGS = ("cfg_scale", "scale", "pag_scale", "seg_scale")
+DIGIT_SIZE = 32
+CALL_CFG_SCALE = 2.0
+"""The pipeline call's `guidance_scale` when some image of the call uses CFG (> 1: the pipeline batches
+[uncond, cond]; its CFG line then combines two equal halves, see above)."""
 
 
 @dataclasses.dataclass
@@ -36,6 +47,10 @@ class ServedModel:
     source: str
     layers: str = "mid"
     """The layer PAG and SEG change: the one SAG captures ("mid" resolved by the model's family)."""
+    refusals: dict = dataclasses.field(default_factory=dict)
+    """{per-image setting: why this model cannot run it} (the engine's own error, found at load)."""
+    embedded_guidance: bool = False
+    """Whether the guidance scale is an input of the model (Flux): then it is not per image."""
 
     def describe(self) -> dict:
         return {
@@ -44,7 +59,12 @@ class ServedModel:
             "size": self.size,
             "source": self.source,
             "scheduler": type(self.pipe.scheduler).__name__,
+            "refuses": sorted(request_name(setting) for setting in self.refusals),
         }
+
+    def default_size(self, max_size: int) -> int:
+        """A request's size when it names none: the model's own, at most the server's `max_size`."""
+        return self.size if self.kind == "digits" else min(self.size, max_size // 8 * 8)
 
 
 def load_digits(name: str, device: str = "cpu") -> ServedModel:
@@ -53,7 +73,30 @@ def load_digits(name: str, device: str = "cpu") -> ServedModel:
 
     pipe = load_pipeline(progress=False) if name == "digits-unet" else load_dit_pipeline()
     pipe.set_progress_bar_config(disable=True)
-    return ServedModel(name, pipe.to(device), "digits", 32, "embedded", middle_layer(pipe))
+    layers = middle_layer(pipe)
+    return ServedModel(name, pipe.to(device), "digits", DIGIT_SIZE, "embedded", layers, refusals(pipe, layers))
+
+
+def term_settings(layers: str) -> dict:
+    """The per-call settings that go with the per-image ones: PAG and SEG change the capture layer."""
+    return dict(pag_layers=(layers,), seg_layers=(layers,))
+
+
+def refusals(pipe, layers: str) -> dict:
+    """{setting: the engine's reason} for each per-image term this pipeline cannot run, found by
+    enabling it (the engine checks the model at `enable`), so that a request asking for it is refused
+    alone (422) instead of failing the call it would share."""
+    out = {}
+    for setting in PER_IMAGE:
+        if setting == "cfg_scale":
+            continue
+        try:
+            sagfast.enable(pipe, **{"scale": 0.0, setting: 1.0}, **term_settings(layers))
+        except ValueError as exc:
+            out[setting] = str(exc)
+        else:
+            sagfast.disable(pipe)
+    return out
 
 
 def middle_layer(pipe) -> str:
@@ -74,7 +117,9 @@ def load_diffusers(name: str, source: str, device: str = "cpu") -> ServedModel:
     denoiser = getattr(pipe, "unet", None) or pipe.transformer
     sample = denoiser.config.sample_size
     sample = sample[0] if isinstance(sample, (list, tuple)) else sample
-    return ServedModel(name, pipe, "text", int(sample) * int(getattr(pipe, "vae_scale_factor", 8)), source, layers)
+    size = int(sample) * int(getattr(pipe, "vae_scale_factor", 8))
+    embedded = bool(getattr(denoiser.config, "guidance_embeds", False))
+    return ServedModel(name, pipe, "text", size, source, layers, refusals(pipe, layers), embedded)
 
 
 def load_models(specs: dict, device: str = "cpu") -> dict:
@@ -93,6 +138,9 @@ def load_models(specs: dict, device: str = "cpu") -> dict:
 def subject_problem(model: ServedModel, request) -> tuple[str, str] | None:
     """(field, message) when the request does not fit its model, else None."""
     size = request.size or model.size
+    for setting, why in model.refusals.items():
+        if request.settings()[setting] > 0:
+            return request_name(setting), f"{model.name} cannot run it: {why}"
     if model.kind == "digits":
         if request.label is None:
             return "label", f"{model.name} draws digits: give `label` (0..9), not `prompt`"
@@ -103,9 +151,11 @@ def subject_problem(model: ServedModel, request) -> tuple[str, str] | None:
     return None
 
 
-def group_key(request, group_by: str = "shape") -> tuple:
-    """Requests with equal keys share one pipeline call."""
+def group_key(request, group_by: str = "shape", model: ServedModel | None = None) -> tuple:
+    """Requests with equal keys share one pipeline call (their `size` resolved)."""
     key = (request.model, request.steps, request.size, request.mode)
+    if model is not None and model.embedded_guidance:
+        key += (request.guidance_scale,)  # an input of the model, one per call
     if group_by == "settings":
         key += tuple(sorted(request.settings().items()))
     return key
@@ -121,37 +171,23 @@ def run_group(model: ServedModel, requests: list) -> list[np.ndarray]:
     """One guided pipeline call for `requests` (one group): each image as uint8 [H, W, C]."""
     pipe = model.pipe
     each = [r.settings() for r in requests]
-    settings = {field: per_image([s[field] for s in each]) for field in SETTINGS}
-    cfg = settings["cfg_scale"]
-    uses_cfg = max(cfg) > 1 if isinstance(cfg, list) else cfg > 1
-    # With cfg_scale per image sagfast hands the pipeline's CFG line each image's own prediction, so any
-    # call scale > 1 gives them; the call needs one when some image uses CFG (its [uncond, cond] batch).
-    guidance = max(cfg) if isinstance(cfg, list) else cfg
+    settings = {setting: per_image([s[setting] for s in each]) for setting in PER_IMAGE}
+    if model.embedded_guidance:
+        guidance = settings.pop("cfg_scale")  # the group's one value (group_key)
+    else:
+        uses_cfg = any(s["cfg_scale"] > 1 for s in each)
+        guidance = CALL_CFG_SCALE if uses_cfg else 1.0
     device = getattr(pipe, "_execution_device", torch.device("cpu"))
     generators = [torch.Generator(device=device).manual_seed(r.seed) for r in requests]
-    steps = requests[0].steps
-    layers = (model.layers,)
-    with sagfast.guided(pipe, mode=requests[0].mode, pag_layers=layers, seg_layers=layers, **settings):
-        if model.kind == "digits":
-            out = pipe(
-                class_labels=[r.label for r in requests],
-                num_inference_steps=steps,
-                guidance_scale=guidance if uses_cfg else 1.0,
-                generator=generators,
-                output_type="np",
-            ).images
-        else:
-            size = requests[0].size or model.size
-            out = pipe(
-                prompt=[r.prompt for r in requests],
-                num_inference_steps=steps,
-                guidance_scale=guidance if uses_cfg else 1.0,
-                generator=generators,
-                height=size,
-                width=size,
-                output_type="np",
-            ).images
-    return [(np.clip(np.asarray(image, dtype=np.float32), 0.0, 1.0) * 255.0).round().astype(np.uint8) for image in out]
+    call = dict(num_inference_steps=requests[0].steps, guidance_scale=guidance, generator=generators, output_type="np")
+    if model.kind == "digits":
+        call["class_labels"] = [r.label for r in requests]
+    else:
+        call.update(prompt=[r.prompt for r in requests], height=requests[0].size or model.size, width=requests[0].size or model.size)
+    with sagfast.guided(pipe, mode=requests[0].mode, **term_settings(model.layers), **settings):
+        out = pipe(**call).images
+    # nan_to_num: a non-finite pixel (a scale past what the schema lets through) is black, not undefined.
+    return [(np.clip(np.nan_to_num(np.asarray(image, dtype=np.float32)), 0.0, 1.0) * 255.0).round().astype(np.uint8) for image in out]
 
 
 def png_base64(image: np.ndarray) -> str:
