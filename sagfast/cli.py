@@ -527,18 +527,23 @@ def _serve(args) -> int:
     import signal
     import threading
 
-    from sagfast.serving import DEFAULT_MODELS, start, stop
+    from sagfast.serving import DEFAULT_MODELS, StartupError, start, stop
     from sagfast.serving.schema import Limits
 
     specs = {} if args.no_digits else dict(DEFAULT_MODELS)
     for name, source in args.model:
         specs[name] = source
     if not specs:
-        raise SystemExit("sagfast serve: no models to serve (--no-digits and no --model)")
+        print("sagfast serve: no models to serve (--no-digits and no --model)", file=sys.stderr)
+        return 2
     limits = Limits(args.max_steps, args.max_size, args.max_batch_size, args.batch_wait_ms, args.max_queue, args.group_by)
-    stopped = threading.Event()
     try:
         url = start(specs, limits, args.host, args.port, args.replicas, args.gpus_per_replica, args.address)
+    except StartupError as exc:
+        print(f"sagfast serve: {exc}", file=sys.stderr)
+        return 2
+    stopped = threading.Event()
+    try:
         # After start: ray.init installs its own SIGTERM handler (it aborts the process); a SIGTERM
         # (a process manager, a container stop) is to stop the server as Ctrl-C does.
         signal.signal(signal.SIGTERM, lambda *_: stopped.set())
@@ -547,7 +552,7 @@ def _serve(args) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        stop()
+        stop(args.address)
     return 0
 
 

@@ -267,3 +267,43 @@ def test_the_readme_serving_section_runs_as_written(server):
     scope = {}
     exec(compile(block.replace("http://127.0.0.1:8000", server), "README.md (serving)", "exec"), scope)
     assert scope["image"].size == (32, 32) and scope["answer"]["seed"] == 1
+
+
+def serve_cli(*options: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "sagfast.cli", "serve", *options], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    "options, named",
+    [
+        (["--host", "not-an-ip"], "--host"),
+        (["--model", "x=/nonexistent/folder"], "--model x=/nonexistent/folder"),
+        (["--max-size", "16"], "--max-size 16"),
+        (["--no-digits"], "no models"),
+    ],
+)
+def test_start_up_errors_are_one_line_and_exit_2(options, named):
+    done = serve_cli("--port", str(free_port()), *options)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and named in lines[0] and "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+def test_a_port_held_by_another_program_is_one_line_and_exit_2():
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        done = serve_cli("--port", str(port))
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [done.stderr.strip()], done.stderr[-2000:]
+    assert f"--port {port}" in done.stderr and "in use" in done.stderr, done.stderr
+
+
+def test_a_model_that_fails_to_load_is_one_line_naming_it(tmp_path):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')  # no components
+    done = serve_cli("--port", str(free_port()), "--no-digits", "--model", f"bad={tmp_path}", timeout=300)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]
+    assert f"--model bad={tmp_path} did not load" in lines[0] and "expected" in lines[0], lines

@@ -11,6 +11,7 @@ guidance settings in one model call.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import re
 import socket
@@ -75,6 +76,18 @@ def one_line(exc: BaseException) -> str:
     return line[:400]
 
 
+def deployment_failure(exc: BaseException) -> str:
+    """Why the deployment failed, in one line: Serve's exception says only that it failed; the
+    replica's traceback is in the deployment's status."""
+    from ray import serve
+
+    try:
+        deployments = serve.status().applications["sagfast"].deployments.values()
+        return one_line(RuntimeError("\n".join([str(exc), *(d.message for d in deployments)])))
+    except Exception:  # no status to read (Serve itself did not start): the exception is all there is
+        return one_line(exc)
+
+
 def start(
     specs: dict, limits, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1, gpus_per_replica: float = 0.0, address=None
 ) -> str:
@@ -88,14 +101,21 @@ def start(
     from sagfast.serving.app import application
 
     # address="local": a Ray instance of this process's own (never one found on the machine), whose
-    # processes `stop` ends. No dashboard: nothing here uses it, and it is one more port.
-    ray.init(address=address or "local", include_dashboard=False, log_to_driver=False)
+    # processes `stop` ends. No dashboard: nothing here uses it, and it is one more port. Ray's and
+    # Serve's INFO lines are not the server's output (its one line is the CLI's "sagfast serving ...").
+    # Ray turns its token authentication on for a new local instance (Ray's own ports, listening beside
+    # the server's, see docs/serving.md, answer only holders of the token), and says so as a warning
+    # on every start: that is how sagfast wants it, not a thing for the operator to act on.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(application(specs, limits, replicas, gpus_per_replica), name="sagfast", route_prefix="/", blocking=False)
     except Exception as exc:
+        reason = deployment_failure(exc)
         stop(address)
-        raise StartupError(f"the server did not start: {one_line(exc)}") from exc
+        raise StartupError(f"the server did not start: {reason}") from exc
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 

@@ -130,8 +130,12 @@ def load_models(specs: dict, device: str = "cpu") -> dict:
             if name not in DIGIT_MODELS:
                 raise ValueError(f"{name!r} is not an embedded model; embedded: {', '.join(DIGIT_MODELS)}")
             models[name] = load_digits(name, device)
-        else:
+            continue
+        try:
             models[name] = load_diffusers(name, source, device)
+        except Exception as exc:  # the operator's error names the model and its source, on one line
+            reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+            raise RuntimeError(f"--model {name}={source} did not load: {reason}") from exc
     return models
 
 
