@@ -307,3 +307,13 @@ def test_a_model_that_fails_to_load_is_one_line_naming_it(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]
     assert f"--model bad={tmp_path} did not load" in lines[0] and "expected" in lines[0], lines
+
+
+def test_gpus_without_a_cuda_device_are_refused_at_start():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device: --gpus-per-replica 1 would start")
+    done = serve_cli("--port", str(free_port()), "--gpus-per-replica", "1")
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [done.stderr.strip()], done.stderr[-2000:]
+    assert "--gpus-per-replica 1: this machine has no CUDA device" in done.stderr
