@@ -1,7 +1,6 @@
 """Self-Attention Guidance as a diffusers guider, for diffusers' modular pipelines.
 
-    guider = SelfAttentionGuidance(guidance_scale=5.0, sag_scale=0.75).bind(pipe)
-    pipe.update_components(guider=guider)
+    pipe.update_components(guider=SelfAttentionGuidance(guidance_scale=5.0, sag_scale=0.75))
 
 A modular pipeline's denoise loop runs a guider's conditions one model pass each (`prepare_inputs`,
 then per condition `prepare_models`, the model, `cleanup_models`, then the guider's call). This
@@ -25,9 +24,14 @@ pass, which takes the guide branch's inputs (uncond under CFG, else cond):
 The conditions run in the order cond, uncond (with CFG), perturbed (with PAG), degraded (with SAG).
 
 A guider is handed the denoiser and the timestep, never the scheduler, and the degraded input needs
-the step's noise level: `bind(pipe)` gives the guider the pipeline whose `scheduler` it reads at each
-step (any scheduler sagfast accepts, any betas). The binding is not part of the config: a guider from
-`from_pretrained` or `new()` is bound again.
+the step's noise level: the guider reads it at each step from the `scheduler` of the modular pipeline
+that is running it (`running_pipeline`; any scheduler sagfast accepts, any betas). Driven outside a
+modular pipeline, `bind(pipe)` names the pipeline whose scheduler it reads.
+
+Whatever it puts on a model comes off when a call fails: the step's layers and scheduler are checked
+before anything is installed, an exception in its hooks or in the model's pass takes everything off
+before it propagates (diffusers' loop calls no `cleanup_models` then), and hooks an interrupt left
+between passes do nothing and are taken off by the model's next pass.
 
 With `sagfast.modular.batch_guidance(pipe)` the conditions share model calls: in batched mode one per
 step after the first; in exact mode the degraded pass is a second call (it needs this step's guide
@@ -35,6 +39,8 @@ prediction).
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from diffusers.configuration_utils import register_to_config
@@ -59,32 +65,43 @@ def model_call(family, args: tuple, kwargs: dict) -> dict:
     return {family.sample_argument: args[0], **kwargs} if args else dict(kwargs)
 
 
-class CaptureHook(ModelHook):
-    """On the capture layer for the guide condition's pass: runs the layer through the family's capture
-    processor and hands the mask to `record` (all the rows it is given are guide rows)."""
+def running_pipeline(component):
+    """The modular pipeline that has `component` among its components and is running it now, or None.
 
-    def __init__(self, make_processor, record):
+    A guider is handed the model and the timestep, never the pipeline; but diffusers' modular loop calls
+    it from inside `ModularPipeline.__call__`, whose pipeline (and each block's `components` argument)
+    is on the call stack: the innermost pipeline there that holds this guider is the one stepping the
+    latents, whatever it was bound to.
+    """
+    from diffusers.modular_pipelines import ModularPipeline
+
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            for value in frame.f_locals.values():
+                if isinstance(value, ModularPipeline) and any(c is component for c in value.components.values()):
+                    return value
+            frame = frame.f_back
+    finally:
+        del frame  # a frame held in a local keeps its callers alive (a reference cycle)
+    return None
+
+
+class LayerHook(ModelHook):
+    """A diffusers hook that runs a layer through `forward(module, hidden_states, ...)` instead of its own
+    forward: the capture processor on the guide condition's capture layer, the identity attention on
+    each PAG layer for the perturbed condition. While `live()` is false (a hook a failed call left on
+    the model) it runs the layer's own forward."""
+
+    def __init__(self, forward, live):
         super().__init__()
-        self.make_processor = make_processor
-        self.record = record
+        self.forward = forward
+        self.live = live
 
-    def new_forward(self, module, hidden_states, *args, **kwargs):
-        processor = self.make_processor()
-        out = processor(module, hidden_states, *args, **kwargs)
-        self.record(processor.mask)
-        return out
-
-
-class PerturbHook(ModelHook):
-    """On each PAG layer for the perturbed condition's pass: the family's perturbed attention (every
-    query attends only to its own key, sagfast.attention.identity)."""
-
-    def __init__(self, perturbed):
-        super().__init__()
-        self.perturbed = perturbed
-
-    def new_forward(self, module, hidden_states, *args, **kwargs):
-        return self.perturbed(module, hidden_states, *args, **kwargs)
+    def new_forward(self, module, *args, **kwargs):
+        if self.live():
+            return self.forward(module, *args, **kwargs)
+        return self.fn_ref.original_forward(*args, **kwargs)
 
 
 class SelfAttentionGuidance(BaseGuidance):
@@ -188,7 +205,16 @@ class SelfAttentionGuidance(BaseGuidance):
         """(registry, name) of the diffusers hooks this condition's pass put on."""
         self._step_handles = []
         """Hooks kept to the guider's call: the map-size recorder must see the guide rows' pass, which
-        `batch_guidance` runs after the condition's cleanup, when it joins the calls."""
+        `batch_guidance` runs after the condition's cleanup, when it joins the calls; the pass watch."""
+        self._token = object()
+        """What the installed hooks belong to: replaced when they are all taken off, so that a hook still
+        running (torch runs a module's pre-hooks from a copy of its list) or left behind does nothing."""
+        self._epoch = 0
+        """Counts `prepare_models` and `cleanup_models` calls: every model pass of a condition follows one."""
+        self._pass_epoch = self._watched = None
+        """The epoch at which the watched denoiser's last pass began; that denoiser."""
+        self._capture = self._perturbed = None
+        """This step's capture layer (family.resolve_layer) and PAG layers, checked before any hook goes on."""
         self._previous = None
         """Batched mode: (step, CFG on, Previous) of the last step that recorded its guide eps and mask."""
         self._x = self._call = self._family = None
@@ -196,7 +222,8 @@ class SelfAttentionGuidance(BaseGuidance):
 
     def bind(self, pipe) -> SelfAttentionGuidance:
         """Read the noise level from `pipe.scheduler` at every step (a pipeline, or anything with a
-        `scheduler`). Returns the guider."""
+        `scheduler`) where no modular pipeline holding the guider runs it (a loop of your own): in
+        one, its own scheduler is read. Returns the guider."""
         if getattr(pipe, "scheduler", None) is None:
             raise ValueError(
                 f"SelfAttentionGuidance.bind takes the pipeline whose scheduler it reads the noise level from; "
@@ -256,7 +283,7 @@ class SelfAttentionGuidance(BaseGuidance):
         if step == 0:
             self._previous = None
         self._mask = self._x = self._hw = None
-        self._remove(self._step_handles)
+        self._remove_all()  # what a failed call of this guider left on a model
 
     def _conditions(self) -> list:
         """(tuple index of the inputs, prediction name) per condition: cond, uncond with CFG, PAG's
@@ -282,26 +309,100 @@ class SelfAttentionGuidance(BaseGuidance):
     def prepare_models(self, denoiser: torch.nn.Module) -> None:
         index = self._count_prepared
         self._count_prepared += 1
-        if index == self._guide_index and self._records():
-            self._arm_capture(denoiser)
-        elif self._is_sag_enabled() and index == len(self._batches) - 1:
-            self._degrade_input(denoiser)
-        elif self._conditions()[index][1] == "pred_perturbed":
-            family = family_of_model(denoiser)
-            layers = family.matching_layers(denoiser, self.perturbed_guidance_layers, "perturbed_guidance_layers")
-            for layer in layers:
-                self._hook(layer, PerturbHook(family.perturbed_attention), PERTURB_HOOK)
+        self._epoch += 1
+        # diffusers' loop calls no cleanup_models when a step fails: whatever fails here, nothing is
+        # left on the model.
+        try:
+            if index == 0:
+                self._check_step(denoiser)
+            if index == self._guide_index and self._records():
+                self._arm_capture(denoiser)
+            elif self._is_sag_enabled() and index == len(self._batches) - 1:
+                self._degrade_input(denoiser)
+            elif self._conditions()[index][1] == "pred_perturbed":
+                for layer in self._perturbed:
+                    self._hook(denoiser, layer, self._family.perturbed_attention, PERTURB_HOOK)
+        except BaseException:
+            self._remove_all()
+            raise
 
     def cleanup_models(self, denoiser: torch.nn.Module) -> None:
+        self._epoch += 1
         for registry, name in self._hooks:
             registry.remove_hook(name, recurse=False)
         self._hooks = []
         self._remove(self._handles)
 
-    def _hook(self, module: torch.nn.Module, hook: ModelHook, name: str) -> None:
-        """A diffusers hook on `module` for this condition's pass, taken off by `cleanup_models`."""
+    def _check_step(self, denoiser) -> None:
+        """Resolve and check everything this step's conditions need (capture layer, PAG layers, scheduler)
+        before the first of them installs anything."""
+        family = self._family = family_of_model(denoiser)
+        self._capture = self._perturbed = None
+        if self._records():
+            self._capture = family.resolve_layer(denoiser, self.sag_layers)
+            check_scheduler(self._scheduler())
+        if self._is_pag_enabled():
+            self._perturbed = family.matching_layers(denoiser, self.perturbed_guidance_layers, "perturbed_guidance_layers")
+
+    def _remove_all(self) -> None:
+        """Take off everything this guider put on any model: after its call, at the next step, and when a
+        call fails."""
+        self._token = object()
+        self._watched = None
+        for registry, name in self._hooks:
+            registry.remove_hook(name, recurse=False)
+        self._hooks = []
+        self._remove(self._handles)
+        self._remove(self._step_handles)
+
+    def _guarded(self, body):
+        """`body` as a hook of the current installation: when it raises, everything this guider installed
+        comes off before the exception goes on (diffusers' loop then unwinds without `cleanup_models`);
+        once the installation is gone it does nothing (returns None)."""
+        token = self._token
+
+        def run(*args, **kwargs):
+            if token is not self._token:
+                return None
+            try:
+                return body(*args, **kwargs)
+            except BaseException:
+                self._remove_all()
+                raise
+
+        return run
+
+    def _live(self):
+        token = self._token
+        return lambda: token is self._token
+
+    def _watch(self, denoiser) -> None:
+        """Hooks on the denoiser, kept to the guider's call, for what fails outside this guider's own code:
+        when the model's forward raises, everything comes off; and a pass that no `prepare_models` or
+        `cleanup_models` of this guider preceded (the model running for another guider after a call that
+        was interrupted between its passes) takes everything off before it runs."""
+        if self._watched is denoiser:
+            return
+        self._watched, self._pass_epoch = denoiser, None
+
+        def pass_begins(module, args, kwargs):
+            if self._pass_epoch == self._epoch:
+                self._remove_all()
+            self._pass_epoch = self._epoch
+
+        def pass_ends(module, args, kwargs, output):
+            if output is None:  # torch's always_call hooks get no output when the forward raised
+                self._remove_all()
+
+        self._step_handles.append(denoiser.register_forward_pre_hook(self._guarded(pass_begins), with_kwargs=True))
+        self._step_handles.append(denoiser.register_forward_hook(self._guarded(pass_ends), with_kwargs=True, always_call=True))
+
+    def _hook(self, denoiser, module: torch.nn.Module, forward, name: str) -> None:
+        """A diffusers hook on `module` that runs `forward` for this condition's pass, taken off by
+        `cleanup_models`."""
+        self._watch(denoiser)
         registry = HookRegistry.check_if_exists_or_initialize(module)
-        registry.register_hook(hook, name)
+        registry.register_hook(LayerHook(self._guarded(forward), self._live()), name)
         self._hooks.append((registry, name))
 
     @staticmethod
@@ -311,25 +412,26 @@ class SelfAttentionGuidance(BaseGuidance):
         handles.clear()
 
     def _scheduler(self):
-        if self.pipe is None:
+        pipe = running_pipeline(self)
+        pipe = self.pipe if pipe is None else pipe
+        if pipe is None:
             raise RuntimeError(
-                "SelfAttentionGuidance needs the pipeline's scheduler for the noise level of its degraded pass, "
-                "and a diffusers guider is only handed the model: set it with "
-                "`pipe.update_components(guider=SelfAttentionGuidance(...).bind(pipe))`"
+                "SelfAttentionGuidance needs the pipeline's scheduler for the noise level of its degraded pass. "
+                "It reads it from the modular pipeline it is a component of while that pipeline runs it; run "
+                "outside one, it is only handed the model: set it with `guider.bind(pipe)` (anything with a `scheduler`)"
             )
-        return self.pipe.scheduler
+        return pipe.scheduler
 
     def _arm_capture(self, denoiser) -> None:
-        check_scheduler(self._scheduler())  # once a step: every SAG step arms the guide pass
-        family = self._family = family_of_model(denoiser)
-        name, attn, owner, patch = family.resolve_layer(denoiser, self.sag_layers)
+        family = self._family
+        name, attn, owner, patch = self._capture
         backend, threshold = self.backend, self.threshold
 
-        def record(mask):
-            self._mask = mask
-
-        def make_processor():
-            return family.capture_processor(slice(None), backend, False, threshold)
+        def capture(module, hidden_states, *args, **kwargs):
+            processor = family.capture_processor(slice(None), backend, False, threshold)
+            out = processor(module, hidden_states, *args, **kwargs)
+            self._mask = processor.mask
+            return out
 
         def record_hw(module, args, kwargs):
             if self._hw is None:
@@ -341,15 +443,16 @@ class SelfAttentionGuidance(BaseGuidance):
             self._x = family.to_image(self._call[family.sample_argument], self._call)
             self._hw = family.map_size(self._call) or self._hw  # a packed model's call names its grid
 
-        self._hook(attn, CaptureHook(make_processor, record), CAPTURE_HOOK)
-        self._step_handles.append(owner.register_forward_pre_hook(record_hw, with_kwargs=True))
-        self._handles.append(denoiser.register_forward_pre_hook(record_x, with_kwargs=True))
+        self._hook(denoiser, attn, capture, CAPTURE_HOOK)
+        self._step_handles.append(owner.register_forward_pre_hook(self._guarded(record_hw), with_kwargs=True))
+        self._handles.append(denoiser.register_forward_pre_hook(self._guarded(record_x), with_kwargs=True))
 
     def _noise(self, x):
         return noise_of(self._scheduler(), self._timestep, x.shape[0], x.device)
 
     def _degrade_input(self, denoiser) -> None:
-        family = family_of_model(denoiser)
+        self._watch(denoiser)
+        family = self._family
         argument = family.sample_argument
         guide = self._batches[self._guide_index]
 
@@ -373,7 +476,7 @@ class SelfAttentionGuidance(BaseGuidance):
                 return (xd, *args[1:]), kwargs
             return args, {**kwargs, argument: xd}
 
-        self._handles.append(denoiser.register_forward_pre_hook(replace, with_kwargs=True))
+        self._handles.append(denoiser.register_forward_pre_hook(self._guarded(replace), with_kwargs=True))
 
     def _map_mask(self) -> torch.Tensor:
         if self._mask is None or self._hw is None:
@@ -389,7 +492,7 @@ class SelfAttentionGuidance(BaseGuidance):
         pred_perturbed: torch.Tensor | None = None,
         pred_sag: torch.Tensor | None = None,
     ):
-        self._remove(self._step_handles)
+        self._remove_all()
         pred = pred_cond if pred_uncond is None else pred_uncond + self.guidance_scale * (pred_cond - pred_uncond)
         guide = pred_cond if pred_uncond is None else pred_uncond
         if pred_sag is not None:

@@ -238,15 +238,89 @@ def test_the_config_round_trips_through_save_and_load(tmp_path):
     assert torch.equal(got, want)
 
 
-def test_an_unbound_guider_says_how_to_bind_it_and_leaves_the_model_as_it_was():
-    pipe = modular_sdxl(SelfAttentionGuidance(guidance_scale=5.0))
-    processors = dict(pipe.unet.attn_processors)
-    with pytest.raises(RuntimeError, match=r"bind\(pipe\)"):
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("mode", ["exact", "batched"])
+def test_an_unbound_guider_reads_the_scheduler_of_the_pipeline_running_it(mode, batched):
+    pipe = modular_sdxl(ClassifierFreeGuidance(guidance_scale=5.0))
+    if batched:
+        batch_guidance(pipe)
+    pipe.update_components(guider=SelfAttentionGuidance(guidance_scale=5.0, mode=mode).bind(pipe))
+    want, _ = run(pipe)
+    pipe.update_components(guider=SelfAttentionGuidance(guidance_scale=5.0, mode=mode))
+    got, sizes = run(pipe)
+    assert torch.equal(got, want)
+    assert len(sizes) == {(False, "exact"): 12, (False, "batched"): 12, (True, "exact"): 8, (True, "batched"): 5}[batched, mode]
+
+
+def test_an_unbound_guider_outside_a_modular_pipeline_says_how_to_bind_it_and_leaves_the_model_as_it_was():
+    # Driven as a modular loop drives it, but by hand: no pipeline runs it, so it has no scheduler.
+    unet = sdxl_pipeline().unet
+    before = model_hooks(unet)
+    guider = SelfAttentionGuidance(guidance_scale=5.0)
+    guider.set_state(0, 4, torch.tensor(999))
+    embeds = inputs()
+    guider.prepare_inputs({"encoder_hidden_states": (embeds["prompt_embeds"], embeds["negative_prompt_embeds"])})
+    with pytest.raises(RuntimeError, match=r"guider\.bind\(pipe\)"):
+        guider.prepare_models(unet)
+    assert model_hooks(unet) == before
+
+
+def model_hooks(model) -> dict:
+    """Every hook on the model's modules: torch's forward pre-hooks and forward hooks, and the names in
+    diffusers' hook registry."""
+    out = {}
+    for name, module in model.named_modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        out[name] = (tuple(module._forward_pre_hooks), tuple(module._forward_hooks), tuple(registry.hooks) if registry else ())
+    return out
+
+
+def raise_on_pass(module, n, error):
+    """A forward pre-hook on `module` (inside the model) that raises `error` on its n-th call: a failure of
+    the model's pass, not of the guider (an out-of-memory error, an interrupt)."""
+    calls = []
+
+    def hook(module, args):
+        calls.append(1)
+        if len(calls) == n:
+            raise error
+
+    return module.register_forward_pre_hook(hook)
+
+
+@pytest.mark.parametrize(
+    "guider, batched, failure, error",
+    [
+        (dict(perturbed_guidance_scale=3.0, perturbed_guidance_layers="down_blocks.7"), False, None, "perturbed_guidance_layers entry"),
+        (dict(blur_kernel_size=41), False, None, "too small for a blur of kernel size 41"),
+        (dict(blur_kernel_size=41, mode="batched"), True, None, "too small for a blur of kernel size 41"),
+        (dict(), False, (2, RuntimeError("injected")), "injected"),  # the guide pass, capture armed
+        (dict(mode="batched"), True, (1, RuntimeError("injected")), "injected"),  # the joined [cond, uncond] call
+        (dict(), False, (3, KeyboardInterrupt()), None),  # the degraded pass
+        (dict(**PAG_GUIDER), False, (3, KeyboardInterrupt()), None),  # the perturbed pass
+    ],
+)
+def test_a_failed_call_leaves_the_pipeline_as_it_was(guider, batched, failure, error):
+    pipe = modular_sdxl(ClassifierFreeGuidance(guidance_scale=5.0))
+    fresh = modular_sdxl(ClassifierFreeGuidance(guidance_scale=5.0))
+    if batched:
+        batch_guidance(pipe)
+        batch_guidance(fresh)
+    before = model_hooks(pipe.unet)
+    pipe.update_components(guider=SelfAttentionGuidance(guidance_scale=5.0, **guider).bind(pipe))
+    handle = raise_on_pass(pipe.unet.up_blocks[0], *failure) if failure else None
+    with pytest.raises(KeyboardInterrupt if error is None else (ValueError, RuntimeError), match=error):
         run(pipe)
-    assert dict(pipe.unet.attn_processors) == processors
-    assert not pipe.unet._forward_pre_hooks and not any(getattr(m, "_diffusers_hook", None) for m in pipe.unet.modules())
-    pipe.guider.bind(pipe)
-    run(pipe)  # bound, the same pipeline runs
+    if handle is not None:
+        handle.remove()
+    if error is not None:  # an exception: everything came off before it left the call
+        assert model_hooks(pipe.unet) == before
+    # An interrupt between the guider's hooks leaves them inert, and the model's next pass takes them off.
+    pipe.update_components(guider=ClassifierFreeGuidance(guidance_scale=5.0))
+    got, _ = run(pipe)
+    want, _ = run(fresh)
+    assert torch.equal(got, want)
+    assert model_hooks(pipe.unet) == before
 
 
 @pytest.mark.parametrize(
