@@ -315,6 +315,28 @@ def test_cfg_scale_one_as_a_number_or_a_list_is_sag_without_cfg(mode):
     assert (cfg - want).abs().max().item() > 100 * bound  # CFG on moves the latents
 
 
+@pytest.mark.parametrize("mode", ["exact", "batched"])
+def test_an_image_without_cfg_stays_as_if_alone_when_the_others_cfg_interval_ends(mode):
+    # cfg_scale [5, 1] with cfg_interval (0, 0.5): at step 2 of 4 image 0's CFG ends (its SAG guide
+    # turns from its uncond row to its cond row, so its batched-mode eps and mask of step 1 are not its
+    # guide's), image 1's guide stays its cond row. Alone, image 0 runs that step exact, image 1
+    # batched: so does each in the mixed call.
+    make, call, latents = sd_inputs(2)
+    pipe = make()
+    steps = dict(num_inference_steps=4, output_type="latent")
+    sagfast.enable(pipe, mode=mode, scale=0.75, cfg_scale=[5.0, 1.0], cfg_interval=(0.0, 0.5))
+    sizes = batch_sizes(pipe, **call, latents=latents, guidance_scale=5.0, **steps)
+    mixed = pipe(**call, latents=latents, guidance_scale=5.0, **steps).images
+    if mode == "batched":
+        # exact first step; batched; CFG ends: main (2) + image 1's degraded row, then image 0's; batched
+        assert sizes == [4, 2, 6, 3, 1, 4]
+    for i, g in enumerate([5.0, 1.0]):
+        sagfast.enable(pipe, mode=mode, scale=0.75, cfg_interval=(0.0, 0.5))
+        alone = pipe(**one_row(call, i), latents=latents[i : i + 1], guidance_scale=g, **steps).images
+        bound = 1e-5 * max(1.0, alone.abs().max().item())
+        assert (mixed[i : i + 1] - alone).abs().max().item() <= bound, f"image {i}"
+
+
 def test_a_per_image_field_of_the_wrong_length_is_refused_and_the_pipeline_still_runs():
     pipe = sd_pipeline()
     processors = dict(pipe.unet.attn_processors)

@@ -54,6 +54,13 @@ class Step:
     noise: Noise
     prediction_type: str
     state_key: tuple
+    """What batched-mode state must match to carry over from the previous step: the images (their
+    count, each one's input shape, dtype, device), not the CFG layout (CFG's interval ending keeps it)."""
+    guide_rows: tuple
+    """`guide`'s rows on the host, one per image."""
+    branches: tuple
+    """Per image, the branch its guide row is in: "uncond" or "cond" (a term's state built on one
+    branch is not that of the other)."""
     on: tuple
     """The terms that run their rows in this step."""
     watching: tuple
@@ -65,6 +72,10 @@ class Step:
     index: int = 0
     """The step of the call (CFG-Zero*'s zero-init steps)."""
     variant: str = "exact"
+    """"exact", "batched", or "mixed": batched mode where a term can build the rows of some images only
+    before the main pass (`early`); the others' rows are built from it, in a second call."""
+    early: dict = dataclasses.field(default_factory=dict)
+    """Mixed variant: term name -> the images whose rows join the main call (the rest come after)."""
 
     @property
     def full(self) -> int:
@@ -235,8 +246,17 @@ class GuidedCall:
     ) -> torch.Tensor:
         """The guided prediction of a batch of `chunks` CFG chunks at step `index` (`fraction` of the call)."""
         step = self.plan(sample, call, chunks, fraction, index, cfg_off, pipeline_cfg)
-        batched = self.config.mode == "batched" and step.on and all(t.ready(step) for t in step.on)
-        step.variant = "batched" if batched else "exact"
+        step.variant = "exact"
+        if self.config.mode == "batched" and step.on:
+            everyone = tuple(range(step.b))
+            ready = {t.name: t.ready(step) for t in step.on}
+            if all(r == everyone for r in ready.values()):
+                step.variant = "batched"
+            elif any(ready[t.name] for t in step.on if t.needs_main):
+                # Some images' rows can be built before the main pass, others' not (their guide branch
+                # changed: CFG's interval ended for the images with CFG): each image's step is what it
+                # would be alone, batched or exact.
+                step.variant, step.early = "mixed", {name: r for name, r in ready.items() if r != everyone}
         for term in self.terms:
             term.note_step(step)
         if not step.watching and step.cfg is None:
@@ -259,16 +279,19 @@ class GuidedCall:
         cond = slice(fam.cond_chunk(chunks) * b, fam.cond_chunk(chunks) * b + b)
         uncond = slice(fam.guide_chunk(chunks) * b, fam.guide_chunk(chunks) * b + b) if chunks == 2 else None
         guide = uncond if uncond is not None else cond
+        guide_rows = tuple(range(guide.start, guide.stop))
         g = None
         if self.rule is not None and not cfg_off:
             g = self._cfg_scale(chunks, sample.device, pipeline_cfg)
             if chunks == 2 and isinstance(cfg.cfg_scale, tuple) and min(cfg.cfg_scale) <= 1:
                 # Images without CFG take their cond row as the guide branch (decided on the host).
-                rows = tuple((uncond.start if x > 1 else cond.start) + i for i, x in enumerate(cfg.cfg_scale))
-                guide = self._rows_tensor(rows, sample.device)
+                guide_rows = tuple((uncond.start if x > 1 else cond.start) + i for i, x in enumerate(cfg.cfg_scale))
+                guide = self.rows_tensor(guide_rows, sample.device)
             elif chunks == 2 and not torch.is_tensor(g) and g <= 1:
                 # One scale <= 1 for all (clamped to 1): every image is without CFG, as a list of them.
                 guide = cond
+                guide_rows = tuple(range(cond.start, cond.stop))
+        branches = tuple("uncond" if uncond is not None and uncond.start <= r < uncond.stop else "cond" for r in guide_rows)
         timestep = call[fam.timestep_argument]
         plans, scales = {}, {}
         for term in self.terms:
@@ -279,7 +302,7 @@ class GuidedCall:
         runs = tuple(t for t in self.terms if plans[t] == "on")
         watching = tuple(t for t in self.terms if plans[t] is not None)
         noise = noise_of(self.pipe.scheduler, call[fam.timestep_argument], b, sample.device)
-        state_key = (tuple(sample.shape), sample.dtype, sample.device, chunks)
+        state_key = (b, tuple(sample.shape[1:]), sample.dtype, sample.device)
         return Step(
             sample,
             call,
@@ -291,6 +314,8 @@ class GuidedCall:
             noise,
             prediction_of(self.pipe.scheduler),
             state_key,
+            guide_rows,
+            branches,
             runs,
             watching,
             scales,
@@ -326,7 +351,7 @@ class GuidedCall:
             return self._scale_tensor("cfg_scale", tuple(max(x, 1.0) for x in g), device)
         return max(g, 1.0)
 
-    def _rows_tensor(self, rows: tuple, device) -> torch.Tensor:
+    def rows_tensor(self, rows: tuple, device) -> torch.Tensor:
         key = ("rows", rows, device)
         if key not in self.row_scales:
             self.row_scales[key] = torch.tensor(rows, dtype=torch.long, device=device)
@@ -342,6 +367,15 @@ class GuidedCall:
         step = dataclasses.replace(step, variant=variant)
         if variant == "batched":
             out = self._pass(step, main=True, terms=step.on)
+        elif variant == "mixed":
+            out = self._pass(step, main=True, terms=step.on, part="early")
+            late = self._pass(step, terms=[t for t in step.on if t.name in step.early], part="late")
+            for name, early in step.early.items():
+                rest = tuple(i for i in range(step.b) if i not in early)
+                # The term's rows came as [early images][the rest]: back to image order.
+                order = early + rest
+                back = self.rows_tensor(tuple(order.index(i) for i in range(step.b)), step.sample.device)
+                out[name] = (torch.cat([out[name], late[name]]) if early else late[name])[back]
         else:
             # With exact_pag_pass="degraded", the rows that do not need the main pass go with those that do.
             late = self.config.exact_pag_pass == "degraded" and any(t.needs_main for t in step.on)
@@ -381,7 +415,8 @@ class GuidedCall:
         guide = tuple(step.guide.tolist()) if torch.is_tensor(step.guide) else (step.guide.start, step.guide.stop)
         zero = self.rule is not None and self.rule.zero(step.index)
         terms = (tuple(t.name for t in step.on), tuple(t.name for t in step.watching), step.cfg is not None, zero)
-        return (variant, terms, self.config, step.chunks, guide, step.prediction_type, self.family.map_size(step.call))
+        early = tuple(sorted(step.early.items()))
+        return (variant, terms, early, self.config, step.chunks, guide, step.prediction_type, self.family.map_size(step.call))
 
     def graph_inputs(self, step: Step):
         """(inputs, state) of the graphed step: what is copied into static buffers before each replay,
@@ -402,9 +437,11 @@ class GuidedCall:
         state = tuple(x for t in step.watching for x in t.graph_state(step))
         return inputs, state
 
-    def _pass(self, step: Step, main: bool = False, terms=()) -> dict:
+    def _pass(self, step: Step, main: bool = False, terms=(), part: str | None = None) -> dict:
         """One model call on the rows [main batch][each term's rows: those without an attention rule
-        first]. Returns each part's output by name ("main", the terms' names)."""
+        first]. Returns each part's output by name ("main", the terms' names). `part` (mixed variant):
+        "early", the rows of the images in `step.early` for the terms named there, built before the
+        main pass; "late", the rest, built from it."""
         parts, inputs, rows, rules = [], [], [], []
         if main:
             parts.append(("main", step.full))
@@ -412,7 +449,14 @@ class GuidedCall:
             rows.append(slice(None))
         at = step.full if main else 0
         for term in sorted(terms, key=lambda t: t.layers_field is not None):
-            r = term.rows(step)
+            if part is not None and term.name in step.early:
+                early = step.early[term.name]
+                images = early if part == "early" else tuple(i for i in range(step.b) if i not in early)
+                if not images:
+                    continue
+                r = term.rows(dataclasses.replace(step, variant="batched" if part == "early" else "exact"), images)
+            else:
+                r = term.rows(step)
             n = r.sample.shape[0]
             parts.append((term.name, n))
             inputs.append(r.sample)

@@ -122,9 +122,10 @@ class Term:
     def note_step(self, step) -> None:
         """Every step of the call, planned, whether or not the term runs in it."""
 
-    def ready(self, step) -> bool:
-        """Batched mode: whether its rows can be built before this step's main pass."""
-        return not self.needs_main
+    def ready(self, step) -> tuple:
+        """Batched mode: the images (indices) whose rows it can build before this step's main pass; a
+        term that needs the main pass builds the others' from it, in a second call."""
+        return () if self.needs_main else tuple(range(step.b))
 
     def before_main(self, step) -> None:
         """Right before the main pass (the capture is being armed for it)."""
@@ -132,7 +133,9 @@ class Term:
     def after_main(self, step, o: torch.Tensor) -> None:
         """Right after the main pass, with its output `o`."""
 
-    def rows(self, step) -> Rows:
+    def rows(self, step, images: tuple | None = None) -> Rows:
+        """Its rows for every image; a term that needs the main pass is also asked for some `images`
+        only (their indices, in order): batched mode where its rows of the others are built later."""
         raise NotImplementedError
 
     def graph_state(self, step) -> tuple:

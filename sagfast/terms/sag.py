@@ -93,9 +93,9 @@ class SAG(Term):
         self.previous: dict = {}
         """Batched mode, eager: state key -> Previous (graphed steps keep theirs with the graphs)."""
         self.last = None
-        """Batched mode: the state key of the previous evaluation when it recorded eps and mask (a SAG
-        step, or a tracked one), which are then this step's eps_prev and mask; else None, and the next
-        SAG step is exact."""
+        """Batched mode: (state key, each image's guide branch) of the previous evaluation when it
+        recorded eps and mask (a SAG step, or a tracked one), which are then this step's eps_prev and
+        mask for the images whose guide branch is the same; else None, and the next SAG step is exact."""
         self.generators = None
         self.x0 = self.eps = self.mask = None  # of the latest main pass
 
@@ -111,12 +111,16 @@ class SAG(Term):
         # first SAG step can be batched.
         return "track" if self.config.mode == "batched" and start < stop and fraction < stop else None
 
-    def ready(self, step) -> bool:
-        return self.last == step.state_key and step.state_key in self.store
+    def ready(self, step) -> tuple:
+        """The images whose previous eps and mask are their guide branch's: an image whose guide branch
+        changed (CFG's interval ended for it: uncond, then cond) needs this step's main pass."""
+        if self.last is None or self.last[0] != step.state_key or step.state_key not in self.store:
+            return ()
+        return tuple(i for i, branch in enumerate(step.branches) if self.last[1][i] == branch)
 
     def note_step(self, step) -> None:
         """Every step of the call, whether or not SAG runs in it: which evaluation recorded last."""
-        self.last = step.state_key if self in step.watching else None
+        self.last = (step.state_key, step.branches) if self in step.watching else None
 
     def before_main(self, step) -> None:
         if self in step.on:
@@ -133,20 +137,33 @@ class SAG(Term):
         self.mask = self._mask(step)
         self._remember(step)
 
-    def rows(self, step) -> Rows:
+    def rows(self, step, images: tuple | None = None) -> Rows:
         fam, noise = self.call.family, step.noise
         image = fam.to_image(step.sample, step.call)
         cfg = self.config
+        guide_rows, pick = step.guide, None
+        if images is not None:
+            # Some images only (the mixed variant): their guide rows, eps, mask and noise levels.
+            pick = self.call.rows_tensor(images, step.sample.device)
+            guide_rows = self.call.rows_tensor(tuple(step.guide_rows[i] for i in images), step.sample.device)
+            noise = Noise(*(v[pick] if v is not None else None for v in (noise.a, noise.b, noise.abar, noise.scale)))
+
+        def some(t):
+            return t if pick is None else t[pick]
+
         if step.variant == "exact":
-            xd = degraded_input(self.x0, self.mask, self.eps, noise, cfg.blur_kernel_size, cfg.blur_sigma, cfg.backend, cfg.blur_sigma_t)
+            xd = degraded_input(
+                some(self.x0), some(self.mask), some(self.eps), noise, cfg.blur_kernel_size, cfg.blur_sigma, cfg.backend, cfg.blur_sigma_t
+            )
         else:
             previous = self.store[step.state_key]
-            x = image[step.guide, : previous.eps.shape[1]]
+            previous = Previous(some(previous.eps), some(previous.mask))
+            x = image[guide_rows, : previous.eps.shape[1]]
             xd = degraded_from_previous(x, previous, noise, cfg.blur_kernel_size, cfg.blur_sigma, cfg.backend, cfg.blur_sigma_t)
-        guide = image[step.guide]
+        guide = image[guide_rows]
         # The guide rows' extra input channels (an inpainting UNet's mask and masked image) after it.
         xd = torch.cat([xd.to(step.sample.dtype), guide[:, xd.shape[1] :]], dim=1)
-        return Rows(fam.to_model_input(xd, step.call), step.guide)
+        return Rows(fam.to_model_input(xd, step.call), guide_rows)
 
     def graph_state(self, step) -> tuple:
         previous = self.store.get(step.state_key)
