@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from diffusers import EulerDiscreteScheduler
 from diffusers.guiders import ClassifierFreeGuidance
 from diffusers.modular_pipelines import StableDiffusion3AutoBlocks
 from test_families_flow import embeds, sd3
@@ -250,6 +251,17 @@ def test_an_unbound_guider_reads_the_scheduler_of_the_pipeline_running_it(mode, 
     got, sizes = run(pipe)
     assert torch.equal(got, want)
     assert len(sizes) == {(False, "exact"): 12, (False, "batched"): 12, (True, "exact"): 8, (True, "batched"): 5}[batched, mode]
+
+
+def test_a_guider_bound_elsewhere_reads_the_scheduler_of_the_pipeline_running_it():
+    # The pipeline stepping the latents is the one whose noise level the degraded input needs.
+    pipe = modular_sdxl(SelfAttentionGuidance(guidance_scale=5.0))
+    want, _ = run(pipe)
+    other = modular_sdxl(ClassifierFreeGuidance(guidance_scale=5.0))
+    other.update_components(scheduler=EulerDiscreteScheduler.from_config(pipe.scheduler.config, beta_end=0.03))
+    pipe.update_components(guider=SelfAttentionGuidance(guidance_scale=5.0).bind(other))
+    got, _ = run(pipe)
+    assert torch.equal(got, want)
 
 
 def test_an_unbound_guider_outside_a_modular_pipeline_says_how_to_bind_it_and_leaves_the_model_as_it_was():
