@@ -172,7 +172,7 @@ class GuidedCall:
         cfg, fam = self.config, self.family
         full = sample.shape[0]
         timestep = call[fam.timestep_argument]
-        needs_index = cfg.has_intervals or cfg.cfg_rule == "cfg_zero_star"
+        needs_index = cfg.has_intervals or (self.rule is not None and self.rule.needs_index)
         index, steps = self.position(timestep) if needs_index else (0, 1)
         f = index / steps
         if chunks == 2 and not _within(cfg.cfg_interval, f):

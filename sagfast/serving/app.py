@@ -3,8 +3,8 @@ queue bound.
 
     GET|HEAD /health  {"status": "ok", "in_flight", "images", "calls", "failed_calls", "cancelled"}
     GET  /v1/models   {"models": [{"id", "kind", "size", "source", "scheduler", "refuses"}, ...]}
-    POST /v1/images   {"model", "prompt" | "label", "seed", "steps", "size", "mode", "guidance_scale",
-                       "sag_scale", "pag_scale", "seg_scale", "stg_scale", ...(every per-image term)}
+    POST /v1/images   {"model", "prompt" | "label", "seed", "steps", "size", "mode", and every per-image
+                       setting under its public name: guidance_scale, sag_scale, pag_scale, ...}
                       -> {"image": base64 PNG, "seed", "batch_size", "timings": {"queue_ms", "run_ms", "total_ms"}}
     GET  /docs        the OpenAPI schema (with this server's limits and its error body)
 

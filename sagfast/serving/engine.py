@@ -2,7 +2,7 @@
 
 A group is the requests that share the model, steps, size and SAG mode (the model's scheduler is its
 own). Their guidance settings may all differ: the call passes sagfast each per-image setting
-(`sagfast.config.PER_IMAGE`: `cfg_scale`, `scale`, `pag_scale`, ...) per image and one generator per
+(`sagfast.config.PER_IMAGE`: the CFG scale and every term's) per image and one generator per
 image, so each image is what the same request gives alone (sagfast's per-image settings: every
 term's rows run for every image when any image uses the term, an image with scale 0 gets an exact 0
 of it). Exact and batched mode requests are in separate calls (they are different step plans).
@@ -24,11 +24,13 @@ import numpy as np
 import torch
 
 import sagfast
-from sagfast.config import PER_IMAGE
+from sagfast.config import PER_IMAGE, TERMS
 from sagfast.serving.schema import request_name
+from sagfast.terms.cfg import CFGRule
 
 DIGIT_MODELS = ("digits-unet", "digits-dit")
 DIGIT_SIZE = 32
+CFG_SCALE = CFGRule.scale_field
 CALL_CFG_SCALE = 2.0
 """The pipeline call's `guidance_scale` when some image of the call uses CFG (> 1: the pipeline batches
 [uncond, cond]; its CFG line then combines two equal halves, see above)."""
@@ -78,8 +80,9 @@ def load_digits(name: str, device: str = "cpu") -> ServedModel:
 
 
 def term_settings(layers: str) -> dict:
-    """The per-call settings that go with the per-image ones: PAG and SEG change the capture layer."""
-    return dict(pag_layers=(layers,), seg_layers=(layers,))
+    """The per-call settings that go with the per-image ones: every term that changes attention layers
+    (PAG, SEG) changes the capture layer; the others keep their defaults ("mid")."""
+    return {term.layers_field: (layers,) for term in TERMS if term.layers_field and term.layers_kind == "attention"}
 
 
 def refusals(pipe, layers: str) -> dict:
@@ -88,7 +91,7 @@ def refusals(pipe, layers: str) -> dict:
     alone (422) instead of failing the call it would share."""
     out = {}
     for setting in PER_IMAGE:
-        if setting == "cfg_scale":
+        if setting == CFG_SCALE:
             continue
         try:
             sagfast.enable(pipe, **{"scale": 0.0, setting: 1.0}, **term_settings(layers))
@@ -177,9 +180,9 @@ def run_group(model: ServedModel, requests: list) -> list[np.ndarray]:
     each = [r.settings() for r in requests]
     settings = {setting: per_image([s[setting] for s in each]) for setting in PER_IMAGE}
     if model.embedded_guidance:
-        guidance = settings.pop("cfg_scale")  # the group's one value (group_key)
+        guidance = settings.pop(CFG_SCALE)  # the group's one value (group_key)
     else:
-        uses_cfg = any(s["cfg_scale"] > 1 for s in each)
+        uses_cfg = any(s[CFG_SCALE] > 1 for s in each)
         guidance = CALL_CFG_SCALE if uses_cfg else 1.0
     device = getattr(pipe, "_execution_device", torch.device("cpu"))
     generators = [torch.Generator(device=device).manual_seed(r.seed) for r in requests]

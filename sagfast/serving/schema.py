@@ -7,7 +7,8 @@ echoes the input and cannot encode a NaN). What the client sent is never echoed 
 or value is quoted as at most `QUOTE_CHARS` characters (`quote`).
 
 The per-image guidance fields are sagfast's per-image settings (`sagfast.config.PER_IMAGE`), each
-under its request name (`REQUEST_NAMES`): a term the engine gains per image is served with it.
+under its public name and with its served default, as its term declares them
+(`sagfast.core.settings.Setting`): a term the engine gains is served with it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from sagfast.config import PER_IMAGE
+from sagfast.config import FIELDS, PER_IMAGE
 
 MODES = ("exact", "batched")
 MAX_SCALE = 100.0
@@ -25,16 +26,12 @@ MAX_SCALE = 100.0
 ~30), far below what overflows the arithmetic in half precision."""
 QUOTE_CHARS = 64
 """At most this much of a client's text (a field name, a model name) is quoted back in an error."""
-REQUEST_NAMES = {"cfg_scale": "guidance_scale", "scale": "sag_scale"}
-"""The request's name of a per-image engine setting, where it differs (diffusers' call argument for
-CFG, the term's name for SAG's `scale`); the others keep the engine's name (`pag_scale`, ...)."""
-DEFAULTS = {"cfg_scale": 3.0, "scale": 0.75}
-"""A request's default per setting; every other term is off (0) unless asked for."""
 DEFAULT_STEPS = 10
 
 
 def request_name(setting: str) -> str:
-    return REQUEST_NAMES.get(setting, setting)
+    """A per-image setting's name in a request (`scale` is `sag_scale`, `cfg_scale` `guidance_scale`)."""
+    return FIELDS[setting].public
 
 
 def quote(text) -> str:
@@ -107,9 +104,10 @@ class ImageRequestBase(BaseModel):
 
 
 def scale_field(setting: str):
-    default = DEFAULTS.get(setting, 0.0)
-    what = "CFG scale; <= 1 is no CFG" if setting == "cfg_scale" else f"{request_name(setting).split('_')[0].upper()} scale; 0 is off"
-    return (float, Field(default=default, ge=0.0, le=MAX_SCALE, description=f"{what} (0..{MAX_SCALE:g}, default {default:g})"))
+    """A per-image setting as a request field: a number in 0..MAX_SCALE, its served default."""
+    default = FIELDS[setting].request_default
+    description = f"this image's {setting} in sagfast's terms, 0..{MAX_SCALE:g} (default {default:g}; a term's 0 is off, CFG's <= 1)"
+    return (float, Field(default=default, ge=0.0, le=MAX_SCALE, description=description))
 
 
 def request_model(limits: Limits) -> type:

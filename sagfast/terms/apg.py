@@ -12,11 +12,32 @@ from __future__ import annotations
 
 import torch
 
+from sagfast.core.settings import Setting, check_optional_real, real
 from sagfast.terms.cfg import CFGRule, row_scale
 
 
 class APG(CFGRule):
     name = "apg"
+    settings = (
+        Setting(
+            "apg_momentum",
+            None,
+            check_optional_real,
+            (
+                "APG's momentum on the update (diffusers' `adaptive_projected_guidance_momentum`; the paper uses "
+                "-0.5). None or 0: no momentum."
+            ),
+        ),
+        real("apg_rescale", 15.0, ("APG's norm threshold: the update's L2 norm (per image) is capped at this. 0: no cap."), low=0.0),
+        real(
+            "apg_eta",
+            1.0,
+            (
+                "APG's weight of the update's component parallel to the conditional prediction (0 drops it, the "
+                "paper's choice; 1 keeps it, diffusers' default)."
+            ),
+        ),
+    )
 
     def __init__(self, config):
         super().__init__(config)

@@ -68,6 +68,11 @@ class SkipRule:
         self.outputs = outputs
 
 
+TERMS: list = []
+"""Every guidance term, in the order their rows join a model call (`Term.order`): each subclass of Term
+registers itself when its module is imported (sagfast.terms imports every module of this folder)."""
+
+
 def on(scale) -> bool:
     """Whether a scale (a number or one per image) is above 0 for any image."""
     return max(scale) > 0 if isinstance(scale, tuple) else scale > 0
@@ -79,6 +84,13 @@ class Term:
     name: str = ""
     """The key of its rows' output in a step."""
 
+    order: int = 0
+    """Where its rows go in a model call, among the terms' (ascending)."""
+
+    settings: tuple = ()
+    """Its fields of the configuration (sagfast.core.settings.Setting): its scale, interval, layers and
+    knobs, with their defaults, checks and documentation."""
+
     scale_field: str = ""
     """Its SAGConfig scale (a number or one per image; 0 is off)."""
 
@@ -88,11 +100,20 @@ class Term:
     layers_field: str | None = None
     """Its SAGConfig layer identifiers, if its rule acts on chosen layers."""
 
+    layers_kind: str = "attention"
+    """What its layer identifiers name: "attention" layers (matched as diffusers' `pag_applied_layers`)
+    or transformer "block"s."""
+
     source: str = "cond"
     """Which branch its rows derive from and its term subtracts from: "cond" or "guide"."""
 
     needs_main: bool = False
     """Whether its rows' input is built from the same step's main pass (exact mode: a second call)."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        TERMS.append(cls)
+        TERMS.sort(key=lambda term: term.order)
 
     def __init__(self, call):
         self.call = call

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from sagfast.core.settings import Setting, check_optional_scales, choice, interval
+
 
 def row_scale(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A per-image scale [B] as fp32 [B, 1, ...] against `like`'s rows."""
@@ -21,10 +23,67 @@ def row_scale(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return g.reshape(-1, *([1] * (like.dim() - 1))).expand(like.shape[0], *([1] * (like.dim() - 1)))
 
 
+RULES: dict = {}
+"""`cfg_rule` name -> rule class: every subclass of CFGRule registers itself here when its module is
+imported (sagfast.terms imports every module of this folder)."""
+
+
 class CFGRule:
-    """The interface (and plain CFG). Made per guided call: a rule may keep state between steps."""
+    """The interface (and plain CFG). Made per guided call: a rule may keep state between steps.
+
+    A rule in its own file declares `name` (the `cfg_rule` value) and its `settings` (its knobs);
+    CFG's own settings are here: the scale, the rule's name, the interval."""
 
     name = "cfg"
+    scale_field = "cfg_scale"
+    """The CFG scale's field (the server and the CLI hand it the pipeline's guidance scale)."""
+    needs_index = False
+    """Whether its combine depends on the step's index in the call (CFG-Zero*'s zero-init steps)."""
+    settings = (
+        Setting(
+            "cfg_scale",
+            None,
+            check_optional_scales,
+            (
+                "Classifier-free guidance scale: None takes the pipeline call's `guidance_scale` and leaves the "
+                "pipeline's own CFG line to apply it; a number, or one value per image, makes sagfast compute "
+                "each image's guided prediction itself (the pipeline's line then gives it unchanged). An image "
+                "with `cfg_scale <= 1` is guided without CFG (its guide branch is its cond row) while sharing the "
+                "batch with CFG images; the call's `guidance_scale` must then be > 1 when any image uses CFG, so "
+                "that the pipeline batches [uncond, cond]. Refuses the pipeline's `guidance_rescale > 0`."
+            ),
+            per_image=True,
+            public_name="guidance_scale",
+            served_default=3.0,
+        ),
+        choice(
+            "cfg_rule",
+            "cfg",
+            lambda: tuple(RULES),
+            (
+                'How the uncond and cond predictions are combined: "cfg" (`o_u + g * (o_c - o_u)`), "apg" (adaptive '
+                "projected guidance, Sadat et al. 2024: the update's component parallel to o_c scaled by `apg_eta`, "
+                'its norm capped at `apg_rescale`, optional momentum), or "cfg_zero_star" (Fan et al. 2025: o_u '
+                "scaled by the projection of o_c on it, and a zero prediction for the first `zero_init_steps` steps), "
+                "as diffusers' AdaptiveProjectedGuidance and ClassifierFreeZeroStarGuidance. Only the combine "
+                'changes: no extra rows; every term (SAG, PAG, ...) adds to it. Anything but "cfg" refuses the '
+                "pipeline's `guidance_rescale > 0`."
+            ),
+        ),
+        interval(
+            "cfg_interval",
+            (
+                "Guidance interval of CFG (Kynkaanniemi et al. 2024) as fractions of the call's denoising steps: step "
+                "i of N is guided when `start <= i / N < stop`. Outside it only the conditional rows are run and "
+                "returned for both CFG halves, so the pipeline's CFG line gives the conditional prediction at half "
+                "the batch."
+            ),
+        ),
+    )
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        RULES[cls.name] = cls
 
     def __init__(self, config):
         self.config = config
@@ -40,3 +99,6 @@ class CFGRule:
 
     def graph_refusals(self) -> list[str]:
         return []
+
+
+RULES[CFGRule.name] = CFGRule

@@ -9,11 +9,14 @@ the other terms too). Images with g <= 1 get o_c.
 
 from __future__ import annotations
 
+from sagfast.core.settings import Setting, check_count
 from sagfast.terms.cfg import CFGRule
 
 
 class CFGZeroStar(CFGRule):
     name = "cfg_zero_star"
+    needs_index = True
+    settings = (Setting("zero_init_steps", 1, check_count, ("CFG-Zero*: the first `zero_init_steps` steps of the call predict zero.")),)
 
     def zero(self, index: int) -> bool:
         """Whether this step predicts zero."""

@@ -22,6 +22,7 @@ import dataclasses
 import torch
 
 from sagfast import ops
+from sagfast.core.settings import Setting, check_layer, check_odd_int, choice, interval, real, scale
 from sagfast.engine.schedule import Noise, x0_eps
 from sagfast.ops.degrade import check_blur_size
 from sagfast.terms.base import Rows, Term
@@ -81,8 +82,73 @@ def degraded_from_previous(
     return torch.where(a > 0, xd, x.float())
 
 
+MASKS = ("attention", "global", "random")
+
+
 class SAG(Term):
     name = "sag"
+    order = 0
+    settings = (
+        scale(
+            "scale",
+            (
+                "SAG scale `s` in `out = cfg + s * (o_guide - o_degraded) [+ PAG's term]`. The paper uses 0.1 to 1.0; "
+                "diffusers' default is 0.75. Larger values sharpen structure more and start to over-saturate. 0 "
+                "disables SAG (the wrapped UNet then makes exactly the plain pipeline's call). One number for every "
+                "image, or one value per image of the call (a sequence, 1-D tensor or 1-D numpy array of batch x "
+                "num_images_per_prompt values): images with different settings share one model call, each guided as "
+                "if alone."
+            ),
+            default=0.75,
+            public_name="sag_scale",
+        ),
+        real(
+            "threshold",
+            1.0,
+            (
+                "psi: a key is masked when the attention it receives, averaged over heads, exceeds this. The mean "
+                "over keys is exactly 1, so 1.0 masks the keys that get more than their share."
+            ),
+        ),
+        Setting(
+            "blur_kernel_size",
+            9,
+            check_odd_int,
+            ("Gaussian blur window (odd). Reflect padding needs latent height and width > kernel_size // 2."),
+        ),
+        real("blur_sigma", 1.0, ("Gaussian blur standard deviation in latent pixels."), low=0.0, low_ok=False),
+        real(
+            "blur_sigma_t",
+            0.0,
+            (
+                "Video: the blur's standard deviation over time, in latent frames. 0 (the default) blurs each frame "
+                "in (h, w) only; > 0 blurs the predicted x0 over its frames as well (a window of `blur_kernel_size` "
+                "frames, cut to 2T - 1 for T latent frames), in PyTorch (the fused ops are 2-D). Images ignore it."
+            ),
+            low=0.0,
+        ),
+        Setting(
+            "layers",
+            "mid",
+            check_layer,
+            (
+                'Which self-attention layer the map is read from: "mid" (the first self-attention of the UNet\'s mid '
+                "block, as in the paper and diffusers) or the module name of a self-attention layer, such as "
+                '"down_blocks.1.attentions.0.transformer_blocks.0.attn1" (higher-resolution layers cost more).'
+            ),
+        ),
+        choice(
+            "mask",
+            "attention",
+            MASKS,
+            (
+                'Which pixels get blurred, the paper\'s ablation: "attention" (SAG), "global" (blur everything: blur '
+                'guidance) or "random" (a random ~40% of pixels at the map\'s resolution).'
+            ),
+        ),
+        real("random_mask_ratio", 0.4, ('Fraction of map pixels blurred when mask="random".'), low=0.0, high=1.0),
+        interval("sag_interval", ("Steps with SAG (as `cfg_interval`); outside it no degraded rows are run.")),
+    )
     scale_field = "scale"
     interval_field = "sag_interval"
     source = "guide"

@@ -23,6 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from sagfast.core.settings import Setting, check_layers, interval, real, scale
 from sagfast.terms.base import AttentionRule, Rows, Term
 
 INFINITE_BLUR = 9999.0
@@ -82,6 +83,43 @@ class SmoothedQueries:
 
 class SEG(Term):
     name = "seg"
+    order = 20
+    settings = (
+        scale(
+            "seg_scale",
+            (
+                "Smoothed Energy Guidance (Hong 2024) scale in `+ s_seg * (o_cond - o_smoothed)`: the conditional "
+                "rows again, with the queries of `seg_layers` blurred over the layer's (h, w) grid by a Gaussian of "
+                "`seg_blur_sigma`. 0 (the default) is off; diffusers' guider defaults to 2.8. B more rows per step. "
+                "One number, or one per image (as `scale`)."
+            ),
+        ),
+        Setting(
+            "seg_layers",
+            ("mid",),
+            check_layers,
+            (
+                "Where SEG blurs the queries: identifiers matched as `pag_layers` (diffusers' PAG matching; the SEG "
+                "paper blurs the mid block's self-attention on SDXL)."
+            ),
+        ),
+        real(
+            "seg_blur_sigma",
+            9999999.0,
+            (
+                "Standard deviation of SEG's query blur in tokens of the layer's grid. At or above 9999.0 (diffusers' "
+                "`seg_blur_threshold_inf`) the blur is infinite: every query becomes the mean query, so every token "
+                "attends uniformly (the paper's default). Smaller values smooth less; the paper controls it on a log "
+                "scale."
+            ),
+            low=0.0,
+            low_ok=False,
+        ),
+        interval(
+            "seg_interval",
+            ("Steps with SEG (as `cfg_interval`; diffusers' SEG guider counts `start < i`, sagfast `start <= i` as for every interval)."),
+        ),
+    )
     scale_field = "seg_scale"
     interval_field = "seg_interval"
     layers_field = "seg_layers"

@@ -19,14 +19,49 @@ offered.
 
 from __future__ import annotations
 
+from sagfast.core.settings import Setting, check_blocks, choice, interval, scale
 from sagfast.terms.base import AttentionRule, Rows, SkipRule, Term
 
 
 class STG(Term):
     name = "stg"
+    order = 30
+    settings = (
+        scale(
+            "stg_scale",
+            (
+                "Spatiotemporal Skip Guidance (Hyung et al. 2024) scale in `+ s_stg * (o_cond - o_skipped)`: the "
+                "conditional rows again with the blocks `stg_layers` skipped (`stg_mode`). 0 (the default) is off, as "
+                "in diffusers' community STG pipelines (their examples use 1.0). On the families with a transformer "
+                "block stack (the video families). B more rows per step. One number, or one per image."
+            ),
+        ),
+        Setting(
+            "stg_layers",
+            ("mid",),
+            check_blocks,
+            (
+                "Which blocks STG skips: block indices (as the STG pipelines' `stg_applied_layers_idx`, e.g. [8]), "
+                '"mid" (the middle block) or block names ("blocks.8", "transformer_blocks.19"). Checked when a '
+                "pipeline is enabled with stg_scale > 0."
+            ),
+        ),
+        choice(
+            "stg_mode",
+            "block",
+            ("block", "attention"),
+            (
+                "\"block\" (the paper's STG-R, diffusers' community STG pipelines): the skipped rows get each block's "
+                'inputs back as its outputs. "attention" (STG-A): only the blocks\' self-attention is skipped, each '
+                "token attending to itself alone (PAG's perturbation on those blocks); the rest of the block runs."
+            ),
+        ),
+        interval("stg_interval", ("Steps with STG (as `cfg_interval`; the community pipelines guide every step).")),
+    )
     scale_field = "stg_scale"
     interval_field = "stg_interval"
     layers_field = "stg_layers"
+    layers_kind = "block"
     source = "cond"
 
     def __init__(self, call):
