@@ -211,7 +211,10 @@ def enable(pipe, config: SAGConfig | None = None, **overrides):
     for attribute in denoisers(pipe):
         model = getattr(pipe, attribute)
         _, attn, owner, _ = family.resolve_layer(model, config.layers)
-        ruled = [layer for term in TERMS if term.requested(config) for layer in term.layers_of(family, model, config)]
+        requested = [term for term in TERMS if term.requested(config)]
+        for term in requested:
+            term.check_family(family)
+        ruled = [layer for term in requested for layer in term.layers_of(family, model, config)]
         installs.append((attn, owner, ruled))
     with _LOCK:
         for attn, owner, ruled in installs:

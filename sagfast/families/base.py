@@ -17,9 +17,6 @@ from sagfast.attention.capture import SAGCaptureProcessor
 from sagfast.attention.identity import identity_attention
 from sagfast.engine.schedule import check_scheduler
 
-VIDEO_REFUSES = {"seg": "its query blur lays the tokens on an (h, w) grid, and a video layer's tokens are on (t, h, w)"}
-"""What the video families refuse (`Family.refuses`)."""
-
 
 class Family:
     name: str = ""
@@ -89,8 +86,12 @@ class Family:
         outside `cfg_interval`): the last chunk of [uncond, cond]."""
         return chunks - 1
 
-    refuses: dict = {}
-    """Terms this family does not run (their name -> why), refused when a pipeline is enabled with them."""
+    token_grid: str = "hw"
+    """How an attention layer's tokens lie: "hw" (an image's grid) or "thw" (a video's frames)."""
+
+    unselectable_layers: str | None = None
+    """Why its attention layers cannot be chosen by identifiers (diffusers' `pag_applied_layers`
+    matching), or None: they can."""
 
     blocks: str | None = None
     """The attribute of the transformer's block stack (what STG skips), or None: STG is refused."""
@@ -105,17 +106,12 @@ class Family:
         diffusers' `Attention`), else diffusers' non-cross `Attention` layers."""
         return stack_layers(model, self.blocks) if self.blocks is not None else self_attention_layers(model)
 
-    def refuse(self, term: str) -> None:
-        if term in self.refuses:
-            raise ValueError(
-                f"sagfast does not run {term.upper()} on {self.name}: {self.refuses[term]}. Use {term}_scale=0 with {self.name}."
-            )
-
-    def matching_layers(self, model: torch.nn.Module, identifiers: tuple, field: str = "pag_layers") -> list:
+    def matching_layers(self, model: torch.nn.Module, identifiers: tuple, field: str) -> list:
         """The self-attention modules a term changes (PAG's, SEG's) for layer identifiers (the config
         `field`, named in errors), matched as diffusers' `PAGMixin` matches `pag_applied_layers`: a
         regular-expression search in each self-attention layer's name (`_fake_integral_match` aside)."""
-        self.refuse(field.split("_")[0])
+        if self.unselectable_layers is not None:
+            raise ValueError(f"{field} cannot choose attention layers on {self.name}: {self.unselectable_layers}")
         model = getattr(model, "_orig_mod", model)
         modules = dict(model.named_modules())
         names = self.self_attention_layers(model)
@@ -134,17 +130,13 @@ class Family:
             found += [modules[n] for n in matched if modules[n] not in found]
         return found
 
-    def skipped_blocks(self, model: torch.nn.Module, identifiers: tuple, field: str = "stg_layers") -> list:
-        """The transformer blocks STG skips for its identifiers: a block index (as the STG pipelines'
-        `stg_applied_layers_idx`), "mid" (the block in the middle, as SAG's "mid"), or a block's name
-        ("blocks.8")."""
-        self.refuse("stg")
+    def skipped_blocks(self, model: torch.nn.Module, identifiers: tuple, field: str) -> list:
+        """The transformer blocks of the block stack for identifiers (the config `field`, named in errors):
+        a block index (as the STG pipelines' `stg_applied_layers_idx`), "mid" (the block in the middle,
+        as SAG's "mid"), or a block's name ("blocks.8")."""
         model = getattr(model, "_orig_mod", model)
         if self.blocks is None:
-            raise ValueError(
-                f"STG skips transformer blocks, and sagfast knows no block stack in {self.name}'s {type(model).__name__}: "
-                "use stg_scale=0 (PAG perturbs the self-attention of chosen layers on every family)"
-            )
+            raise ValueError(f"{field}: sagfast knows no block stack in {self.name}'s {type(model).__name__}")
         stack = getattr(model, self.blocks)
         names = {f"{self.blocks}.{i}": block for i, block in enumerate(stack)}
         found = []

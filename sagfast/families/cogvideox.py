@@ -23,7 +23,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from sagfast.attention.capture import SAGCaptureProcessor, heads_qkv
 from sagfast.attention.identity import joint_identity
-from sagfast.families.base import VIDEO_REFUSES, Family, transformer_block_layer
+from sagfast.families.base import Family, transformer_block_layer
 
 
 class CogVideoXCaptureProcessor(SAGCaptureProcessor):
@@ -70,7 +70,7 @@ class CogVideoXFamily(Family):
     model_class = "CogVideoXTransformer3DModel"
     pipelines = ("CogVideoXPipeline",)
     sample_argument = "hidden_states"
-    refuses = VIDEO_REFUSES
+    token_grid = "thw"
     blocks = "transformer_blocks"
     block_outputs = ("hidden_states", "encoder_hidden_states")
 

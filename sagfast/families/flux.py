@@ -107,20 +107,18 @@ class FluxFamily(Family):
             ]
         return []
 
+    unselectable_layers = (
+        "its attention modules are FluxAttention, which diffusers' pag_applied_layers matching does not select "
+        "(diffusers has no Flux pipeline for a term on chosen layers), and its single-stream blocks do not say "
+        "where the image tokens start"
+    )
+
     def cfg_chunks(self, pipe, arguments: dict) -> int:
         return 1  # guidance distilled: each model call is one branch
 
     def sequential_cfg(self, pipe, attribute: str, arguments: dict):
         """True CFG: the call's true_cfg_scale when it is > 1 and the call has a negative prompt."""
         return true_cfg(arguments)
-
-    def matching_layers(self, model, identifiers: tuple, field: str = "pag_layers") -> list:
-        term = field.split("_")[0].upper()
-        raise ValueError(
-            f"sagfast does not run {term} on Flux: its attention modules are FluxAttention, which diffusers' "
-            f"pag_applied_layers matching does not select (diffusers has no Flux pipeline for {term}), and its "
-            f"single-stream blocks do not say where the image tokens start. Use {term.lower()}_scale=0 with Flux."
-        )
 
     def resolve_layer(self, model, layers: str):
         original = getattr(model, "_orig_mod", model)

@@ -25,7 +25,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from sagfast.attention.capture import SAGCaptureProcessor, key_bias
 from sagfast.attention.identity import joint_identity
-from sagfast.families.base import VIDEO_REFUSES, Family, stack_layers, transformer_block_layer, true_cfg
+from sagfast.families.base import Family, stack_layers, transformer_block_layer, true_cfg
 
 
 def hunyuan_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb):
@@ -100,7 +100,7 @@ class HunyuanVideoFamily(Family):
     model_class = "HunyuanVideoTransformer3DModel"
     pipelines = ("HunyuanVideoPipeline",)
     sample_argument = "hidden_states"
-    refuses = VIDEO_REFUSES
+    token_grid = "thw"
     blocks = "transformer_blocks"
     block_outputs = ("hidden_states", "encoder_hidden_states")
 

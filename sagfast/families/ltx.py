@@ -18,7 +18,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from sagfast.attention.capture import SAGCaptureProcessor
 from sagfast.attention.identity import value_attention
-from sagfast.families.base import VIDEO_REFUSES, Family, transformer_block_layer
+from sagfast.families.base import Family, transformer_block_layer
 
 
 class LTXCaptureProcessor(SAGCaptureProcessor):
@@ -44,7 +44,7 @@ class LTXFamily(Family):
     model_class = "LTXVideoTransformer3DModel"
     pipelines = ("LTXPipeline",)
     sample_argument = "hidden_states"
-    refuses = VIDEO_REFUSES
+    token_grid = "thw"
     blocks = "transformer_blocks"
 
     def problems(self, pipe) -> list[str]:

@@ -30,7 +30,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from sagfast.attention.capture import SAGCaptureProcessor
 from sagfast.attention.identity import value_attention
-from sagfast.families.base import VIDEO_REFUSES, Family, transformer_block_layer
+from sagfast.families.base import Family, transformer_block_layer
 
 
 def wan_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -63,7 +63,7 @@ class WanFamily(Family):
     attributes = ("transformer", "transformer_2")
     pipelines = ("WanPipeline", "WanImageToVideoPipeline")
     sample_argument = "hidden_states"
-    refuses = VIDEO_REFUSES
+    token_grid = "thw"
     blocks = "blocks"
 
     def problems(self, pipe) -> list[str]:

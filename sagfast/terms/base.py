@@ -35,7 +35,7 @@ class Rows:
     conditioning: slice | torch.Tensor
     """The rows of the step's batch whose other inputs (text embeddings, added conditions, a per-row
     timestep) they take."""
-    rule: AttentionRule | SkipRule | None = None
+    rule: AttentionRule | SkipRule | InputRule | None = None
     """How they run through some attention layers or blocks, or None: every layer as it is."""
 
 
@@ -43,6 +43,9 @@ class AttentionRule:
     """A term's rows through some attention layers: `layers` (the modules) and `fn(own, attn,
     hidden_states, *args, **kwargs)`, where `own(attn, hidden_states, *args, **kwargs)` runs the layer's
     own processor (a rule may call it on changed inputs, or not at all)."""
+
+    kind = "attention"
+    """Which switch or hook of sagfast.attention.capture applies it."""
 
     def __init__(self, layers, fn):
         self.layers = frozenset(layers)
@@ -63,9 +66,27 @@ class SkipRule:
     back as its outputs (`outputs`: the inputs its outputs stand for, in order; the block hook in
     sagfast.attention.capture)."""
 
+    kind = "skip"
+
     def __init__(self, layers, outputs: tuple):
         self.layers = frozenset(layers)
         self.outputs = outputs
+
+
+class InputRule:
+    """A term's rows enter some transformer blocks (`layers`) with one input changed: the block's
+    input `argument` (by default `hidden_states`, the image or video tokens; on joint-attention
+    families the text stream is `encoder_hidden_states`, left as it is) is `transform(x)` for those
+    rows, where `x` is that input's [rows, ...] slice; `transform` returns a tensor of x's shape. The
+    rest of the block runs as it is, on every row (the block pre-hook in sagfast.attention.capture,
+    `BlockInputHook`)."""
+
+    kind = "input"
+
+    def __init__(self, layers, transform, argument: str = "hidden_states"):
+        self.layers = frozenset(layers)
+        self.transform = transform
+        self.argument = argument
 
 
 TERMS: list = []
@@ -124,6 +145,23 @@ class Term:
     def requested(cls, config) -> bool:
         """Whether the config turns this term on for any image."""
         return on(getattr(config, cls.scale_field))
+
+    @classmethod
+    def unsupported(cls, family) -> str | None:
+        """Why `family` cannot run this term, from the capabilities it declares, or None. A term whose
+        rule acts on attention layers chosen by identifier needs a family that can select them."""
+        if cls.layers_field and cls.layers_kind == "attention" and family.unselectable_layers is not None:
+            return f"{cls.layers_field} cannot choose attention layers on {family.name}: {family.unselectable_layers}"
+        return None
+
+    @classmethod
+    def check_family(cls, family) -> None:
+        """Raises when `family` cannot run this term (checked when a pipeline is enabled with it)."""
+        why = cls.unsupported(family)
+        if why is not None:
+            raise ValueError(
+                f"sagfast does not run {cls.name.upper()} on {family.name}: {why}. Use {cls.scale_field}=0 with {family.name}."
+            )
 
     @classmethod
     def layers_of(cls, family, model, config) -> list:

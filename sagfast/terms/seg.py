@@ -125,6 +125,12 @@ class SEG(Term):
     layers_field = "seg_layers"
     source = "cond"
 
+    @classmethod
+    def unsupported(cls, family) -> str | None:
+        if family.token_grid != "hw":
+            return f"its query blur lays the tokens on an (h, w) grid, and {family.name}'s layers' tokens are on ({', '.join(family.token_grid)})"
+        return super().unsupported(family)
+
     def rows(self, step) -> Rows:
         image = self.call.family.to_image(step.sample, step.call)
         image_hw, sigma = tuple(image.shape[-2:]), self.config.seg_blur_sigma

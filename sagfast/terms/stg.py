@@ -73,8 +73,14 @@ class STG(Term):
             self.rule = AttentionRule.replacing(self.layers, family.perturbed_attention)
 
     @classmethod
+    def unsupported(cls, family) -> str | None:
+        if family.blocks is None:
+            return "STG skips transformer blocks, and sagfast knows no block stack in its model (PAG perturbs the self-attention of chosen layers on every family)"
+        return super().unsupported(family)
+
+    @classmethod
     def layers_of(cls, family, model, config) -> list:
-        blocks = family.skipped_blocks(model, config.stg_layers)
+        blocks = family.skipped_blocks(model, config.stg_layers, cls.layers_field)
         return blocks if config.stg_mode == "block" else [family.self_attention_of(block) for block in blocks]
 
     def rows(self, step) -> Rows:
