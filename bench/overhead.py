@@ -7,7 +7,7 @@ step produces (batch B = 1, CFG on), these are timed, all interleaved round by r
   capture   the capture layer called with sagfast's SAGCaptureProcessor(backend) minus the same layer
             with its stock processor (the extra: SDPA's log-sum-exp + attention mass of the guide rows);
             attention_mass alone is listed too
-  x0/eps    sagfast.engine.schedule.x0_eps (plain PyTorch; no backends)
+  x0/eps    sagfast.core.schedule.x0_eps (plain PyTorch; no backends)
   mask      sagfast.ops.sag_mask_ref (threshold + reshape; no backends)
   degrade   sagfast.ops.degrade(backend): blur, mask, blend, re-noise
   combine   sagfast.ops.combine(backend)
@@ -91,7 +91,7 @@ def plan(opts, device):
 def run(opts, record: dict, log=common.log) -> dict:
     from sagfast import ops
     from sagfast.attention.capture import SAGCaptureProcessor, sdpa_with_lse
-    from sagfast.engine.schedule import vp_noise, x0_eps
+    from sagfast.core.schedule import vp_noise, x0_eps
 
     device, dtype = opts.device, opts.dtype
     min_sample = 0.01 if opts.quick else 0.05

@@ -40,7 +40,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 import sagfast
 from bench import common, models
-from sagfast.engine.batch import slice_batch
+from sagfast.core.batch import slice_batch
 from sagfast.engine.cuda_graph import graphs_of
 
 SAGFAST = {

@@ -401,8 +401,8 @@ def demo_scheduler_classes() -> list[str]:
     from diffusers import DDIMScheduler
     from diffusers.utils import logging
 
+    from sagfast.core.schedule import schedule_problems
     from sagfast.digits.weights import scheduler_config
-    from sagfast.engine.schedule import schedule_problems
 
     config = scheduler_config()
     accepted = []

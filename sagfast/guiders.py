@@ -49,8 +49,8 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from sagfast.attention.capture import input_grid, over_patch
 from sagfast.config import BACKENDS, MODES
+from sagfast.core.schedule import check_scheduler, noise_of, prediction_of, x0_eps
 from sagfast.core.settings import check_choice, check_interval, check_layer, check_layers, check_odd_int, check_real
-from sagfast.engine.schedule import check_scheduler, noise_of, prediction_of, x0_eps
 from sagfast.families import family_of_model
 from sagfast.ops.degrade import check_blur_size
 from sagfast.ops.mask import to_map

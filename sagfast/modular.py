@@ -27,7 +27,7 @@ import functools
 
 import torch
 
-from sagfast.engine.batch import slice_batch
+from sagfast.core.batch import slice_batch
 
 DENOISER_NAMES = ("unet", "transformer")
 """The component names of the model whose calls are joined."""

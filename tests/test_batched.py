@@ -113,7 +113,7 @@ def test_cuda_graph_on_cpu_tensors_warns_and_runs_eagerly():
 def test_every_batched_conditioning_input_is_sliced_and_extended():
     # The shapes a UNet call can carry: SDXL's added_cond_kwargs, IP-Adapter's list of image embeddings,
     # ControlNet's tuple of residuals; unbatched tensors and plain values ride along untouched.
-    from sagfast.engine.batch import gather_batch, slice_batch
+    from sagfast.core.batch import gather_batch, slice_batch
 
     full, keep = 4, slice(2, 4)  # the guide rows: the second half, as DiT's [cond, uncond] has them
     rows = lambda *shape: torch.randn(full, *shape)  # noqa: E731

@@ -34,7 +34,7 @@ import sagfast
 import sagfast.engine.denoiser
 from sagfast.api import config_of, guided_call
 from sagfast.attention.capture import FluxCaptureProcessor, JointCaptureProcessor, RotaryCaptureSwitch
-from sagfast.engine.schedule import x0_eps
+from sagfast.core.schedule import x0_eps
 
 TXT, JOINT, POOLED = 5, 12, 10
 
@@ -443,7 +443,7 @@ def test_flux_true_cfg_with_sagfasts_cfg_rules_takes_the_true_cfg_scale(rule):
 
 
 def test_joining_calls_whose_inputs_cannot_join_is_refused_clearly():
-    from sagfast.engine.batch import join_calls
+    from sagfast.core.batch import join_calls
 
     cond = {"encoder_hidden_states": torch.zeros(1, 5, 4), "txt_ids": torch.zeros(5, 3)}
     joined = join_calls(dict(cond, encoder_hidden_states=torch.ones(1, 5, 4)), cond, 1)
@@ -457,7 +457,7 @@ def test_joining_calls_whose_inputs_cannot_join_is_refused_clearly():
 def test_a_kept_call_is_a_copy_of_what_the_pipeline_may_edit_in_place():
     # FluxPipeline puts each branch's IP-Adapter embeddings into one joint_attention_kwargs dict before
     # each of its two calls, and its transformer pops them: the joined-call state keeps copies.
-    from sagfast.engine.batch import same_inputs, snapshot
+    from sagfast.core.batch import same_inputs, snapshot
 
     kwargs = {"ip_adapter_image_embeds": [torch.zeros(1, 4)]}
     call = {"hidden_states": torch.zeros(1, 2), "joint_attention_kwargs": kwargs}

@@ -29,9 +29,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import sagfast
 from sagfast.api import guided_call
+from sagfast.core.schedule import alpha_bar, vp_noise
 from sagfast.engine.cuda_graph import ModelWatch, StepGraphs
 from sagfast.engine.denoiser import GuidedCall
-from sagfast.engine.schedule import alpha_bar, vp_noise
 
 # Ops that hand a device tensor's value (or a data-dependent size) back to the host.
 HOST_READS = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.equal", "aten.is_nonzero"}

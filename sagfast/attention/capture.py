@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
-from sagfast.engine.batch import split_rows
+from sagfast.core.batch import split_rows
 from sagfast.ops import attention_mass
 from sagfast.ops.mask import to_map
 

@@ -29,9 +29,9 @@ import torch
 from sagfast import ops
 from sagfast.attention.capture import ACTIVE, Capture
 from sagfast.config import CFG_RULES, PER_IMAGE, TERMS, SAGConfig
-from sagfast.engine.batch import gather_batch, join_calls, same_inputs, slice_batch, snapshot
+from sagfast.core.batch import gather_batch, join_calls, same_inputs, slice_batch, snapshot
+from sagfast.core.schedule import Noise, evaluation_index, noise_of, prediction_of
 from sagfast.engine.cuda_graph import graphs_of
-from sagfast.engine.schedule import Noise, evaluation_index, noise_of, prediction_of
 from sagfast.terms.base import on
 from sagfast.terms.sag import predicted_channels
 

@@ -15,7 +15,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from sagfast.attention.capture import SAGCaptureProcessor
 from sagfast.attention.identity import identity_attention
-from sagfast.engine.schedule import check_scheduler
+from sagfast.core.schedule import check_scheduler
 
 
 class Family:

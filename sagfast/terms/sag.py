@@ -22,8 +22,8 @@ import dataclasses
 import torch
 
 from sagfast import ops
+from sagfast.core.schedule import Noise, x0_eps
 from sagfast.core.settings import Setting, check_layer, check_odd_int, choice, interval, real, scale
-from sagfast.engine.schedule import Noise, x0_eps
 from sagfast.ops.degrade import check_blur_size
 from sagfast.terms.base import Rows, Term
 
@@ -46,7 +46,7 @@ def degraded_input(
     x0, mask, eps, noise: Noise, kernel_size: int, sigma: float, backend: str = "auto", sigma_t: float = 0.0
 ) -> torch.Tensor:
     """Exact mode's degraded input: a * Degrade(x0; mask) + b * eps, through the variance-preserving op
-    (sagfast.engine.schedule), for the guide rows' x0 and eps [B, C, H, W] and mask [B, h, w]; for video,
+    (sagfast.core.schedule), for the guide rows' x0 and eps [B, C, H, W] and mask [B, h, w]; for video,
     x0 and eps [B, C, T, H, W] and mask [B, t, h, w], each frame blurred in (h, w) under its mask (a
     map frame covers T / t latent frames), and over time too where `sigma_t` > 0 (the blurred x0 is
     blurred over its frames first: a 3-D separable Gaussian; the unmasked pixels keep x0)."""
