@@ -22,6 +22,7 @@ import pytest
 
 pytest.importorskip("ray.serve")
 
+from sagfast.config import FIELDS, PER_IMAGE  # noqa: E402
 from sagfast.serving import DEFAULT_MODELS, StartupError, start, stop  # noqa: E402
 from sagfast.serving.engine import decode_png, group_key, load_models, run_group, subject_problem  # noqa: E402
 from sagfast.serving.schema import MAX_SCALE, Limits, request_model  # noqa: E402
@@ -241,7 +242,9 @@ def test_models_health_and_docs(server):
         schema = json.loads(response.read())
     properties = schema["components"]["schemas"]["ImageRequest"]["properties"]
     assert properties["steps"]["maximum"] == LIMITS.max_steps
-    assert {"guidance_scale", "sag_scale", "pag_scale", "seg_scale", "stg_scale"} <= set(properties)
+    # every per-image setting of the registry, under its public name (a term added to sagfast/terms/ is served)
+    served = {FIELDS[name].public for name in PER_IMAGE}
+    assert {"guidance_scale", "sag_scale", "pag_scale", "seg_scale", "stg_scale"} <= served <= set(properties)
     assert models["digits-unet"]["refuses"] == ["stg_scale"]  # no block stack: STG is refused on the UNet
     # the 422 a client generated from the schema reads is the one the server sends
     invalid = schema["paths"]["/v1/images"]["post"]["responses"]["422"]["content"]["application/json"]["schema"]["$ref"]
