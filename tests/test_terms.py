@@ -29,6 +29,7 @@ from diffusers.guiders import (
     ClassifierFreeZeroStarGuidance,
     PerturbedAttentionGuidance,
     SmoothedEnergyGuidance,
+    TangentialClassifierFreeGuidance,
 )
 from diffusers.hooks import LayerSkipConfig
 from diffusers.hooks.smoothed_energy_guidance_utils import SmoothedEnergyGuidanceConfig
@@ -128,6 +129,7 @@ CASES = {
         dict(cfg_rule="apg", apg_momentum=-0.5, apg_rescale=2.0, apg_eta=0.0),
     ),
     "cfg-zero-star": (lambda: ClassifierFreeZeroStarGuidance(guidance_scale=5.0, zero_init_steps=1), dict(cfg_rule="cfg_zero_star")),
+    "tcfg": (lambda: TangentialClassifierFreeGuidance(guidance_scale=5.0), dict(cfg_rule="tcfg")),
     "pag": (
         lambda: FixedPAG(
             guidance_scale=5.0,
