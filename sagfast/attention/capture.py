@@ -11,9 +11,12 @@ Installed once per model, when a pipeline is enabled, and dormant otherwise:
   whose rows include such rows, it cuts them out of the layer's batch, runs them through the term's
   attention rule (sagfast.terms.base.AttentionRule) and the other rows as above, and puts them back
   in order.
+- Each transformer block a term changes for its rows carries two dormant hooks: `BlockSkipHook` (a
+  forward hook: those rows skip the block, a `SkipRule`) and `BlockInputHook` (a forward pre-hook:
+  those rows enter the block with one input transformed, an `InputRule`).
 - `MapHook`, a forward pre-hook on the module whose input is 4-D (the UNet's Transformer2DModel),
   records the map's true (h, w) for the armed call.
-- `install` / `uninstall` put both on a model and take them off (`sagfast.disable`).
+- `install` / `uninstall` put them on a model and take them off (`sagfast.disable`).
 
 `SAGCaptureProcessor` has the stock diffusers processor signature. It computes the layer output with
 SDPA (asking SDPA for the per-row log-sum-exp it computes anyway) and, for the guide rows of the batch
@@ -268,10 +271,14 @@ class Capture:
         self.ruled = frozenset()
         """The attention modules some term of this call runs differently for its rows (PAG's, SEG's)."""
         self.rules = ()
-        """The running model call's (rows, AttentionRule) pairs, in batch order (sagfast.terms.base)."""
+        """The running model call's (rows, rule) pairs, in batch order (sagfast.terms.base: AttentionRule,
+        SkipRule, InputRule)."""
 
-    def rules_for(self, attn) -> list:
-        return [(rows, rule) for rows, rule in self.rules if attn in rule.layers]
+    def rules_for(self, module, kind: str) -> list:
+        """The running call's (rows, rule) pairs of rules of `kind` (the rule's `kind`: "attention",
+        "skip", "input") that act on `module`: a block may carry one term's skip rule and another's
+        input rule in one call."""
+        return [(rows, rule) for rows, rule in self.rules if rule.kind == kind and module in rule.layers]
 
     def reinstall(self) -> None:
         """Before each model pass: the switches back on layers whose processor was replaced since the
@@ -315,7 +322,7 @@ class CaptureSwitch:
         their own rule on this layer through it (every batched argument cut along, a rotary embedding
         too where it is batched), the others through `plain`."""
         capture = ACTIVE.get()
-        rules = capture.rules_for(attn) if capture is not None else []
+        rules = capture.rules_for(attn, "attention") if capture is not None else []
         if rules:
             return split_rows(rules, self.plain, self.own, attn, *args, **kwargs)
         return self.plain(attn, *args, **kwargs)
@@ -376,7 +383,7 @@ class BlockSkipHook:
 
     def __call__(self, module, args, kwargs, output):
         capture = ACTIVE.get()
-        rules = capture.rules_for(module) if capture is not None else []
+        rules = capture.rules_for(module, "skip") if capture is not None else []
         if not rules:
             return None
         inputs = _forward_signature(type(module)).bind(module, *args, **kwargs).arguments
@@ -389,6 +396,36 @@ class BlockSkipHook:
         return tuple(kept) if isinstance(output, tuple) else kept[0]
 
 
+class BlockInputHook:
+    """Forward pre-hook on a transformer block whose input some term's rows change (a
+    `sagfast.terms.base.InputRule`): in a model call whose rows include such rows, the block gets its
+    input `rule.argument` with those rows replaced by `rule.transform` of them (a copy: the caller's
+    tensor is left as it is); every other input, and every other row, is the block's own. Every other
+    call passes through untouched."""
+
+    def __call__(self, module, args, kwargs):
+        capture = ACTIVE.get()
+        rules = capture.rules_for(module, "input") if capture is not None else []
+        if not rules:
+            return None
+        names = list(_forward_signature(type(module)).parameters)[1:]  # the forward's arguments after self
+        args, kwargs = list(args), dict(kwargs)
+        for name in dict.fromkeys(rule.argument for _, rule in rules):
+            if name in kwargs:
+                container, key = kwargs, name
+            elif name in names and names.index(name) < len(args):
+                container, key = args, names.index(name)
+            else:
+                raise ValueError(f"{type(module).__name__} was called without its `{name}` input, which a term's rows change")
+            original = container[key]
+            changed = original.clone()
+            for rows, rule in rules:
+                if rule.argument == name:
+                    changed[rows] = rule.transform(original[rows])
+            container[key] = changed
+        return tuple(args), kwargs
+
+
 _INSTALL_LOCK = threading.Lock()
 
 
@@ -397,9 +434,11 @@ def install(attn: Attention, owner: torch.nn.Module, ruled=()) -> None:
     they are there already (a processor set since, by `set_attn_processor` say, is wrapped anew)."""
     with _INSTALL_LOCK:  # two calls on one model in two threads must not wrap a layer twice
         for layer in (attn, *ruled):
-            if not hasattr(layer, "set_processor"):  # a block a term's rows skip
+            if not hasattr(layer, "set_processor"):  # a block a term's rows skip or enter changed
                 if not any(isinstance(h, BlockSkipHook) for h in layer._forward_hooks.values()):
                     layer.register_forward_hook(BlockSkipHook(), with_kwargs=True)
+                if not any(isinstance(h, BlockInputHook) for h in layer._forward_pre_hooks.values()):
+                    layer.register_forward_pre_hook(BlockInputHook(), with_kwargs=True)
             elif not isinstance(layer.processor, CaptureSwitch):
                 layer.set_processor(switch_for(layer)(layer.processor))
         if not any(isinstance(h, MapHook) for h in owner._forward_pre_hooks.values()):
@@ -407,11 +446,11 @@ def install(attn: Attention, owner: torch.nn.Module, ruled=()) -> None:
 
 
 def uninstall(model: torch.nn.Module) -> None:
-    """Give every layer of `model` its own processor back and remove the map hooks."""
+    """Give every layer of `model` its own processor back and remove the map and block hooks."""
     for module in model.modules():
         if isinstance(getattr(module, "processor", None), CaptureSwitch):
             module.set_processor(module.processor.inner)
-        for key in [k for k, h in module._forward_pre_hooks.items() if isinstance(h, MapHook)]:
+        for key in [k for k, h in module._forward_pre_hooks.items() if isinstance(h, (MapHook, BlockInputHook))]:
             del module._forward_pre_hooks[key]
             module._forward_pre_hooks_with_kwargs.pop(key, None)
         for key in [k for k, h in module._forward_hooks.items() if isinstance(h, BlockSkipHook)]:

@@ -153,6 +153,48 @@ class Family:
                 found.append(block)
         return found
 
+    def transformer_blocks(self, model: torch.nn.Module) -> dict:
+        """Every transformer block of `model` by name, in the order its forward runs them (what a term
+        that changes a block's input chooses from): the family's block stack (`blocks`) where it names
+        one, else the model's `transformer_blocks` stack where it has one (DiT's and PixArt's blocks,
+        SD3's joint blocks, Flux's double-stream blocks); a UNet's sit inside its down, mid and up
+        blocks (UNetFamily). Empty where the family knows none."""
+        model = getattr(model, "_orig_mod", model)
+        stack = self.blocks or "transformer_blocks"
+        blocks = getattr(model, stack, None)
+        if not isinstance(blocks, torch.nn.ModuleList):
+            return {}
+        return {f"{stack}.{i}": block for i, block in enumerate(blocks)}
+
+    def middle_block(self, model: torch.nn.Module) -> str | None:
+        """The name of the block "mid" stands for among `transformer_blocks`: the one in the middle
+        (index len // 2, as SAG's and STG's "mid"), or None where there are none."""
+        names = list(self.transformer_blocks(model))
+        return names[len(names) // 2] if names else None
+
+    def chosen_blocks(self, model: torch.nn.Module, identifiers: tuple, field: str) -> list:
+        """The transformer blocks (modules, in the order given, each once) for `identifiers` of the config
+        `field` (named in errors): "mid" (`middle_block`) or a block's full name, one of
+        `transformer_blocks`; a ValueError listing the blocks there are otherwise."""
+        model = getattr(model, "_orig_mod", model)
+        blocks = self.transformer_blocks(model)
+        if not blocks:
+            raise ValueError(
+                f"{field} names transformer blocks, and sagfast knows none in {self.name}'s {type(model).__name__}: "
+                f"use {field.split('_')[0]}_scale=0 with this model"
+            )
+        found = []
+        for identifier in identifiers:
+            block = blocks.get(self.middle_block(model) if identifier == "mid" else identifier) if isinstance(identifier, str) else None
+            if block is None:
+                raise ValueError(
+                    f"{field} entry {identifier!r} is not a transformer block of this {type(model).__name__}: give 'mid' "
+                    f"or a block's full name. Its transformer blocks: {block_listing(list(blocks))}"
+                )
+            if block not in found:
+                found.append(block)
+        return found
+
     def self_attention_of(self, block: torch.nn.Module) -> torch.nn.Module:
         """A block's self-attention (STG's "attention" mode perturbs it): its `attn1`."""
         return block.attn1
@@ -210,6 +252,22 @@ def _fake_integral_match(identifier: str, name: str) -> bool:
     "blocks.10.attn1": the search does find it, in diffusers too.)"""
     last_id, last_name = identifier.split(".")[-1], name.split(".")[-1]
     return last_id.isnumeric() and last_name.isnumeric() and last_id == last_name
+
+
+def block_listing(names: list) -> str:
+    """Block names for an error, each run of one stack's consecutive blocks as its first and last
+    ("'blocks.0' ... 'blocks.29'"), so that a 30-block stack or a UNet's 70 blocks stay one readable line."""
+    runs: list = []
+    for name in names:
+        stack, _, index = name.rpartition(".")
+        if runs and index.isdigit() and runs[-1][0] == stack and runs[-1][2] == int(index) - 1:
+            runs[-1][2] = int(index)
+        else:
+            runs.append([stack, int(index) if index.isdigit() else None, int(index) if index.isdigit() else None, name])
+    parts = []
+    for stack, first, last, name in runs:
+        parts.append(repr(name) if first == last else f"'{stack}.{first}' ... '{stack}.{last}'")
+    return ", ".join(parts)
 
 
 def self_attention_layers(model: torch.nn.Module) -> list[str]:

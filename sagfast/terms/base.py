@@ -13,8 +13,10 @@ config asks for and names none of them:
   its rows from the previous step instead (`ready`).
 
 A term says which of its rows' attention layers run differently (an `AttentionRule`: PAG's identity,
-SEG's blurred queries); the capture switch (sagfast.attention.capture) runs those rows through the
-rule and every other row through the layer's own processor, so one call holds them all.
+SEG's blurred queries), which transformer blocks they skip (a `SkipRule`: STG), or which blocks they
+enter with a changed input (an `InputRule`); the capture switch and block hooks
+(sagfast.attention.capture) run those rows through the rule and every other row as the model would,
+so one call holds them all.
 
 Terms are made per guided call (`Term(call)`): what they keep between steps lives in the call.
 """
