@@ -27,10 +27,12 @@ from diffusers.guiders import (
     AdaptiveProjectedGuidance,
     ClassifierFreeGuidance,
     ClassifierFreeZeroStarGuidance,
+    MagnitudeAwareGuidance,
     PerturbedAttentionGuidance,
     SmoothedEnergyGuidance,
     TangentialClassifierFreeGuidance,
 )
+from diffusers.guiders.guider_utils import GuiderOutput
 from diffusers.hooks import LayerSkipConfig
 from diffusers.hooks.smoothed_energy_guidance_utils import SmoothedEnergyGuidanceConfig
 from test_families_flow import embeds, sd3
@@ -55,6 +57,16 @@ class FixedSEG(SmoothedEnergyGuidance):
 class FixedPAG(PerturbedAttentionGuidance):
     def _is_slg_enabled(self):
         return self._enabled and self.skip_layer_guidance_scale != 0  # diffusers skips step 0
+
+
+class FlatMAMBO(MagnitudeAwareGuidance):
+    """diffusers' MAMBO-G on each prediction flattened to [B, C, H * W]: its norm (torch.norm over the
+    dimensions 1..n-1) raises on 4-D latents and is the L2 norm over all of an image's values on 3-D ones,
+    which is what sagfast's rule takes on every layout."""
+
+    def forward(self, pred_cond, pred_uncond=None):
+        flat = super().forward(pred_cond.flatten(2), None if pred_uncond is None else pred_uncond.flatten(2))
+        return GuiderOutput(pred=flat.pred.reshape(pred_cond.shape), pred_cond=pred_cond, pred_uncond=pred_uncond)
 
 
 def fixed_blur(query, kernel_size, sigma, sigma_threshold_inf):
@@ -130,6 +142,7 @@ CASES = {
     ),
     "cfg-zero-star": (lambda: ClassifierFreeZeroStarGuidance(guidance_scale=5.0, zero_init_steps=1), dict(cfg_rule="cfg_zero_star")),
     "tcfg": (lambda: TangentialClassifierFreeGuidance(guidance_scale=5.0), dict(cfg_rule="tcfg")),
+    "mambo": (lambda: FlatMAMBO(guidance_scale=5.0), dict(cfg_rule="mambo")),
     "pag": (
         lambda: FixedPAG(
             guidance_scale=5.0,
