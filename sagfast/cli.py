@@ -1,11 +1,13 @@
 """The `sagfast` command.
 
-    sagfast demo [--out sag_demo.png] [--steps 15]
+    sagfast demo [--out sag_demo.png] [--steps 15] [--pag-scale S] [--cfg-rule RULE] ...
         The two embedded digit models, one panel each (the UNet, then the flow-matching DiT): a
         labelled grid, rows the digits 0-9, columns no guidance, CFG, CFG + SAG (exact), CFG + SAG
         (batched), then where SAG acts: the mask SAG blurs at the middle step (red, over the exact
         column's digit) and |CFG+SAG - CFG| amplified 4x. Every column starts from the same noise; the
-        time of each column is printed.
+        time of each column is printed. Every per-image setting of sagfast's terms has a flag (its
+        name in a server request: --pag-scale, --seg-scale, ...), and --cfg-rule picks the CFG rule:
+        they go into the CFG + SAG columns; a term the model cannot run is refused before any work.
 
     sagfast demo --model DIR --prompt "a photo of a cat" [--prompt ...]
         The same with a local diffusers Stable Diffusion folder (SD 1.x / 2.x / XL, local files only):
@@ -19,10 +21,8 @@
         /health, GET /docs. Requests that share the model, steps, size and SAG mode share one guided
         pipeline call, whatever their guidance settings. Prints the URL when ready; Ctrl-C stops it.
 
-Grid geometry (digit demo): each cell is `--samples` digits side by side, each 32x32 upscaled by 3
-(96 px), 4 px gaps, a 36 px label column on the left and a 40 px header (two-line column titles); a
-panel is `36 + 6 * (samples * 96 + 4)` by `40 + 10 * (96 + 4)` pixels (636 x 1040 for 1 sample), and
-the two panels stand one above the other under a 24 px title bar each: 636 x 2128.
+The pictures are drawn by sagfast.demo (its docstring gives the digit grid's geometry: 636 x 2128 for
+one sample per cell). This module parses and checks the options and dispatches.
 """
 
 from __future__ import annotations
@@ -30,302 +30,14 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 import time
 
-DIGIT_ZOOM = 3
-GAP = 4
-LEFT = 36
-TOP = 40
+from sagfast import demo
+from sagfast.demo import SCHEDULERS, Refused, demo_scheduler_classes
 
-
-TITLE = 24
-DIGIT_MODELS = ("unet", "dit")
-
-
-def digit_grid_size(columns: int, samples: int = 1) -> tuple[int, int]:
-    """(width, height) of one panel of the digit demo."""
-    cell = 32 * DIGIT_ZOOM
-    return LEFT + columns * (samples * cell + GAP), TOP + 10 * (cell + GAP)
-
-
-def digit_demo_size(samples: int = 1) -> tuple[int, int]:
-    """(width, height) of the digit demo's PNG: one 6-column panel per model, each under a title bar."""
-    width, height = digit_grid_size(6, samples)
-    return width, len(DIGIT_MODELS) * (TITLE + height)
-
-
-def _font():
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=12)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
-
-
-def _grid(columns: list[tuple[str, list]], row_labels: list[str], cell_w: int, cell_h: int, left: int = LEFT):
-    """Paste `columns` [(title, [row image, ...])] into one labelled RGB image."""
-    from PIL import Image, ImageDraw
-
-    width = left + len(columns) * (cell_w + GAP)
-    height = TOP + len(row_labels) * (cell_h + GAP)
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
-    font = _font()
-    for c, (title, images) in enumerate(columns):
-        x = left + c * (cell_w + GAP)
-        draw.multiline_text((x + 2, 4), title, fill="black", font=font, spacing=2)
-        for r, img in enumerate(images):
-            canvas.paste(img.convert("RGB"), (x, TOP + r * (cell_h + GAP)))
-    for r, label in enumerate(row_labels):
-        draw.text((4, TOP + r * (cell_h + GAP) + cell_h // 2 - 8), label, fill="black", font=font)
-    return canvas
-
-
-def _digit_columns(guidance: float, sag_scale: float):
-    from sagfast.config import SAGConfig
-
-    return [
-        ("no\nguidance", 1.0, None),
-        (f"CFG\ng={guidance:g}", guidance, None),
-        (f"CFG+SAG\nexact {sag_scale:g}", guidance, SAGConfig(scale=sag_scale)),
-        (f"CFG+SAG\nbatched {sag_scale:g}", guidance, SAGConfig(scale=sag_scale, mode="batched")),
-    ]
-
-
-def _mask_overlay(digit, mask, cell: int):
-    """The digit (PIL "L") in grey with the SAG mask ([h, w] bool) in red over it, `cell` px square."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    grey = np.asarray(digit.resize((cell, cell), Image.NEAREST), dtype=np.float32)
-    m = mask.float()[None, None]
-    m = torch.nn.functional.interpolate(m, size=(cell, cell), mode="nearest")[0, 0].numpy()
-    rgb = np.stack([grey, grey, grey], axis=-1) * 0.6 + 100
-    rgb[..., 0] = np.where(m > 0, 255, rgb[..., 0])
-    rgb[..., 1:] = np.where(m[..., None] > 0, rgb[..., 1:] * 0.5, rgb[..., 1:])
-    return Image.fromarray(rgb.clip(0, 255).astype(np.uint8))
-
-
-def _difference(a, b, cell: int, gain: float = 4.0):
-    """|a - b| of two PIL "L" digits, amplified `gain` times, dark on white, `cell` px square."""
-    import numpy as np
-    from PIL import Image
-
-    d = np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)) * gain
-    return Image.fromarray((255 - d.clip(0, 255)).astype(np.uint8)).resize((cell, cell), Image.NEAREST)
-
-
-def _digit_panel(model: str, steps, samples, guidance, sag_scale, seed, scheduler, log):
-    """(title, panel image, column timings) of one embedded model."""
-    import torch
-    from PIL import Image
-
-    import sagfast
-    from sagfast.api import ACTIVE_CALL
-    from sagfast.digits import load_dit_pipeline, load_pipeline
-
-    if model == "unet":
-        pipe, title = load_pipeline(scheduler=_scheduler_class(scheduler), progress=False), "UNet (v-prediction, DDIM)"
-    else:
-        pipe, title = load_dit_pipeline(), "DiT (flow matching, Euler)"
-        pipe.set_progress_bar_config(disable=True)
-    labels = [d for d in range(10) for _ in range(samples)]
-    noise = torch.randn(len(labels), 1, 32, 32, generator=torch.Generator().manual_seed(seed))
-    cell = 32 * DIGIT_ZOOM
-    middle = steps // 2
-    masks = {}
-
-    def keep_middle_mask(pipe, i, t, kwargs):
-        call = ACTIVE_CALL.get()
-        if i == middle and call is not None and call.last_mask is not None:
-            masks["mask"] = call.last_mask.clone()
-        return {}
-
-    columns, times, results = [], [], {}
-    for name, g, config in _digit_columns(guidance, sag_scale):
-        if config is None:
-            sagfast.disable(pipe)
-        else:
-            sagfast.enable(pipe, config)
-        t0 = time.perf_counter()
-        out = pipe(
-            labels,
-            num_inference_steps=steps,
-            guidance_scale=g,
-            latents=noise.clone(),
-            output_type="pil",
-            callback_on_step_end=keep_middle_mask,
-        )
-        dt = time.perf_counter() - t0
-        label = f"{model}: " + name.replace("\n", " ")
-        times.append({"title": label, "seconds": round(dt, 3)})
-        log(f"{label:>28}: {dt:6.2f} s  ({len(labels)} digits, {steps} steps)")
-        results[name] = [img.convert("L") for img in out.images]
-        if name.startswith("CFG+SAG\nexact"):
-            results["mask"] = masks.get("mask")
-    sagfast.disable(pipe)
-    exact = next(k for k in results if k.startswith("CFG+SAG\nexact"))
-    cfg = next(k for k in results if k.startswith("CFG\n"))
-    mask = results.pop("mask")
-    for name, imgs in results.items():
-        columns.append((name, [imgs[d * samples : (d + 1) * samples] for d in range(10)], "digit"))
-    columns.append(
-        (
-            f"SAG mask\nstep {middle + 1}/{steps}",
-            [[(results[exact][i], mask[i]) for i in range(d * samples, (d + 1) * samples)] for d in range(10)],
-            "mask",
-        )
-    )
-    columns.append(
-        (
-            "|SAG - CFG|\nx4",
-            [[(results[exact][i], results[cfg][i]) for i in range(d * samples, (d + 1) * samples)] for d in range(10)],
-            "diff",
-        )
-    )
-    rendered = []
-    for name, rows, kind in columns:
-        cells = []
-        for row in rows:
-            strip = Image.new("RGB", (samples * cell, cell), "white")
-            for k, item in enumerate(row):
-                if kind == "digit":
-                    img = item.resize((cell, cell), Image.NEAREST)
-                elif kind == "mask":
-                    img = _mask_overlay(*item, cell)
-                else:
-                    img = _difference(*item, cell)
-                strip.paste(img.convert("RGB"), (k * cell, 0))
-            cells.append(strip)
-        rendered.append((name, cells))
-    return title, _grid(rendered, [str(d) for d in range(10)], samples * cell, cell), times
-
-
-def demo_digits(
-    out: str,
-    steps: int = 15,
-    samples: int = 1,
-    guidance: float = 3.0,
-    sag_scale: float = 0.75,
-    seed: int = 0,
-    scheduler: str = "ddim",
-    threads: int | None = None,
-    log=print,
-) -> dict:
-    """Make the digit demo at `out` (one panel per embedded model); returns {"path", "size", "columns":
-    [{"title", "seconds"}]}."""
-    import torch
-    from PIL import Image, ImageDraw
-
-    if threads:
-        torch.set_num_threads(threads)
-    panels, times = [], []
-    for model in DIGIT_MODELS:
-        title, panel, t = _digit_panel(model, steps, samples, guidance, sag_scale, seed, scheduler, log)
-        panels.append((title, panel))
-        times += t
-    width = max(p.width for _, p in panels)
-    canvas = Image.new("RGB", (width, sum(TITLE + p.height for _, p in panels)), "white")
-    draw = ImageDraw.Draw(canvas)
-    y = 0
-    for title, panel in panels:
-        draw.rectangle((0, y, width, y + TITLE - 2), fill=(230, 230, 230))
-        draw.text((6, y + 5), title, fill="black", font=_font())
-        canvas.paste(panel, (0, y + TITLE))
-        y += TITLE + panel.height
-    canvas.save(out)
-    log(f"wrote {out} ({canvas.width}x{canvas.height})")
-    return {"path": out, "size": canvas.size, "columns": times}
-
-
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "dpm": "DPMSolverMultistepScheduler",
-    "unipc": "UniPCMultistepScheduler",
-    "pndm": "PNDMScheduler",
-    "ddpm": "DDPMScheduler",
-}
-
-
-def _scheduler_class(name: str):
-    import diffusers
-
-    if name is None:
-        return None
-    return getattr(diffusers, SCHEDULERS.get(name, name))
-
-
-def demo_sd(
-    model: str,
-    prompts: list[str],
-    out: str,
-    steps: int = 25,
-    guidance: float = 7.5,
-    sag_scale: float = 0.75,
-    seed: int = 0,
-    height: int | None = None,
-    width: int | None = None,
-    negative_prompt: str | None = None,
-    scheduler: str | None = None,
-    log=print,
-) -> dict:
-    """CFG vs CFG + SAG on a local Stable Diffusion folder; rows the prompts."""
-    import torch
-    from diffusers import DiffusionPipeline
-
-    import sagfast
-    from sagfast.config import SAGConfig
-
-    cuda = torch.cuda.is_available()
-    dtype = torch.float16 if cuda else torch.float32
-    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, local_files_only=True)
-    if getattr(pipe, "safety_checker", None) is not None:
-        pipe.safety_checker = None
-    if scheduler:
-        pipe.scheduler = _scheduler_class(scheduler).from_config(pipe.scheduler.config)
-    pipe = pipe.to("cuda" if cuda else "cpu")
-    pipe.set_progress_bar_config(disable=True)
-    cols = [
-        (f"CFG\ng={guidance:g}", None),
-        (f"CFG+SAG\nexact {sag_scale:g}", SAGConfig(scale=sag_scale)),
-        (f"CFG+SAG\nbatched {sag_scale:g}", SAGConfig(scale=sag_scale, mode="batched")),
-    ]
-    columns, times, size = [], [], None
-    for title, config in cols:
-        sagfast.enable(pipe, config) if config is not None else sagfast.disable(pipe)
-        images = []
-        t0 = time.perf_counter()
-        for i, prompt in enumerate(prompts):
-            kw = dict(
-                prompt=prompt,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                generator=torch.Generator(device="cpu").manual_seed(seed + i),
-                height=height,
-                width=width,
-            )
-            if negative_prompt:
-                kw["negative_prompt"] = negative_prompt
-            images.append(pipe(**kw).images[0])
-        dt = time.perf_counter() - t0
-        name = title.replace("\n", " ")
-        times.append({"title": name, "seconds": round(dt, 3)})
-        log(f"{name:>22}: {dt:7.2f} s  ({len(prompts)} images, {steps} steps)")
-        size = images[0].size
-        columns.append((title, images))
-    sagfast.disable(pipe)
-    labels = [str(i + 1) for i in range(len(prompts))]
-    grid = _grid(columns, labels, size[0], size[1])
-    grid.save(out)
-    for i, p in enumerate(prompts):
-        log(f"row {i + 1}: {p}")
-    log(f"wrote {out} ({grid.width}x{grid.height})")
-    return {"path": out, "size": grid.size, "columns": times}
+__all__ = ["SCHEDULERS", "demo_scheduler_classes", "main", "parser"]
 
 
 def _demo(args) -> None:
@@ -339,7 +51,7 @@ def _demo(args) -> None:
         torch.set_num_threads(1)
     t0 = time.perf_counter()
     if args.model:
-        demo_sd(
+        demo.demo_sd(
             args.model,
             args.prompt,
             args.out,
@@ -351,9 +63,10 @@ def _demo(args) -> None:
             width=args.width,
             negative_prompt=args.negative_prompt,
             scheduler=args.scheduler,
+            settings=_settings(args),
         )
     else:
-        demo_digits(
+        demo.demo_digits(
             args.out,
             steps=15 if args.steps is None else args.steps,
             samples=args.samples,
@@ -361,6 +74,7 @@ def _demo(args) -> None:
             sag_scale=args.sag_scale,
             seed=args.seed,
             scheduler=args.scheduler or "ddim",
+            settings=_settings(args),
         )
     print(f"total {time.perf_counter() - t0:.1f} s")
 
@@ -392,37 +106,6 @@ def _pixels(text: str) -> int:
     return value
 
 
-def demo_scheduler_classes() -> list[str]:
-    """The diffusers scheduler class names `--scheduler` accepts: those diffusers lists as compatible
-    with the digit UNet's schedule (DDIMScheduler's `compatibles`: the DDPM-type schedulers an SD or
-    v-prediction UNet runs with) that build from it here (DPMSolverSDEScheduler needs torchsde) and
-    that SAG takes (EDM's sigma-only schedulers have no alphas_cumprod). A flow-matching or
-    consistency-model scheduler would give the UNet inputs it was not trained on."""
-    from diffusers import DDIMScheduler
-    from diffusers.utils import logging
-
-    from sagfast.core.schedule import schedule_problems
-    from sagfast.digits.weights import scheduler_config
-
-    config = scheduler_config()
-    accepted = []
-    level = logging.get_verbosity()
-    # A class ignores the config keys it has no use for, with a warning: a refused option's message
-    # is to be one line.
-    logging.set_verbosity_error()
-    try:
-        for cls in DDIMScheduler.from_config(config).compatibles:
-            try:
-                scheduler = cls.from_config(config)
-            except ImportError:  # an optional dependency it needs is not installed
-                continue
-            if not schedule_problems(scheduler):
-                accepted.append(cls.__name__)
-    finally:
-        logging.set_verbosity(level)
-    return sorted(accepted)
-
-
 def _scheduler(text: str) -> str:
     if text in SCHEDULERS:
         return text
@@ -448,6 +131,95 @@ def _seed(text: str) -> int:
     return value
 
 
+def _summary(doc: str) -> str:
+    """A setting's documentation cut to a help line: its first sentence, up to its first colon."""
+    sentence = re.split(r"(?<!\bal)(?<!e\.g)(?<!i\.e)\.\s", doc.strip(), maxsplit=1)[0].rstrip(".")
+    return sentence.split(": ")[0].replace("%", "%%")
+
+
+def _setting_value(setting):
+    """argparse's type for a per-image setting's flag: one number, checked by the setting's own check
+    (SAGConfig's)."""
+
+    def parse(text: str):
+        try:
+            number = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a number expected, got {text!r}") from None
+        value, problem = setting.check(setting.public, number)
+        if problem is not None:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    return parse
+
+
+OWN_FLAGS = {"guidance_scale": "--guidance", "sag_scale": "--sag-scale"}
+"""The per-image settings (by public name) that the demo has flags of its own for: the pipeline's
+guidance_scale (the CFG scale, cfg_scale None: the pipeline's CFG line applies it) and SAG's scale."""
+
+
+def _add_setting_flags(d: argparse.ArgumentParser) -> None:
+    """A flag for every per-image setting of the registry (`--<public name>`), but those the demo has
+    under its own names (--guidance, --sag-scale), and --cfg-rule with every registered CFG rule; the
+    fields they set are listed in the namespace's `config_fields`."""
+    from sagfast.config import CFG_RULES, FIELDS, PER_IMAGE
+
+    group = d.add_argument_group(
+        "guidance settings",
+        "sagfast's registry of settings (help(sagfast.SAGConfig) documents each); they go into the CFG + SAG columns",
+    )
+    fields = []
+    for name in PER_IMAGE:
+        setting = FIELDS[name]
+        if setting.public in OWN_FLAGS:
+            continue
+        flag = "--" + setting.public.replace("_", "-")
+        default = f"{setting.default:g}" if isinstance(setting.default, float) else setting.default
+        text = f"{_summary(setting.doc)} (one number for every image; default {default})"
+        group.add_argument(flag, dest=name, type=_setting_value(setting), metavar="S", help=text)
+        fields.append(name)
+    rule = FIELDS["cfg_rule"]
+    group.add_argument(
+        "--" + rule.public.replace("_", "-"),
+        dest=rule.name,
+        choices=tuple(CFG_RULES),
+        help=f"{_summary(rule.doc)}: {', '.join(CFG_RULES)} (default {rule.default})",
+    )
+    fields.append(rule.name)
+    d.set_defaults(config_fields=tuple(fields))
+
+
+class _Parser(argparse.ArgumentParser):
+    """A subcommand's parser whose `extend(parser)`, where set, adds options when it first parses or
+    formats its help: `sagfast demo`'s registry flags, as reading the registry imports torch, which
+    `sagfast --help` and `sagfast serve` are not to wait for."""
+
+    extend = None
+
+    def _extend(self) -> None:
+        extend, self.extend = self.extend, None
+        if extend is not None:
+            extend(self)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._extend()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        self._extend()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self._extend()
+        return super().format_help()
+
+
+def _settings(args) -> dict:
+    """The SAGConfig fields the registry's flags set (those given)."""
+    return {name: getattr(args, name) for name in getattr(args, "config_fields", ()) if getattr(args, name) is not None}
+
+
 def _check(p: argparse.ArgumentParser, args) -> None:
     """What the options say together, and the paths, before any work is done."""
     folder = os.path.dirname(os.path.abspath(args.out))
@@ -468,6 +240,12 @@ def _check(p: argparse.ArgumentParser, args) -> None:
         for name in ("negative_prompt", "height", "width"):
             if getattr(args, name) is not None:
                 p.error(f"argument --{name.replace('_', '-')}: only with --model DIR")
+    from sagfast.config import SAGConfig
+
+    try:
+        SAGConfig(scale=args.sag_scale, **_settings(args))  # the guided columns' config, checked as a whole
+    except ValueError as exc:
+        p.error(" ".join(str(exc).split()))
 
 
 def _model_spec(text: str) -> tuple[str, str]:
@@ -558,7 +336,7 @@ def _serve(args) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sagfast", description="Self-Attention Guidance for diffusers, fast.")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     d = sub.add_parser(
         "demo",
         help="a labelled PNG grid: no guidance / CFG / CFG + SAG",
@@ -583,6 +361,8 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--negative-prompt", help="with --model")
     d.add_argument("--height", type=_pixels, help="with --model: image height in pixels (a multiple of 8)")
     d.add_argument("--width", type=_pixels, help="with --model: image width in pixels (a multiple of 8)")
+    d.extend = _add_setting_flags
+    d.set_defaults(demo_parser=d)
     _serve_parser(sub)
     return p
 
@@ -591,12 +371,14 @@ def main(argv=None) -> int:
     p = parser()
     args = p.parse_args(argv)
     if args.command == "demo":
-        _check(p, args)
+        _check(args.demo_parser, args)
         import torch
 
         threads_before = torch.get_num_threads()
         try:
             _demo(args)
+        except Refused as exc:  # a model of the demo cannot run the settings: refused before any image
+            args.demo_parser.error(str(exc))
         finally:
             torch.set_num_threads(threads_before)  # main() may run inside another program (tests)
     elif args.command == "serve":

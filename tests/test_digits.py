@@ -151,7 +151,8 @@ def test_sag_with_euler_scheduler():
 
 
 def test_demo_writes_png_of_documented_size(tmp_path, capsys):
-    from sagfast.cli import digit_demo_size, digit_grid_size, main
+    from sagfast.cli import main
+    from sagfast.demo import digit_demo_size, digit_grid_size
 
     out = tmp_path / "demo.png"
     assert main(["demo", "--out", str(out), "--steps", "2"]) == 0
@@ -207,10 +208,10 @@ def test_demo_refuses_a_bad_option_before_any_work(options, message, capsys, mon
 
 
 def test_demo_takes_zero_as_zero(monkeypatch):
-    from sagfast import cli
+    from sagfast import cli, demo
 
     seen = {}
-    monkeypatch.setattr(cli, "demo_digits", lambda out, **kw: seen.update(kw))
+    monkeypatch.setattr(demo, "demo_digits", lambda out, **kw: seen.update(kw))
     assert cli.main(["demo", "--guidance", "0", "--sag-scale", "0"]) == 0
     assert seen["guidance"] == 0.0 and seen["sag_scale"] == 0.0
 
