@@ -27,6 +27,7 @@ from diffusers.guiders import (
     AdaptiveProjectedGuidance,
     ClassifierFreeGuidance,
     ClassifierFreeZeroStarGuidance,
+    FrequencyDecoupledGuidance,
     MagnitudeAwareGuidance,
     PerturbedAttentionGuidance,
     SmoothedEnergyGuidance,
@@ -143,6 +144,7 @@ CASES = {
     "cfg-zero-star": (lambda: ClassifierFreeZeroStarGuidance(guidance_scale=5.0, zero_init_steps=1), dict(cfg_rule="cfg_zero_star")),
     "tcfg": (lambda: TangentialClassifierFreeGuidance(guidance_scale=5.0), dict(cfg_rule="tcfg")),
     "mambo": (lambda: FlatMAMBO(guidance_scale=5.0), dict(cfg_rule="mambo")),
+    "fdg": (lambda: FrequencyDecoupledGuidance(guidance_scales=[10.0, 5.0]), dict(cfg_rule="fdg", fdg_scales=(10.0, 5.0))),
     "pag": (
         lambda: FixedPAG(
             guidance_scale=5.0,
