@@ -62,7 +62,7 @@ def _rand(shape, device, dtype, seed):
 
 
 def attention_mass_inputs(shape, device, dtype):
-    from sagfast.attention.capture import sdpa_with_lse
+    from sagfast.attention.lse import sdpa_with_lse
 
     b, h, n, d = shape
     # The layout the capture processor passes: [B, N, H, D] viewed as [B, H, N, D].

@@ -113,7 +113,7 @@ def analytic(variant: str, n: int, elt: int, heads: int = HEADS, head_dim: int =
 def run(opts, record: dict, log=common.log) -> dict:
     from diffusers.models.attention_processor import Attention
 
-    from sagfast.attention.capture import sdpa_with_lse
+    from sagfast.attention.lse import sdpa_with_lse
     from sagfast.ops import attention_mass
 
     device, dtype = opts.device, opts.dtype

@@ -90,7 +90,8 @@ def plan(opts, device):
 
 def run(opts, record: dict, log=common.log) -> dict:
     from sagfast import ops
-    from sagfast.attention.capture import SAGCaptureProcessor, sdpa_with_lse
+    from sagfast.attention.lse import sdpa_with_lse
+    from sagfast.attention.processors import SAGCaptureProcessor
     from sagfast.core.schedule import vp_noise, x0_eps
 
     device, dtype = opts.device, opts.dtype

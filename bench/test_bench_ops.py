@@ -12,7 +12,7 @@ import torch
 
 from bench import common
 from sagfast import ops
-from sagfast.attention.capture import sdpa_with_lse
+from sagfast.attention.lse import sdpa_with_lse
 from sagfast.ops._dispatch import BackendUnsupported
 
 DEVICE = common.pick_device("auto")

@@ -59,7 +59,7 @@ def backend_report(devices) -> list[str]:
         "C++ extension (sagfast._C): "
         + ("; ".join(_cpp.available()) or ("loaded, kernels: " + ", ".join(d for d in ("cpu", "cuda") if _cpp.has_kernel(d))))
     )
-    from sagfast.attention.capture import xformers_reasons
+    from sagfast.attention.lse import xformers_reasons
 
     for device in devices:
         why = xformers_reasons(torch.empty(0, device=device))

@@ -41,7 +41,7 @@ def test_compiled_unet_with_sag_and_pag_without_graph_breaks():
 
 
 def test_explain_counts_no_graph_break_in_the_capture_call():
-    from sagfast.attention.capture import SAGCaptureProcessor
+    from sagfast.attention.processors import SAGCaptureProcessor
 
     torch._dynamo.reset()
     unet = sd_pipeline().unet

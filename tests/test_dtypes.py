@@ -6,7 +6,7 @@ from components import prompt_embeds, sd_pipeline
 from diffusers.models.attention_processor import Attention
 
 import sagfast
-from sagfast.attention.capture import SAGCaptureProcessor
+from sagfast.attention.processors import SAGCaptureProcessor
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

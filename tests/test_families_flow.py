@@ -33,7 +33,8 @@ from diffusers.pipelines.deprecated.stable_diffusion_sag.pipeline_stable_diffusi
 import sagfast
 import sagfast.engine.denoiser
 from sagfast.api import config_of, guided_call
-from sagfast.attention.capture import FluxCaptureProcessor, JointCaptureProcessor, RotaryCaptureSwitch
+from sagfast.attention.capture import RotaryCaptureSwitch
+from sagfast.attention.processors import FluxCaptureProcessor, JointCaptureProcessor
 from sagfast.core.schedule import x0_eps
 
 TXT, JOINT, POOLED = 5, 12, 10

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from sagfast import ops
-from sagfast.attention.capture import sdpa_with_lse
+from sagfast.attention.lse import sdpa_with_lse
 from sagfast.ops import _cpp, _triton
 from sagfast.ops._dispatch import BackendUnsupported, cached_choice, clear_cache
 

@@ -66,7 +66,7 @@ VIDEO_WORKER = r"""
 import json, sys, torch
 from bench.kernels import _cpu_peak
 from sagfast import ops
-from sagfast.attention.capture import sdpa_with_lse
+from sagfast.attention.lse import sdpa_with_lse
 torch.set_num_threads(1)
 b, h, n, d = json.loads(sys.argv[1])
 g = torch.Generator().manual_seed(0)

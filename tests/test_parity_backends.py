@@ -64,7 +64,7 @@ def test_parity_with_diffusers_per_backend(backend, scheduler_cls, prediction_ty
             return _fn(*args, **kwargs)
 
         monkeypatch.setattr(ops, name, spy)
-    monkeypatch.setattr("sagfast.attention.capture.attention_mass", ops.attention_mass)
+    monkeypatch.setattr("sagfast.attention.processors.attention_mass", ops.attention_mass)
 
     pipe = StableDiffusionPipeline(**comps)
     sagfast.enable(pipe, scale=0.75, backend=backend)

@@ -7,7 +7,8 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.pipelines.deprecated.stable_diffusion_sag.pipeline_stable_diffusion_sag import gaussian_blur_2d
 
 from sagfast import ops
-from sagfast.attention.capture import SAGCaptureProcessor, lse_chunked, sdpa_with_lse
+from sagfast.attention.lse import lse_chunked, sdpa_with_lse
+from sagfast.attention.processors import SAGCaptureProcessor
 
 
 def dense_mass(q, k, scale):

@@ -1,12 +1,13 @@
-"""Capture of the attention mass in one self-attention layer, without the N x N map: all of it here.
+"""The capture's switch, slots and hooks: how a guided call's rows reach the capture processor and the
+terms' rules on a shared model, without changing the model per call.
 
 Installed once per model, when a pipeline is enabled, and dormant otherwise:
 
 - `CaptureSwitch` replaces the capture layer's processor and wraps it. Outside a guided call's model
   pass (no `Capture` in this thread's `ACTIVE` slot, or one that does not arm this layer) it calls the wrapped
   processor exactly as the layer would have; inside the guided call's main pass it runs that call's
-  own `SAGCaptureProcessor`. Nothing on the model changes per call, so pipelines that share the model,
-  threads and plain calls never see another call's capture.
+  own capture processor (sagfast.attention.processors). Nothing on the model changes per call, so
+  pipelines that share the model, threads and plain calls never see another call's capture.
 - The same switch sits on each layer a term changes for its rows (PAG's, SEG's): in a model call
   whose rows include such rows, it cuts them out of the layer's batch, runs them through the term's
   attention rule (sagfast.terms.base.AttentionRule) and the other rows as above, and puts them back
@@ -18,211 +19,19 @@ Installed once per model, when a pipeline is enabled, and dormant otherwise:
   records the map's true (h, w) for the armed call.
 - `install` / `uninstall` put them on a model and take them off (`sagfast.disable`).
 
-`SAGCaptureProcessor` has the stock diffusers processor signature. It computes the layer output with
-SDPA (asking SDPA for the per-row log-sum-exp it computes anyway) and, for the guide rows of the batch
-only, the per-key attention mass from q, k and that log-sum-exp (`sagfast.ops.attention_mass`).
-`Capture.mask` lays the mass over the map and thresholds it.
+`Capture.mask` lays the capture processor's mass over the map and thresholds it.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import threading
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
 from sagfast.core.batch import split_rows
-from sagfast.ops import attention_mass
 from sagfast.ops.mask import to_map
-
-
-def lse_chunked(q, k, scale, bias=None):
-    """Row log-sum-exp in fp32, a block of queries at a time (for devices SDPA gives no lse on); `bias`
-    an additive key mask broadcast to [B, H, N, Nk] (a key padding mask: [B, 1, 1, Nk])."""
-    b, h, n, _ = q.shape
-    # A block of scores is 32 MiB in fp32 (256 MiB on a GPU, where fewer, larger matmuls pay).
-    budget = 1 << (26 if q.device.type == "cuda" else 23)
-    rows = max(1, budget // max(1, b * h * k.shape[2]))
-    bias = 0.0 if bias is None else bias.float()
-    keys = k.float().transpose(-1, -2)
-    parts = [torch.logsumexp(torch.matmul(q[:, :, i : i + rows].float(), keys) * scale + bias, dim=-1) for i in range(0, n, rows)]
-    return torch.cat(parts, dim=2)
-
-
-@functools.cache
-def _flash_runs_on(device: torch.device) -> bool:
-    """Whether torch's flash-attention kernel exists in this build and runs on this GPU (sm80+)."""
-    return torch.backends.cuda.is_flash_attention_available() and torch.cuda.get_device_capability(device) >= (8, 0)
-
-
-def key_bias(keep: torch.Tensor, dtype) -> torch.Tensor:
-    """A boolean key mask (True: attended) as the additive mask SDPA takes: 0 or -inf."""
-    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, float("-inf"))
-
-
-def sdpa_with_lse(q, k, v, scale: float, bias=None):
-    """(out, lse) of softmax attention; q, k, v [B, H, N, D]; lse [B, H, N] fp32 (natural log). `bias`:
-    an additive key mask ([B, 1, 1, Nk], 0 or -inf: a text padding mask) on CPU tensors, or None (on a
-    GPU, `SAGCaptureProcessor.attend` takes a masked layer's lse for the guide rows only)."""
-    if q.device.type == "cpu":
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=bias, scale=scale)
-        return out, lse
-    if bias is not None:
-        raise ValueError(f"sdpa_with_lse takes a key mask on CPU tensors only, got {q.device.type} tensors")
-    if q.device.type == "cuda":
-        d = q.shape[-1]
-        if q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256 and _flash_runs_on(q.device):
-            res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
-            return res[0], res[1]
-        res = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False, scale=scale)
-        return res[0], res[1][:, :, : q.shape[2]]
-    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-    return out, lse_chunked(q, k, scale)
-
-
-def xformers_reasons(q=None) -> list:
-    """Why the capture layer cannot take its output and lse from xformers (empty when it can)."""
-    why = []
-    try:
-        import xformers.ops.fmha  # noqa: F401
-    except Exception as e:  # not installed, or built for another torch
-        why.append(f"xformers is not importable ({type(e).__name__}: {e})")
-    if q is not None and q.device.type != "cuda":
-        why.append(f"xformers runs on CUDA tensors, got {q.device.type}")
-    return why
-
-
-def xformers_with_lse(q, k, v, scale: float):
-    """(out, lse) from xformers' memory-efficient forward; q, k, v [B, H, N, D] as sdpa_with_lse."""
-    from xformers.ops import fmha
-
-    out, lse = fmha.memory_efficient_attention_forward_requires_grad(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=None, p=0.0, scale=scale
-    )
-    # xformers pads the lse's query dim up to its block size.
-    return out.transpose(1, 2), lse[:, :, : q.shape[2]].float()
-
-
-def attention_input(attn, hidden_states: torch.Tensor, temb=None):
-    """(tokens [B, N, C], the input's 4-D shape or None): what a diffusers `Attention` layer's processor
-    does before its projections (spatial norm, 4-D to tokens, group norm), as AttnProcessor2_0."""
-    if attn.spatial_norm is not None:
-        hidden_states = attn.spatial_norm(hidden_states, temb)
-    shape = tuple(hidden_states.shape) if hidden_states.ndim == 4 else None
-    if shape is not None:
-        hidden_states = hidden_states.view(shape[0], shape[1], -1).transpose(1, 2)
-    if attn.group_norm is not None:
-        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-    return hidden_states, shape
-
-
-def attention_output(attn, hidden_states: torch.Tensor, residual: torch.Tensor, shape):
-    """The processor's end from the attention's tokens [B, N, inner]: output projection, back to the
-    4-D `shape` (from `attention_input`), residual connection, rescale."""
-    hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
-    if shape is not None:
-        hidden_states = hidden_states.transpose(-1, -2).reshape(shape)
-    if attn.residual_connection:
-        hidden_states = hidden_states + residual
-    return hidden_states / attn.rescale_output_factor
-
-
-def heads_qkv(attn, hidden_states: torch.Tensor):
-    """(q, k, v as [B, H, N, D], D) of a diffusers attention layer's projections, norms applied."""
-    batch = hidden_states.shape[0]
-    query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-    head_dim = key.shape[-1] // attn.heads
-    query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
-    return query, key, value, head_dim
-
-
-def text_heads_qkv(attn, encoder_hidden_states: torch.Tensor):
-    """(q, k, v as [B, H, T, D]) of a joint attention layer's text tokens (SD3's added projections),
-    the added norms applied."""
-    batch, heads = encoder_hidden_states.shape[0], attn.heads
-    q, k, v = (p(encoder_hidden_states) for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
-    q, k, v = (t.view(batch, -1, heads, t.shape[-1] // heads).transpose(1, 2) for t in (q, k, v))
-    if attn.norm_added_q is not None:
-        q = attn.norm_added_q(q)
-    if attn.norm_added_k is not None:
-        k = attn.norm_added_k(k)
-    return q, k, v
-
-
-class SAGCaptureProcessor:
-    """Self-attention processor that also records the attention mass of the guide rows: the first
-    `guide` rows (an int) or the rows `guide` (a slice, or an index tensor).
-
-    After a call, `self.mass` is [guide rows, N] fp32 and `self.mask` is `mass > threshold` (bool, from
-    the same kernel). Accepts what `AttnProcessor2_0` accepts on a
-    self-attention layer, except an attention mask (SD's self-attention layers never get one).
-    """
-
-    def __init__(self, guide, backend: str = "auto", xformers: bool = False, threshold: float = 1.0):
-        self.rows = slice(0, guide) if isinstance(guide, int) else guide
-        self.threshold = threshold
-        self.backend = backend
-        self.xformers = xformers
-        """Take output and lse from xformers (the layer's own processor was xformers') where it can run
-        on these inputs; otherwise SDPA."""
-        self.mass = None
-        self.mask = None
-
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        *args,
-        **kwargs,
-    ) -> torch.Tensor:
-        if encoder_hidden_states is not None:
-            raise ValueError("SAG's capture layer must be a self-attention layer; it was given encoder_hidden_states")
-        if attention_mask is not None:
-            raise ValueError("SAG's capture layer does not take an attention mask")
-        residual = hidden_states
-        hidden_states, shape = attention_input(attn, hidden_states, temb)
-        batch = hidden_states.shape[0]
-        query, key, value, head_dim = heads_qkv(attn, hidden_states)
-
-        if self.xformers and not xformers_reasons(query):
-            out, lse = xformers_with_lse(query, key, value, attn.scale)
-        else:
-            out, lse = sdpa_with_lse(query, key, value, attn.scale)
-        g = self.rows
-        self.mass, self.mask = attention_mass(query[g], key[g], lse[g], attn.scale, backend=self.backend, threshold=self.threshold)
-
-        hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-        return attention_output(attn, hidden_states, residual, shape)
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: slice = slice(None), bias=None) -> torch.Tensor:
-        """Attention of q, k, v [B, H, N, D] with SDPA's default scale, recording the mass and mask of
-        the `keys` tokens received from those same query tokens of the guide rows (each query's softmax
-        over all keys, `bias` an additive key mask or None); the output as [B, N, H * D] (the video
-        families' processors)."""
-        scale = 1.0 / math.sqrt(q.shape[-1])
-        if bias is not None and q.device.type != "cpu":
-            # A key mask on a GPU: the layer's output from SDPA, and the lse of the guide rows only, in a
-            # second, blockwise pass (no fused kernel here returns both with a mask).
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=scale)
-            g = self.rows
-            lse = lse_chunked(q[g], k[g], scale, bias[g] if bias.shape[0] == q.shape[0] else bias)
-            self.mass, self.mask = attention_mass(
-                q[g][:, :, keys], k[g][:, :, keys], lse[:, :, keys], scale, backend=self.backend, threshold=self.threshold
-            )
-        else:
-            out, lse = _joint_out_and_lse(self, q, k, v, scale, bias)
-            _image_mass(self, q, k, lse, keys, scale)
-        return out.transpose(1, 2).flatten(2, 3).to(q.dtype)
 
 
 class ThreadSlot:
@@ -460,114 +269,6 @@ def uninstall(model: torch.nn.Module) -> None:
 
 def installed(model: torch.nn.Module) -> bool:
     return any(isinstance(getattr(m, "processor", None), CaptureSwitch) for m in model.modules())
-
-
-# --- Joint attention (SD3, Flux): image and text tokens in one softmax --------------------------------
-
-
-def _joint_out_and_lse(processor, q, k, v, scale, bias=None):
-    """(out, lse) of the capture layer's one attention call, from xformers where the layer's own
-    processor was xformers' and xformers can run (without a key mask), else SDPA."""
-    if processor.xformers and bias is None and not xformers_reasons(q):
-        return xformers_with_lse(q, k, v, scale)
-    return sdpa_with_lse(q, k, v, scale, bias)
-
-
-def _image_mass(processor, q, k, lse, image: slice, scale):
-    """Mass of the image keys received from the image queries of the guide rows, each row's softmax
-    taken over ALL keys (image and text: `lse` is the joint attention's)."""
-    g = processor.rows
-    processor.mass, processor.mask = attention_mass(
-        q[g, :, image], k[g, :, image], lse[g, :, image], scale, backend=processor.backend, threshold=processor.threshold
-    )
-
-
-class JointCaptureProcessor(SAGCaptureProcessor):
-    """SD3's joint attention (`JointAttnProcessor2_0`: image tokens then text tokens in one SDPA) that
-    also records the attention mass of the image keys from the image queries of the guide rows, with
-    each query's softmax over all keys (image and text), as the layer computes it. The output is the
-    stock processor's: SDPA on the full joint sequence (its default scale, 1 / sqrt(head dim)), split
-    back into image and text. Without `encoder_hidden_states` (SD3.5's `attn2`) it is plain
-    self-attention over the image tokens. Like the stock processor it ignores `attention_mask`."""
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        import math
-
-        residual = hidden_states
-        batch = hidden_states.shape[0]
-        query, key, value, head_dim = heads_qkv(attn, hidden_states)
-        n_image = query.shape[2]
-        if encoder_hidden_states is not None:
-            eq, ek, ev = text_heads_qkv(attn, encoder_hidden_states)
-            query = torch.cat([query, eq], dim=2)
-            key = torch.cat([key, ek], dim=2)
-            value = torch.cat([value, ev], dim=2)
-
-        scale = 1.0 / math.sqrt(head_dim)  # the stock processor calls SDPA with its default scale
-        out, lse = _joint_out_and_lse(self, query, key, value, scale)
-        _image_mass(self, query, key, lse, slice(0, n_image), scale)
-
-        hidden_states = out.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
-        if encoder_hidden_states is not None:
-            hidden_states, encoder_hidden_states = hidden_states[:, : residual.shape[1]], hidden_states[:, residual.shape[1] :]
-            if not attn.context_pre_only:
-                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if encoder_hidden_states is not None:
-            return hidden_states, encoder_hidden_states
-        return hidden_states
-
-
-class FluxCaptureProcessor(SAGCaptureProcessor):
-    """Flux's attention (`FluxAttnProcessor`: in the double-stream blocks text tokens FIRST, then image
-    tokens, one SDPA after RoPE) that also records the attention mass of the image keys from the image
-    queries of the guide rows, each query's softmax over all keys. The output is the stock processor's
-    (the native attention backend: SDPA with its default scale). No attention mask, no IP-Adapter
-    inputs (the stock FluxAttnProcessor's inputs only)."""
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None, *args, **kwargs):
-        import math
-
-        from diffusers.models.embeddings import apply_rotary_emb
-        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
-
-        if attention_mask is not None:
-            raise ValueError("SAG's Flux capture layer does not take an attention mask")
-        if kwargs.get("ip_hidden_states") is not None:
-            raise ValueError("SAG's Flux capture layer does not take IP-Adapter inputs; choose a layer without them")
-        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
-        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
-        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        n_text = 0
-        if attn.added_kv_proj_dim is not None and encoder_hidden_states is not None:
-            encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
-            encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
-            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
-            n_text = encoder_query.shape[1]
-            query = torch.cat([encoder_query, query], dim=1)
-            key = torch.cat([encoder_key, key], dim=1)
-            value = torch.cat([encoder_value, value], dim=1)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-
-        q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, H, N, D]
-        scale = 1.0 / math.sqrt(attn.head_dim)
-        out, lse = _joint_out_and_lse(self, q, k, v, scale)
-        _image_mass(self, q, k, lse, slice(n_text, q.shape[2]), scale)
-
-        hidden_states = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
-        if encoder_hidden_states is not None:
-            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
-                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
-            )
-            hidden_states = attn.to_out[0](hidden_states.contiguous())
-            hidden_states = attn.to_out[1](hidden_states)
-            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
-            return hidden_states, encoder_hidden_states
-        return hidden_states
 
 
 class RotaryCaptureSwitch(CaptureSwitch):

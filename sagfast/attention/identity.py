@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from sagfast.attention.capture import attention_input, attention_output, heads_qkv, text_heads_qkv
+from sagfast.attention.processors import attention_input, attention_output, heads_qkv, text_heads_qkv
 
 
 def identity_attention(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):

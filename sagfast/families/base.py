@@ -13,8 +13,8 @@ import torch
 from diffusers.models.attention_processor import Attention
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-from sagfast.attention.capture import SAGCaptureProcessor
 from sagfast.attention.identity import identity_attention
+from sagfast.attention.processors import SAGCaptureProcessor
 from sagfast.core.schedule import check_scheduler
 
 

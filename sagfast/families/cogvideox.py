@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-from sagfast.attention.capture import SAGCaptureProcessor, heads_qkv
 from sagfast.attention.identity import joint_identity
+from sagfast.attention.processors import SAGCaptureProcessor, heads_qkv
 from sagfast.families.base import Family, transformer_block_layer
 
 

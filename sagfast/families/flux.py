@@ -18,7 +18,7 @@ batch instead (`GuidedCall.sequential_step`, as Wan's CFG), so SAG guides the un
 Capture layer "mid": the joint attention of the double-stream block in the middle,
 transformer_blocks[N // 2].attn (single-stream blocks get text and image as one sequence with no
 marker of where the image starts: not offered). Text tokens come FIRST there; the capture processor
-(sagfast.attention.capture.FluxCaptureProcessor, after RoPE) takes the mass of the image keys received from
+(sagfast.attention.processors.FluxCaptureProcessor, after RoPE) takes the mass of the image keys received from
 the image queries, each query's softmax over all keys. The map is the packed token grid (h, w), read
 from `img_ids`; nearest upsampling lays it onto the 2h x 2w latent, each token over its 2x2 patch.
 """
@@ -30,7 +30,7 @@ import weakref
 import torch
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-from sagfast.attention.capture import FluxCaptureProcessor
+from sagfast.attention.processors import FluxCaptureProcessor
 from sagfast.families.base import Family, true_cfg
 
 # id(img_ids) -> (weak reference, version or None, (h, w)): the grid is read on the host once per

@@ -23,8 +23,9 @@ from __future__ import annotations
 import torch
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-from sagfast.attention.capture import SAGCaptureProcessor, key_bias
 from sagfast.attention.identity import joint_identity
+from sagfast.attention.lse import key_bias
+from sagfast.attention.processors import SAGCaptureProcessor
 from sagfast.families.base import Family, stack_layers, transformer_block_layer, true_cfg
 
 

@@ -7,7 +7,7 @@ timestep, so a plain lookup finds it).
 
 Capture layer "mid": the joint attention `attn` of transformer_blocks[N // 2]. Its processor runs
 image tokens and text tokens ([image, text]) through one softmax; the capture processor
-(sagfast.attention.capture.JointCaptureProcessor) takes the mass of the IMAGE keys received from the IMAGE
+(sagfast.attention.processors.JointCaptureProcessor) takes the mass of the IMAGE keys received from the IMAGE
 queries, each query's softmax over all keys, from that one SDPA call's log-sum-exp. The map is the
 latent's (h, w) over the patch size.
 
@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-from sagfast.attention.capture import JointCaptureProcessor
 from sagfast.attention.identity import joint_identity_attention
+from sagfast.attention.processors import JointCaptureProcessor
 from sagfast.families.base import Family, transformer_block_layer
 
 

@@ -28,8 +28,8 @@ from __future__ import annotations
 import torch
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-from sagfast.attention.capture import SAGCaptureProcessor
 from sagfast.attention.identity import value_attention
+from sagfast.attention.processors import SAGCaptureProcessor
 from sagfast.families.base import Family, transformer_block_layer
 
 
