@@ -61,11 +61,9 @@ class CFGRule:
             "cfg",
             lambda: tuple(RULES),
             (
-                'How the uncond and cond predictions are combined: "cfg" (`o_u + g * (o_c - o_u)`), "apg" (adaptive '
-                "projected guidance, Sadat et al. 2024: the update's component parallel to o_c scaled by `apg_eta`, "
-                'its norm capped at `apg_rescale`, optional momentum), or "cfg_zero_star" (Fan et al. 2025: o_u '
-                "scaled by the projection of o_c on it, and a zero prediction for the first `zero_init_steps` steps), "
-                "as diffusers' AdaptiveProjectedGuidance and ClassifierFreeZeroStarGuidance. Only the combine "
+                'How the uncond and cond predictions are combined: "cfg" (`o_u + g * (o_c - o_u)`) or the name of '
+                "any other CFG rule, one file each in sagfast/terms/ (sagfast.config.CFG_RULES; each rule's file "
+                "documents its formula and settings: apg, cfg_zero_star, tcfg, mambo, fdg, ...). Only the combine "
                 'changes: no extra rows; every term (SAG, PAG, ...) adds to it. Anything but "cfg" refuses the '
                 "pipeline's `guidance_rescale > 0`."
             ),
