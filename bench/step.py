@@ -16,6 +16,8 @@ Variants (all on one shared UNet with random weights, DDIM, guidance 7.5, batch 
   (l)              sagfast SAG+PAG batched: one call of [u, c, ptb, deg] (4B)
   *+graph          every sagfast variant with CUDA graphs (cuda_graph=True), on CUDA only
   (m)-(p)          sagfast SEG, APG, CFG-Zero*, SAG+PAG+SEG batched
+  (z) (z2)         sagfast TPG alone (B more rows, in the main call), and SAG+PAG+TPG batched: one call
+                   of [u, c, deg, ptb, tpg] (5B); TPG refuses CUDA graphs (a new permutation every step)
   (q) (r)          4 images with mixed settings in one call, and one call per image
   (s)-(y)          SDXL-shaped models only (tiny_xl, sdxl): diffusers' modular SDXL pipeline with a CFG,
                    PAG or sagfast SAG guider, its loop as diffusers runs it (one model call per
@@ -60,6 +62,11 @@ SAGFAST = {
     "sagfast_sag_pag_seg_batched": (
         "(p) sagfast SAG+PAG+SEG batched [u,c,deg,ptb,seg]",
         dict(mode="batched", pag_scale=3.0, seg_scale=3.0),
+    ),
+    "sagfast_tpg": ("(z) sagfast TPG, mid block [u,c,tpg]", dict(scale=0, tpg_scale=3.0)),
+    "sagfast_sag_pag_tpg_batched": (
+        "(z2) sagfast SAG+PAG+TPG batched [u,c,deg,ptb,tpg]",
+        dict(mode="batched", pag_scale=3.0, tpg_scale=3.0),
     ),
 }
 """sagfast variants: (label, SAGConfig fields; SAG scale 0.75 unless given)."""
