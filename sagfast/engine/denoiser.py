@@ -14,6 +14,9 @@ scheduler and CFG line stay untouched. Per model call (one denoising step):
    own CFG line gives `cfg(o_u, o_c) + terms`; or, where sagfast owns CFG (`cfg_scale`, `cfg_rule`),
    each image's full guided prediction R returned for both halves (the line then gives R).
 
+Planning a step's terms (`plan_terms`, `variant_of`) and the combine (`combine`) are plain functions:
+the modular guider (sagfast.guiders.Guidance) runs the same ones on its conditions' predictions.
+
 No term is named here: a term's rows, attention rule, state and part of the combine are its own.
 Everything a call keeps (terms' state, the random mask's generator) lives in its `GuidedCall` and goes
 with it; only CUDA graphs outlive a call (sagfast.engine.cuda_graph keeps them per model).
@@ -246,17 +249,7 @@ class GuidedCall:
     ) -> torch.Tensor:
         """The guided prediction of a batch of `chunks` CFG chunks at step `index` (`fraction` of the call)."""
         step = self.plan(sample, call, chunks, fraction, index, cfg_off, pipeline_cfg)
-        step.variant = "exact"
-        if self.config.mode == "batched" and step.on:
-            everyone = tuple(range(step.b))
-            ready = {t.name: t.ready(step) for t in step.on}
-            if all(r == everyone for r in ready.values()):
-                step.variant = "batched"
-            elif any(ready[t.name] for t in step.on if t.needs_main):
-                # Some images' rows can be built before the main pass, others' not (their guide branch
-                # changed: CFG's interval ended for the images with CFG): each image's step is what it
-                # would be alone, batched or exact.
-                step.variant, step.early = "mixed", {name: r for name, r in ready.items() if r != everyone}
+        step.variant, step.early = variant_of(self.config.mode, step)
         for term in self.terms:
             term.note_step(step)
         if not step.watching and step.cfg is None:
@@ -292,15 +285,10 @@ class GuidedCall:
                 guide = cond
                 guide_rows = tuple(range(cond.start, cond.stop))
         branches = tuple("uncond" if uncond is not None and uncond.start <= r < uncond.stop else "cond" for r in guide_rows)
-        timestep = call[fam.timestep_argument]
-        plans, scales = {}, {}
+        runs, watching, scales = plan_terms(self.terms, fraction, call[fam.timestep_argument])
         for term in self.terms:
-            scale = term.scale(timestep)
-            plan = term.plan(fraction)
-            plans[term] = None if plan == "on" and not on(scale) else plan  # adaptive PAG's scale reaching 0
-            scales[term.name] = self._scale_tensor(term.scale_field, scale, sample.device) if isinstance(scale, tuple) else scale
-        runs = tuple(t for t in self.terms if plans[t] == "on")
-        watching = tuple(t for t in self.terms if plans[t] is not None)
+            if isinstance(scales[term.name], tuple):
+                scales[term.name] = self._scale_tensor(term.scale_field, scales[term.name], sample.device)
         noise = noise_of(self.pipe.scheduler, call[fam.timestep_argument], b, sample.device)
         state_key = (b, tuple(sample.shape[1:]), sample.dtype, sample.device)
         return Step(
@@ -325,13 +313,7 @@ class GuidedCall:
 
     def check_images(self, b: int) -> None:
         """A ValueError unless every per-image field has one value for each of the `b` images."""
-        for name in PER_IMAGE:
-            value = getattr(self.config, name)
-            if isinstance(value, tuple) and len(value) != b:
-                raise ValueError(
-                    f"{name} has {len(value)} values, but this call makes {b} images (batch size x "
-                    f"num_images_per_prompt): give one value per image, or one number for all"
-                )
+        check_images(self.config, b)
 
     def _cfg_scale(self, chunks: int, device, pipeline_cfg=None):
         """The CFG scale where sagfast owns CFG: the config's (one per image: [B], 1 for the images
@@ -491,42 +473,7 @@ class GuidedCall:
         return out
 
     def _combine(self, out: dict, step: Step) -> torch.Tensor:
-        """`o[k] + sum_t s_t * (o[source_t] - o_t)` for each CFG chunk k (the terms this step runs), or
-        where sagfast owns CFG each image's guided prediction for every chunk; on the predicted channels
-        (the rest of o, a learned variance, as the main pass gave it)."""
-        fam, o = self.family, out["main"]
-        o_image = fam.to_image(o, step.call)
-        c = predicted_channels(o_image, fam.to_image(step.sample, step.call)) if o_image is o else o.shape[1]
-        whole = c == o.shape[1]
-
-        def part(t):
-            return t if whole else t[:, :c].contiguous()
-
-        terms = [(step.scales[t.name], part(o[step.guide if t.source == "guide" else step.cond]), part(out[t.name])) for t in step.on]
-        if step.cfg is None:
-            if not terms:
-                return o
-            (scale, pos, neg), *extra = terms
-            guided = ops.combine(part(o), pos, neg, scale, backend=self.config.backend, extra_terms=extra)
-            return guided if whole else torch.cat([guided, o[:, c:]], dim=1)
-        # sagfast owns CFG: each image's prediction R in fp32, returned for every chunk.
-        o_c = part(o[step.cond]).float()
-        if step.chunks == 2:
-            base, cfg_terms = self.rule.combine(part(o[step.uncond]).float(), o_c, step.cfg, step.index)
-        else:
-            base, cfg_terms = o_c, []
-        terms = cfg_terms + [(s, pos.float(), neg.float()) for s, pos, neg in terms]
-        guided = base
-        if terms:
-            (scale, pos, neg), *extra = terms
-            guided = ops.combine(
-                base.contiguous(), pos.contiguous(), neg.contiguous(), scale, backend=self.config.backend, extra_terms=extra
-            )
-        if self.rule.zero(step.index):
-            guided = torch.zeros_like(guided)
-        guided = guided.to(o.dtype)
-        chunks = [guided if whole else torch.cat([guided, o[k * step.b : (k + 1) * step.b, c:]], dim=1) for k in range(step.chunks)]
-        return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+        return combine(out, step, self.family, self.rule, self.config.backend)
 
 
 def _within(interval: tuple, fraction: float) -> bool:
@@ -571,3 +518,84 @@ class GuidedDenoiser(torch.nn.Module):
         else:
             out = guided.step(call)
         return guided.family.wrap_output(out) if return_dict else (out,)
+
+
+def plan_terms(terms, fraction: float, timestep) -> tuple:
+    """(the terms that run their rows, the terms that watch the main pass, term name -> scale) at the step
+    `fraction` (i / N) of a call whose model call has `timestep`: each term's `plan` and `scale` (a number,
+    or a tuple with one per image). A term planned on whose scale is 0 for every image (adaptive PAG's
+    scale reaching 0) neither runs nor watches. The guided call and the modular guider
+    (sagfast.guiders.Guidance) plan their steps with it."""
+    plans, scales = {}, {}
+    for term in terms:
+        scale = term.scale(timestep)
+        plan = term.plan(fraction)
+        plans[term] = None if plan == "on" and not on(scale) else plan
+        scales[term.name] = scale
+    runs = tuple(t for t in terms if plans[t] == "on")
+    watching = tuple(t for t in terms if plans[t] is not None)
+    return runs, watching, scales
+
+
+def variant_of(mode: str, step: Step) -> tuple:
+    """(variant, early) of a planned step (see `Step`): "batched" where `mode` is and every term that runs
+    can build its rows before the main pass, "mixed" where a term that needs the main pass can for some
+    images only (their guide branch changed: CFG's interval ended for the images with CFG; each image's
+    step is then what it would be alone, batched or exact), else "exact"."""
+    if mode != "batched" or not step.on:
+        return "exact", {}
+    everyone = tuple(range(step.b))
+    ready = {t.name: t.ready(step) for t in step.on}
+    if all(r == everyone for r in ready.values()):
+        return "batched", {}
+    if any(ready[t.name] for t in step.on if t.needs_main):
+        return "mixed", {name: r for name, r in ready.items() if r != everyone}
+    return "exact", {}
+
+
+def check_images(config: SAGConfig, b: int) -> None:
+    """A ValueError unless every per-image field of `config` has one value for each of the `b` images."""
+    for name in PER_IMAGE:
+        value = getattr(config, name)
+        if isinstance(value, tuple) and len(value) != b:
+            raise ValueError(
+                f"{name} has {len(value)} values, but this call makes {b} images (batch size x "
+                f"num_images_per_prompt): give one value per image, or one number for all"
+            )
+
+
+def combine(out: dict, step: Step, family, rule, backend: str = "auto") -> torch.Tensor:
+    """`o[k] + sum_t s_t * (o[source_t] - o_t)` for each CFG chunk k (the terms this step runs), or
+    where sagfast owns CFG each image's guided prediction for every chunk; on the predicted channels
+    (the rest of o, a learned variance, as the main pass gave it)."""
+    fam, o = family, out["main"]
+    o_image = fam.to_image(o, step.call)
+    c = predicted_channels(o_image, fam.to_image(step.sample, step.call)) if o_image is o else o.shape[1]
+    whole = c == o.shape[1]
+
+    def part(t):
+        return t if whole else t[:, :c].contiguous()
+
+    terms = [(step.scales[t.name], part(o[step.guide if t.source == "guide" else step.cond]), part(out[t.name])) for t in step.on]
+    if step.cfg is None:
+        if not terms:
+            return o
+        (scale, pos, neg), *extra = terms
+        guided = ops.combine(part(o), pos, neg, scale, backend=backend, extra_terms=extra)
+        return guided if whole else torch.cat([guided, o[:, c:]], dim=1)
+    # sagfast owns CFG: each image's prediction R in fp32, returned for every chunk.
+    o_c = part(o[step.cond]).float()
+    if step.chunks == 2:
+        base, cfg_terms = rule.combine(part(o[step.uncond]).float(), o_c, step.cfg, step.index)
+    else:
+        base, cfg_terms = o_c, []
+    terms = cfg_terms + [(s, pos.float(), neg.float()) for s, pos, neg in terms]
+    guided = base
+    if terms:
+        (scale, pos, neg), *extra = terms
+        guided = ops.combine(base.contiguous(), pos.contiguous(), neg.contiguous(), scale, backend=backend, extra_terms=extra)
+    if rule.zero(step.index):
+        guided = torch.zeros_like(guided)
+    guided = guided.to(o.dtype)
+    chunks = [guided if whole else torch.cat([guided, o[k * step.b : (k + 1) * step.b, c:]], dim=1) for k in range(step.chunks)]
+    return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
