@@ -16,6 +16,7 @@ Variants (all on one shared UNet with random weights, DDIM, guidance 7.5, batch 
   (l)              sagfast SAG+PAG batched: one call of [u, c, ptb, deg] (4B)
   *+graph          every sagfast variant with CUDA graphs (cuda_graph=True), on CUDA only
   (m)-(p)          sagfast SEG, APG, CFG-Zero*, SAG+PAG+SEG batched
+  (t1)-(t3)        sagfast TCFG, MAMBO-G, FDG: CFG rules, the combine only (2B rows, ~CFG's time)
   (z) (z2)         sagfast TPG alone (B more rows, in the main call), and SAG+PAG+TPG batched: one call
                    of [u, c, deg, ptb, tpg] (5B); TPG refuses CUDA graphs (a new permutation every step)
   (q) (r)          4 images with mixed settings in one call, and one call per image
@@ -63,6 +64,9 @@ SAGFAST = {
         "(p) sagfast SAG+PAG+SEG batched [u,c,deg,ptb,seg]",
         dict(mode="batched", pag_scale=3.0, seg_scale=3.0),
     ),
+    "sagfast_tcfg": ("(t1) sagfast TCFG [u,c]", dict(scale=0, cfg_rule="tcfg")),
+    "sagfast_mambo": ("(t2) sagfast MAMBO-G [u,c]", dict(scale=0, cfg_rule="mambo")),
+    "sagfast_fdg": ("(t3) sagfast FDG [u,c]", dict(scale=0, cfg_rule="fdg")),
     "sagfast_tpg": ("(z) sagfast TPG, mid block [u,c,tpg]", dict(scale=0, tpg_scale=3.0)),
     "sagfast_sag_pag_tpg_batched": (
         "(z2) sagfast SAG+PAG+TPG batched [u,c,deg,ptb,tpg]",
