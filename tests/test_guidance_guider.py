@@ -151,3 +151,27 @@ def test_the_config_round_trips_through_save_and_load(tmp_path):
 def test_bad_keywords_are_refused_by_sagconfigs_checks(keywords, message):
     with pytest.raises(ValueError, match=message):
         Guidance(**keywords)
+
+
+if __name__ == "__main__":  # the distances of docs/modular.md: python tests/test_guidance_guider.py
+    print("| pipeline | keywords | max abs diff to sagfast.enable | bound | effect (to CFG) |")
+    print("|---|---|---|---|---|")
+    for case, keywords in SDXL_CASES.items():
+        (diff, bound, effect), _ = sdxl_case(keywords)
+        print(f"| sdxl | {case} | {diff:.1e} | {bound:.1e} | {effect:.2f} |")
+    for keywords in (dict(scale=0.75), dict(scale=0.0, pag_scale=3.0)):
+        keywords = dict(keywords, pag_layers="transformer_blocks.1")
+        pipe = modular_sd3(ClassifierFreeGuidance(guidance_scale=5.0))
+        cfg, _ = sd3_run(pipe)
+        pipe.update_components(guider=Guidance(guidance_scale=5.0, **keywords))
+        got, _ = sd3_run(pipe)
+        diff, bound, effect = distances(got, sd3_reference(**keywords), cfg)
+        print(f"| sd3 | {keywords} | {diff:.1e} | {bound:.1e} | {effect:.2f} |")
+    for keywords in (dict(scale=0.75), dict(scale=0.0, stg_scale=1.0)):
+        modular = modular_wan(wan(), ClassifierFreeGuidance(guidance_scale=5.0))
+        cfg = modular(**wan_call(), output="latents")
+        modular.update_components(guider=Guidance(guidance_scale=5.0, **keywords))
+        got = modular(**wan_call(), output="latents")
+        want = sagfast.enable(wan(), **keywords)(**wan_call(), guidance_scale=5.0, output_type="latent").frames
+        diff, bound, effect = distances(got, want, cfg)
+        print(f"| wan | {keywords} | {diff:.1e} | {bound:.1e} | {effect:.2f} |")
