@@ -29,6 +29,7 @@ from sagfast.config import TERMS, SAGConfig
 from sagfast.engine.cuda_graph import drop_graphs_of
 from sagfast.engine.denoiser import GuidedCall
 from sagfast.families import family_of, family_of_class
+from sagfast.terms.sag import SAG
 
 CONFIG_KEY = "_sagfast_config"
 """Where an enabled pipeline keeps its SAGConfig (in its `__dict__`)."""
@@ -210,7 +211,7 @@ def enable(pipe, config: SAGConfig | None = None, **overrides):
     installs = []
     for attribute in denoisers(pipe):
         model = getattr(pipe, attribute)
-        _, attn, owner, _ = family.resolve_layer(model, config.layers)
+        _, attn, owner, _ = family.resolve_layer(model, SAG.capture_of(config)[0])
         requested = [term for term in TERMS if term.requested(config)]
         for term in requested:
             term.check_family(family)

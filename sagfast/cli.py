@@ -164,6 +164,7 @@ def _add_setting_flags(d: argparse.ArgumentParser) -> None:
     under its own names (--guidance, --sag-scale), and --cfg-rule with every registered CFG rule; the
     fields they set are listed in the namespace's `config_fields`."""
     from sagfast.config import CFG_RULES, FIELDS, PER_IMAGE
+    from sagfast.terms.cfg import CFGRule
 
     group = d.add_argument_group(
         "guidance settings",
@@ -179,7 +180,7 @@ def _add_setting_flags(d: argparse.ArgumentParser) -> None:
         text = f"{_summary(setting.doc)} (one number for every image; default {default})"
         group.add_argument(flag, dest=name, type=_setting_value(setting), metavar="S", help=text)
         fields.append(name)
-    rule = FIELDS["cfg_rule"]
+    rule = FIELDS[CFGRule.rule_field]
     group.add_argument(
         "--" + rule.public.replace("_", "-"),
         dest=rule.name,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from sagfast.core.settings import FULL, Setting, check_bool, choice
-from sagfast.terms import RULES, SETTINGS, TERMS
+from sagfast.terms import RULES, SETTINGS, TERMS, cfg
 
 MODES = ("exact", "batched")
 BACKENDS = ("auto", "triton", "cpp", "torch")
@@ -91,9 +91,8 @@ class ConfigChecks:
 
     @property
     def owns_cfg(self) -> bool:
-        """Whether sagfast computes the CFG combine itself (a CFG rule other than plain CFG, or its own
-        `cfg_scale`) instead of leaving it to the pipeline's CFG line."""
-        return self.cfg_rule != "cfg" or self.cfg_scale is not None
+        """Whether sagfast computes the CFG combine itself instead of leaving it to the pipeline's line."""
+        return cfg.owns(self)
 
     @property
     def has_intervals(self) -> bool:
@@ -103,7 +102,7 @@ class ConfigChecks:
     @property
     def guides(self) -> bool:
         """Whether this config changes anything at all (else the model is called as it is)."""
-        return any(term.requested(self) for term in TERMS) or self.owns_cfg or self.cfg_interval != FULL
+        return any(term.requested(self) for term in TERMS) or self.owns_cfg or cfg.interval_of(self) != FULL
 
 
 def document(fields: dict) -> str:

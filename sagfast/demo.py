@@ -111,6 +111,7 @@ def _fit(pipe, config):
     from sagfast.api import denoisers
     from sagfast.config import TERMS
     from sagfast.families import family_of
+    from sagfast.terms.sag import SAG
 
     family = family_of(pipe)
     model = getattr(pipe, denoisers(pipe)[0])
@@ -121,7 +122,7 @@ def _fit(pipe, config):
         try:
             term.layers_of(family, model, config)
         except ValueError:
-            changes[term.layers_field] = (family.resolve_layer(model, config.layers)[0],)
+            changes[term.layers_field] = (family.resolve_layer(model, SAG.capture_of(config)[0])[0],)
     return dataclasses.replace(config, **changes) if changes else config
 
 

@@ -53,11 +53,13 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from sagfast.api import make_config
 from sagfast.attention.capture import ACTIVE, BlockInputHook, BlockSkipHook, Capture, CaptureSwitch, input_grid, switch_for
-from sagfast.config import CFG_RULES, FIELDS, TERMS, SAGConfig
+from sagfast.config import FIELDS, TERMS, SAGConfig
 from sagfast.core.schedule import check_scheduler, noise_of, prediction_of
 from sagfast.core.settings import check_interval, check_real
 from sagfast.engine.denoiser import Step, check_images, combine, plan_terms, variant_of
 from sagfast.families import family_of_model
+from sagfast.terms import cfg
+from sagfast.terms.sag import SAG
 
 CAPTURE_HOOK = "sagfast_sag_capture"
 RULE_HOOK = "sagfast_{}_rule"
@@ -144,7 +146,7 @@ def under(capture: Capture):
 def rule_capture(config: SAGConfig) -> Capture:
     """A capture that records nothing and holds a term condition's rule for every row of its pass (its
     `rules`, set when the pass's inputs are known: SEG's rule depends on the image size)."""
-    return Capture(None, None, 1, config.backend, config.threshold, None)
+    return Capture(None, None, 1, config.backend, SAG.capture_of(config)[1], None)
 
 
 def jsonable(value):
@@ -171,11 +173,12 @@ class GuiderCall:
         requested = [term for term in TERMS if term.requested(config)]
         self.layer_name = self.capture = None
         if any(term.needs_main for term in requested):
-            self.layer_name, attn, owner, patch = family.resolve_layer(model, config.layers)
-            self.capture = Capture(attn, owner, patch, config.backend, config.threshold, family.capture_processor)
+            layers, threshold = SAG.capture_of(config)
+            self.layer_name, attn, owner, patch = family.resolve_layer(model, layers)
+            self.capture = Capture(attn, owner, patch, config.backend, threshold, family.capture_processor)
         self.terms = tuple(term(self) for term in requested)
         self.by_name = {term.name: term for term in self.terms}
-        self.rule = CFG_RULES[config.cfg_rule](config)
+        self.rule = cfg.rule_of(config)
         self.tensors: dict = {}
 
     def position(self, timestep) -> tuple[int, int]:
@@ -200,8 +203,8 @@ def planner(term_class, config: SAGConfig):
 
 
 REFUSED = {
-    "cfg_scale": "guidance_scale",
-    "cfg_interval": "start and stop",
+    cfg.CFGRule.scale_field: "guidance_scale",
+    cfg.CFGRule.interval_field: "start and stop",
 }
 """SAGConfig fields a Guidance takes under diffusers' guider names."""
 
@@ -234,7 +237,7 @@ class Guidance(BaseGuidance):
         problems += [p for p in (problem, interval_problem) if p is not None]
         if problems:
             raise ValueError("invalid Guidance: " + "; ".join(problems))
-        config = make_config(None, {**keywords, "cfg_scale": g, "cfg_interval": interval})
+        config = make_config(None, {**keywords, cfg.CFGRule.scale_field: g, cfg.CFGRule.interval_field: interval})
         self.setup(config, interval, enabled)
         # diffusers' config (save_pretrained / from_pretrained): the keywords given, as checked.
         given = {name: jsonable(getattr(config, name)) for name in keywords}
@@ -257,7 +260,7 @@ class Guidance(BaseGuidance):
         super().__init__(interval[0], interval[1], enabled)
         self.settings = config
         """The guider's sagfast configuration (its `cfg_scale` is `guidance_scale`)."""
-        self.guidance_scale = config.cfg_scale
+        self.guidance_scale = cfg.scales_of(config)
         self.pipe = None
         self._planners = tuple(planner(term, config) for term in TERMS if term.requested(config))
         self._plan = None
@@ -314,7 +317,7 @@ class Guidance(BaseGuidance):
         if self._num_inference_steps is None:  # asked before the loop (which embeddings to encode)
             return g > 1, (), (), {}
         fraction = self._step / self._num_inference_steps
-        start, stop = config.cfg_interval
+        start, stop = cfg.interval_of(config)
         runs, watching, scales = plan_terms(self._planners, fraction, self._timestep)
         return g > 1 and start <= fraction < stop, tuple(t.name for t in runs), tuple(t.name for t in watching), scales
 
@@ -627,7 +630,7 @@ class Guidance(BaseGuidance):
             self._after_main(guide)  # batched mode records this step's eps and mask for the next
         main = self._main
         sample, inputs = (main.sample, main.call) if main is not None else (pred_cond, {})
-        plain = self.settings.cfg_rule == "cfg"
+        plain = cfg.is_plain(self.settings)
         if cfg_on:
             o, chunks, uncond, cond = torch.cat([pred_uncond, pred_cond]), 2, slice(0, b), slice(b, 2 * b)
         else:

@@ -31,12 +31,13 @@ import torch
 
 from sagfast import ops
 from sagfast.attention.capture import ACTIVE, Capture
-from sagfast.config import CFG_RULES, PER_IMAGE, TERMS, SAGConfig
+from sagfast.config import PER_IMAGE, TERMS, SAGConfig
 from sagfast.core.batch import gather_batch, join_calls, same_inputs, slice_batch, snapshot
 from sagfast.core.schedule import Noise, evaluation_index, noise_of, prediction_of
 from sagfast.engine.cuda_graph import graphs_of
+from sagfast.terms import cfg
 from sagfast.terms.base import on
-from sagfast.terms.sag import predicted_channels
+from sagfast.terms.sag import SAG, predicted_channels
 
 
 @dataclasses.dataclass
@@ -99,20 +100,15 @@ class GuidedCall:
         self.model = pipe.__dict__[self.attribute]
         family.check_scheduler(pipe.scheduler)
         self.arguments = arguments
-        if config.owns_cfg and (arguments.get("guidance_rescale") or 0) > 0:
-            raise ValueError(
-                f"guidance_rescale={arguments['guidance_rescale']} cannot be applied when sagfast computes CFG itself "
-                f"(cfg_scale={config.cfg_scale!r}, cfg_rule={config.cfg_rule!r}): the pipeline would rescale a "
-                "prediction it no longer sees the parts of. Call with guidance_rescale=0, or leave cfg_scale None "
-                'and cfg_rule "cfg".'
-            )
-        self.layer_name, attn, owner, patch = family.resolve_layer(self.model, config.layers)
-        self.capture = Capture(attn, owner, patch, config.backend, config.threshold, family.capture_processor)
+        cfg.refuse_rescale(config, arguments.get("guidance_rescale"))
+        layers, threshold = SAG.capture_of(config)
+        self.layer_name, attn, owner, patch = family.resolve_layer(self.model, layers)
+        self.capture = Capture(attn, owner, patch, config.backend, threshold, family.capture_processor)
         self.seeds = _seeds_of(arguments.get("generator"))
         self.graphs = graphs_of(self.model) if config.cuda_graph else None
         self.terms = tuple(term(self) for term in TERMS if term.requested(config))
         self.capture.ruled = frozenset(layer for term in self.terms for layer in term.layers)
-        self.rule = CFG_RULES[config.cfg_rule](config) if config.owns_cfg else None
+        self.rule = cfg.rule_of(config) if cfg.owns(config) else None
         self.row_scales: dict = {}  # per-image scales and guide rows as device tensors, made once per call
         self.first_index = None
         """Where the call's first evaluation is in the scheduler's timesteps (img2img starts mid-way)."""
@@ -140,7 +136,7 @@ class GuidedCall:
     def last_mask(self):
         """The [guide rows, h, w] SAG mask of the latest main pass (what the demo draws), or None."""
         sag = next((t for t in self.terms if t.name == "sag"), None)
-        return sag.mask if sag is not None and self.config.mask == "attention" else None
+        return sag.mask if sag is not None and SAG.records_mass(self.config) else None
 
     def position(self, timestep) -> tuple[int, int]:
         """(i, N): this evaluation is step i of the N steps this call runs, counted as diffusers' guiders
@@ -172,13 +168,13 @@ class GuidedCall:
         """The guided prediction of a model input batch of `chunks` CFG chunks ([uncond, cond] for 2);
         `pipeline_cfg`: the scale the pipeline combines its CFG calls with, where it is not its `guidance_scale`
         (sequential CFG: Wan 2.2's guidance_scale_2, Flux's true_cfg_scale), else None."""
-        cfg, fam = self.config, self.family
+        config, fam = self.config, self.family
         full = sample.shape[0]
         timestep = call[fam.timestep_argument]
-        needs_index = cfg.has_intervals or (self.rule is not None and self.rule.needs_index)
+        needs_index = config.has_intervals or (self.rule is not None and self.rule.needs_index)
         index, steps = self.position(timestep) if needs_index else (0, 1)
         f = index / steps
-        if chunks == 2 and not _within(cfg.cfg_interval, f):
+        if chunks == 2 and not _within(cfg.interval_of(config), f):
             # CFG outside its interval: the cond rows alone, returned for both halves, so that the
             # pipeline's CFG line o_u + g * (o_c - o_u) gives the guided cond prediction.
             b = full // 2
@@ -265,7 +261,7 @@ class GuidedCall:
         self, sample, call: dict, chunks: int, fraction: float = 0.0, index: int = 0, cfg_off: bool = False, pipeline_cfg=None
     ) -> Step:
         """The step's rows and terms (see `Step`); `pipeline_cfg` as in `batch_step`."""
-        cfg, fam = self.config, self.family
+        fam = self.family
         full = sample.shape[0]
         b = full // chunks
         self.check_images(b)
@@ -276,9 +272,10 @@ class GuidedCall:
         g = None
         if self.rule is not None and not cfg_off:
             g = self._cfg_scale(chunks, sample.device, pipeline_cfg)
-            if chunks == 2 and isinstance(cfg.cfg_scale, tuple) and min(cfg.cfg_scale) <= 1:
+            per_image = cfg.scales_of(self.config)
+            if chunks == 2 and isinstance(per_image, tuple) and min(per_image) <= 1:
                 # Images without CFG take their cond row as the guide branch (decided on the host).
-                guide_rows = tuple((uncond.start if x > 1 else cond.start) + i for i, x in enumerate(cfg.cfg_scale))
+                guide_rows = tuple((uncond.start if x > 1 else cond.start) + i for i, x in enumerate(per_image))
                 guide = self.rows_tensor(guide_rows, sample.device)
             elif chunks == 2 and not torch.is_tensor(g) and g <= 1:
                 # One scale <= 1 for all (clamped to 1): every image is without CFG, as a list of them.
@@ -319,19 +316,12 @@ class GuidedCall:
         """The CFG scale where sagfast owns CFG: the config's (one per image: [B], 1 for the images
         without CFG), else the scale the pipeline combines its CFG with (`pipeline_cfg`, sequential CFG)
         or its guidance_scale."""
-        g = self.config.cfg_scale if self.config.cfg_scale is not None else pipeline_cfg
+        g = pipeline_cfg
         if g is None:
             g = getattr(self.pipe, "guidance_scale", None) if hasattr(type(self.pipe), "guidance_scale") else None
             g = float(self.arguments.get("guidance_scale", 1.0) if g is None else g)
-        if chunks == 1 and (max(g) if isinstance(g, tuple) else g) > 1:
-            raise ValueError(
-                f"cfg_scale {self.config.cfg_scale!r} asks for CFG, but this call runs without it (the pipeline "
-                "batches [uncond, cond] only when the call's guidance_scale > 1): call with guidance_scale > 1 (any "
-                "value: each image's cfg_scale applies), or give every image cfg_scale <= 1"
-            )
-        if isinstance(g, tuple):
-            return self._scale_tensor("cfg_scale", tuple(max(x, 1.0) for x in g), device)
-        return max(g, 1.0)
+        g = cfg.call_scale(self.config, chunks, g)
+        return self._scale_tensor(cfg.CFGRule.scale_field, g, device) if isinstance(g, tuple) else g
 
     def rows_tensor(self, rows: tuple, device) -> torch.Tensor:
         key = ("rows", rows, device)

@@ -37,6 +37,8 @@ class CFGRule:
     name = "cfg"
     scale_field = "cfg_scale"
     """The CFG scale's field (the server and the CLI hand it the pipeline's guidance scale)."""
+    interval_field = "cfg_interval"
+    rule_field = "cfg_rule"
     needs_index = False
     """Whether its combine depends on the step's index in the call (CFG-Zero*'s zero-init steps)."""
     settings = (
@@ -100,3 +102,56 @@ class CFGRule:
 
 
 RULES[CFGRule.name] = CFGRule
+
+
+# CFG's settings as the engine, the config and the guider read them: here, beside their declarations.
+
+
+def owns(config) -> bool:
+    """Whether sagfast computes the CFG combine itself (a rule other than plain CFG, or its own
+    `cfg_scale`) instead of leaving it to the pipeline's CFG line."""
+    return config.cfg_rule != CFGRule.name or config.cfg_scale is not None
+
+
+def is_plain(config) -> bool:
+    """Whether the rule is plain CFG (`o_u + g * (o_c - o_u)`)."""
+    return config.cfg_rule == CFGRule.name
+
+
+def rule_of(config) -> CFGRule:
+    """The config's rule, made for one guided call."""
+    return RULES[config.cfg_rule](config)
+
+
+def interval_of(config) -> tuple:
+    return config.cfg_interval
+
+
+def scales_of(config):
+    """The config's CFG scale: None (the pipeline's guidance_scale), a number, or one per image."""
+    return config.cfg_scale
+
+
+def refuse_rescale(config, rescale: float) -> None:
+    """The pipeline's `guidance_rescale` rescales a prediction sagfast combined itself: refused."""
+    if owns(config) and (rescale or 0) > 0:
+        raise ValueError(
+            f"guidance_rescale={rescale} cannot be applied when sagfast computes CFG itself "
+            f"(cfg_scale={config.cfg_scale!r}, cfg_rule={config.cfg_rule!r}): the pipeline would rescale a "
+            "prediction it no longer sees the parts of. Call with guidance_rescale=0, or leave cfg_scale None "
+            'and cfg_rule "cfg".'
+        )
+
+
+def call_scale(config, chunks: int, pipeline_scale: float):
+    """The CFG scale sagfast combines with: the config's where given (one per image: each at least 1,
+    1 for the images without CFG), else the pipeline's (`pipeline_scale`). Raises when it asks for CFG
+    in a call without its [uncond, cond] batch (`chunks` 1)."""
+    g = config.cfg_scale if config.cfg_scale is not None else pipeline_scale
+    if chunks == 1 and (max(g) if isinstance(g, tuple) else g) > 1:
+        raise ValueError(
+            f"cfg_scale {config.cfg_scale!r} asks for CFG, but this call runs without it (the pipeline "
+            "batches [uncond, cond] only when the call's guidance_scale > 1): call with guidance_scale > 1 (any "
+            "value: each image's cfg_scale applies), or give every image cfg_scale <= 1"
+        )
+    return tuple(max(x, 1.0) for x in g) if isinstance(g, tuple) else max(g, 1.0)

@@ -154,6 +154,16 @@ class SAG(Term):
     source = "guide"
     needs_main = True
 
+    @staticmethod
+    def capture_of(config) -> tuple:
+        """(the layer SAG reads its map from, the mask threshold): what the capture is made with."""
+        return config.layers, config.threshold
+
+    @staticmethod
+    def records_mass(config) -> bool:
+        """Whether the mask comes from the attention mass (else it is global or random)."""
+        return config.mask == "attention"
+
     def __init__(self, call):
         super().__init__(call)
         self.previous: dict = {}
@@ -193,7 +203,7 @@ class SAG(Term):
             image = self.call.family.to_image(step.sample, step.call)
             check_blur_size(image.shape[-2], image.shape[-1], self.config.blur_kernel_size)
         # The ablation's masks read no map.
-        self.call.capture.arm(step.guide, record_mass=self.config.mask == "attention", hw=self.call.family.map_size(step.call))
+        self.call.capture.arm(step.guide, record_mass=self.records_mass(self.config), hw=self.call.family.map_size(step.call))
 
     def after_main(self, step, o: torch.Tensor) -> None:
         fam = self.call.family
