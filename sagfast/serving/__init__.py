@@ -15,8 +15,10 @@ import logging
 import os
 import re
 import socket
+import sys
 
 DEFAULT_MODELS = {"digits-unet": "embedded", "digits-dit": "embedded"}
+RAY_SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 class StartupError(Exception):
@@ -95,6 +97,12 @@ def start(
     `address`) and the deployment; returns its URL once it answers. Raises StartupError (Ray is then
     shut down again)."""
     check_startup(specs, limits, host, port, gpus_per_replica, address)
+    if address is None and ipaddress.ip_address(host).is_loopback and "ray" not in sys.modules:
+        # Ray's single-machine switch (its default on macOS and Windows): the node's address is the
+        # loopback one, so Ray's own servers (GCS, raylet, workers, agents, metrics) listen on loopback
+        # too, not on every interface. Read when ray is imported: a process that imported it already
+        # keeps Ray's default (docs/serving.md).
+        os.environ[RAY_SINGLE_MACHINE] = "0"
     import ray
     from ray import serve
 
