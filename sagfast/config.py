@@ -100,6 +100,11 @@ class ConfigChecks:
         return any(getattr(self, name) != FULL for name in INTERVALS)
 
     @property
+    def refreshes(self) -> bool:
+        """Whether any term reuses its difference between steps (term refresh: the step index must be known)."""
+        return any(getattr(self, term.refresh_field) != 1 for term in TERMS)
+
+    @property
     def guides(self) -> bool:
         """Whether this config changes anything at all (else the model is called as it is)."""
         return any(term.requested(self) for term in TERMS) or self.owns_cfg or cfg.interval_of(self) != FULL

@@ -257,6 +257,11 @@ class Guidance(BaseGuidance):
 
     def setup(self, config: SAGConfig, interval: tuple, enabled: bool) -> None:
         """The guider's state for `config` (checked); `interval`: BaseGuidance's start and stop."""
+        if config.refreshes:
+            fields = [t.refresh_field for t in TERMS if getattr(config, t.refresh_field) != 1]
+            raise ValueError(
+                f"invalid Guidance: term refresh ({', '.join(fields)}) is not offered by the modular guider; use sagfast.enable"
+            )
         super().__init__(interval[0], interval[1], enabled)
         self.settings = config
         """The guider's sagfast configuration (its `cfg_scale` is `guidance_scale`)."""

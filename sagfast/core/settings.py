@@ -67,6 +67,23 @@ def interval(name: str, doc: str) -> Setting:
     return Setting(name, FULL, check_interval, doc, interval=True)
 
 
+def refresh(term: str) -> Setting:
+    """A term's refresh interval `<term>_refresh` (every term has one: `sagfast.terms.base.Term` adds it
+    to each term's settings from its name)."""
+    return Setting(
+        f"{term}_refresh",
+        1,
+        check_refresh,
+        (
+            f"Term refresh of {term.upper()}: inside its interval its rows run at its first step and then every "
+            "k-th step; the steps between run none of its rows (no model rows, no cost) and add its scale times the "
+            "difference `o_source - o_term` of the last step whose rows ran (per image, each image's own scale applied "
+            "to it). An approximation that saves (k - 1) / k of the term's rows. 1 (the default): every step, "
+            "exactly as without it. Not with CUDA graphs (their steps then run eagerly)."
+        ),
+    )
+
+
 def real(name: str, default: float, doc: str, **bounds) -> Setting:
     """A finite number, within `bounds` (check_real's low, low_ok, high)."""
     return Setting(name, default, functools.partial(check_real, **bounds), doc)
@@ -195,6 +212,13 @@ def check_count(name: str, value) -> tuple:
     if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0:
         return int(value), None
     return None, _problem(name, value, "must be an int >= 0")
+
+
+def check_refresh(name: str, value) -> tuple:
+    """An int >= 1 (a term's refresh interval in steps), as a Python int."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1:
+        return int(value), None
+    return None, _problem(name, value, "must be an int >= 1 (steps between the term's own rows)")
 
 
 def check_bool(name: str, value) -> tuple:

@@ -36,7 +36,7 @@ from sagfast.core.batch import gather_batch, join_calls, same_inputs, slice_batc
 from sagfast.core.schedule import Noise, evaluation_index, noise_of, prediction_of
 from sagfast.engine.cuda_graph import graphs_of
 from sagfast.terms import cfg
-from sagfast.terms.base import on
+from sagfast.terms.base import Term, on
 from sagfast.terms.sag import SAG, predicted_channels
 
 
@@ -80,6 +80,8 @@ class Step:
     before the main pass (`early`); the others' rows are built from it, in a second call."""
     early: dict = dataclasses.field(default_factory=dict)
     """Mixed variant: term name -> the images whose rows join the main call (the rest come after)."""
+    reused: tuple = ()
+    """Term refresh: the terms that run no rows in this step and add their kept difference instead."""
 
     @property
     def full(self) -> int:
@@ -171,7 +173,7 @@ class GuidedCall:
         config, fam = self.config, self.family
         full = sample.shape[0]
         timestep = call[fam.timestep_argument]
-        needs_index = config.has_intervals or (self.rule is not None and self.rule.needs_index)
+        needs_index = config.has_intervals or config.refreshes or (self.rule is not None and self.rule.needs_index)
         index, steps = self.position(timestep) if needs_index else (0, 1)
         f = index / steps
         if chunks == 2 and not _within(cfg.interval_of(config), f):
@@ -248,7 +250,7 @@ class GuidedCall:
         step.variant, step.early = variant_of(self.config.mode, step)
         for term in self.terms:
             term.note_step(step)
-        if not step.watching and step.cfg is None:
+        if not step.watching and not step.reused and step.cfg is None:
             return self.model(sample, **call, return_dict=False)[0]
         out = None
         if self.graphs is not None:
@@ -288,6 +290,13 @@ class GuidedCall:
                 scales[term.name] = self._scale_tensor(term.scale_field, scales[term.name], sample.device)
         noise = noise_of(self.pipe.scheduler, call[fam.timestep_argument], b, sample.device)
         state_key = (b, tuple(sample.shape[1:]), sample.dtype, sample.device)
+        reused = ()
+        if self.config.refreshes:
+            # Term refresh: a term within its refresh interval adds its kept difference, and runs no rows.
+            key = Term.refresh_key(state_key, branches)
+            reused = tuple(t for t in runs if t.reuses(index, key))
+            runs = tuple(t for t in runs if t not in reused)
+            watching = tuple(t for t in watching if t not in reused or t.watches_between())
         return Step(
             sample,
             call,
@@ -306,6 +315,7 @@ class GuidedCall:
             scales,
             g,
             index,
+            reused=reused,
         )
 
     def check_images(self, b: int) -> None:
@@ -355,7 +365,7 @@ class GuidedCall:
             second = [t for t in step.on if t.needs_main or late]
             if second:
                 out.update(self._pass(step, terms=second))
-        if not step.on and step.cfg is None:
+        if not step.on and not step.reused and step.cfg is None:
             return out["main"]  # tracking only: the prediction is the model's
         return self._combine(out, step)
 
@@ -367,6 +377,8 @@ class GuidedCall:
             why += term.graph_refusals(step)
         if self.rule is not None:
             why += self.rule.graph_refusals()
+        if self.config.refreshes:
+            why.append("term refresh keeps each term's difference between steps, outside the graph")
         if why:
             self.graphs.clear()  # e.g. the pipeline moved to the CPU: free the GPU memory of its graphs
             for reason in why:
@@ -567,7 +579,13 @@ def combine(out: dict, step: Step, family, rule, backend: str = "auto") -> torch
         return t if whole else t[:, :c].contiguous()
 
     terms = [(step.scales[t.name], part(o[step.guide if t.source == "guide" else step.cond]), part(out[t.name])) for t in step.on]
+    for t, (_, pos, neg) in zip(step.on, terms):
+        if t.refresh > 1:  # term refresh: its difference, for the steps that reuse it
+            t.keep(step, pos.float() - neg.float())
+    # Term refresh: the terms that reuse their kept difference d add s * (d - 0).
+    kept = [(step.scales[t.name], t.kept()) for t in step.reused]
     if step.cfg is None:
+        terms += [(s, d.to(o.dtype), torch.zeros_like(d, dtype=o.dtype)) for s, d in kept]
         if not terms:
             return o
         (scale, pos, neg), *extra = terms
@@ -579,7 +597,7 @@ def combine(out: dict, step: Step, family, rule, backend: str = "auto") -> torch
         base, cfg_terms = rule.combine(part(o[step.uncond]).float(), o_c, step.cfg, step.index)
     else:
         base, cfg_terms = o_c, []
-    terms = cfg_terms + [(s, pos.float(), neg.float()) for s, pos, neg in terms]
+    terms = cfg_terms + [(s, pos.float(), neg.float()) for s, pos, neg in terms] + [(s, d, torch.zeros_like(d)) for s, d in kept]
     guided = base
     if terms:
         (scale, pos, neg), *extra = terms

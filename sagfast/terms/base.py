@@ -27,6 +27,8 @@ import dataclasses
 
 import torch
 
+from sagfast.core.settings import refresh
+
 
 @dataclasses.dataclass
 class Rows:
@@ -133,8 +135,19 @@ class Term:
     needs_main: bool = False
     """Whether its rows' input is built from the same step's main pass (exact mode: a second call)."""
 
+    refresh_field: str = ""
+    """Its SAGConfig refresh interval `<name>_refresh`, which every term gets from its name (below)."""
+
+    refresh: int = 1
+    """Its refresh interval in this call: its rows run every `refresh`-th step of its interval, and the steps
+    between add its kept difference (`keep`, `kept`)."""
+
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        # Every term has a refresh setting, declared once here from its name.
+        cls.refresh_field = f"{cls.name}_refresh"
+        if all(setting.name != cls.refresh_field for setting in cls.settings):
+            cls.settings = (*cls.settings, refresh(cls.name))
         TERMS.append(cls)
         TERMS.sort(key=lambda term: term.order)
 
@@ -142,6 +155,9 @@ class Term:
         self.call = call
         self.config = call.config
         self.layers = self.layers_of(call.family, call.model, call.config) if self.layers_field else []
+        self.refresh = getattr(self.config, self.refresh_field, 1)
+        self.difference = None
+        """Term refresh: (key, step index, d) of the last step whose rows ran, d = o_source - o_term per image."""
 
     @classmethod
     def requested(cls, config) -> bool:
@@ -179,6 +195,33 @@ class Term:
     def scale(self, timestep):
         """Its scale at this step (`timestep`: the model call's): a number, or a tuple with one per image."""
         return getattr(self.config, self.scale_field)
+
+    def reuses(self, index: int, key) -> bool:
+        """Term refresh: whether at step `index` (planned on) it adds its kept difference instead of running
+        its rows: within `refresh` steps of the last step whose rows ran (both evaluations of a Heun-type
+        step are that step), for the same images (`key`: `refresh_key`)."""
+        if self.refresh == 1 or self.difference is None or self.difference[0] != key:
+            return False
+        return 0 < index - self.difference[1] < self.refresh
+
+    @staticmethod
+    def refresh_key(state_key: tuple, branches: tuple) -> tuple:
+        """What a kept difference is valid for: the step's images (`Step.state_key`: their count, shapes,
+        dtype, device) and each one's guide branch (`Step.branches`)."""
+        return state_key, branches
+
+    def keep(self, step, difference: torch.Tensor) -> None:
+        """Term refresh: the difference `o_source - o_term` (per image) of a step whose rows ran."""
+        self.difference = (self.refresh_key(step.state_key, step.branches), step.index, difference)
+
+    def kept(self) -> torch.Tensor:
+        """Term refresh: the kept difference, what a step that reuses it adds times the term's scale."""
+        return self.difference[2]
+
+    def watches_between(self) -> bool:
+        """Term refresh: whether it still watches the main pass at the steps that reuse its difference
+        (SAG in batched mode records eps and mask there, so that its next rows are batched)."""
+        return False
 
     def note_step(self, step) -> None:
         """Every step of the call, planned, whether or not the term runs in it."""

@@ -187,6 +187,9 @@ class SAG(Term):
         # first SAG step can be batched.
         return "track" if self.config.mode == "batched" and start < stop and fraction < stop else None
 
+    def watches_between(self) -> bool:
+        return self.config.mode == "batched"
+
     def ready(self, step) -> tuple:
         """The images whose previous eps and mask are their guide branch's: an image whose guide branch
         changed (CFG's interval ended for it: uncond, then cond) needs this step's main pass."""
