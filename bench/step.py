@@ -16,6 +16,8 @@ Variants (all on one shared UNet with random weights, DDIM, guidance 7.5, batch 
   (l)              sagfast SAG+PAG batched: one call of [u, c, ptb, deg] (4B)
   *+graph          every sagfast variant with CUDA graphs (cuda_graph=True), on CUDA only
   (m)-(p)          sagfast SEG, APG, CFG-Zero*, SAG+PAG+SEG batched
+  (f2)-(f4)        sagfast SAG with term refresh: exact with sag_refresh 2 and 3, batched with 2 (the
+                   degraded rows every 2nd / 3rd step, the last difference reused between)
   (t1)-(t3)        sagfast TCFG, MAMBO-G, FDG: CFG rules, the combine only (2B rows, ~CFG's time)
   (z) (z2)         sagfast TPG alone (B more rows, in the main call), and SAG+PAG+TPG batched: one call
                    of [u, c, deg, ptb, tpg] (5B); TPG refuses CUDA graphs (a new permutation every step)
@@ -64,6 +66,9 @@ SAGFAST = {
         "(p) sagfast SAG+PAG+SEG batched [u,c,deg,ptb,seg]",
         dict(mode="batched", pag_scale=3.0, seg_scale=3.0),
     ),
+    "sagfast_sag_refresh2": ("(f2) sagfast exact, sag_refresh 2", dict(mode="exact", sag_refresh=2)),
+    "sagfast_sag_refresh3": ("(f3) sagfast exact, sag_refresh 3", dict(mode="exact", sag_refresh=3)),
+    "sagfast_batched_refresh2": ("(f4) sagfast batched, sag_refresh 2", dict(mode="batched", sag_refresh=2)),
     "sagfast_tcfg": ("(t1) sagfast TCFG [u,c]", dict(scale=0, cfg_rule="tcfg")),
     "sagfast_mambo": ("(t2) sagfast MAMBO-G [u,c]", dict(scale=0, cfg_rule="mambo")),
     "sagfast_fdg": ("(t3) sagfast FDG [u,c]", dict(scale=0, cfg_rule="fdg")),
