@@ -82,14 +82,29 @@ def test_guidance_through_batch_guidance_equals_sagfast_enable(case, per_step):
     assert effect > 100 * bound
 
 
-@pytest.mark.parametrize("keywords", [dict(scale=0.75), dict(scale=0.75, mode="batched"), dict(scale=0.0, pag_scale=3.0)])
-def test_guidance_in_the_modular_sd3_pipeline_equals_sagfast_enable(keywords):
+def sd3_case(keywords: dict) -> tuple:
+    """(diff, bound, effect) of Guidance in the modular SD3 pipeline against sagfast.enable (PAG on block 1)."""
     keywords = dict(keywords, pag_layers="transformer_blocks.1")
     pipe = modular_sd3(ClassifierFreeGuidance(guidance_scale=5.0))
     cfg, _ = sd3_run(pipe)
     pipe.update_components(guider=Guidance(guidance_scale=5.0, **keywords))
     got, _ = sd3_run(pipe)
-    diff, bound, effect = distances(got, sd3_reference(**keywords), cfg)
+    return distances(got, sd3_reference(**keywords), cfg)
+
+
+def wan_case(keywords: dict) -> tuple:
+    """(diff, bound, effect) of Guidance in the modular Wan pipeline against sagfast.enable."""
+    modular = modular_wan(wan(), ClassifierFreeGuidance(guidance_scale=5.0))
+    cfg = modular(**wan_call(), output="latents")
+    modular.update_components(guider=Guidance(guidance_scale=5.0, **keywords))
+    got = modular(**wan_call(), output="latents")
+    want = sagfast.enable(wan(), **keywords)(**wan_call(), guidance_scale=5.0, output_type="latent").frames
+    return distances(got, want, cfg)
+
+
+@pytest.mark.parametrize("keywords", [dict(scale=0.75), dict(scale=0.75, mode="batched"), dict(scale=0.0, pag_scale=3.0)])
+def test_guidance_in_the_modular_sd3_pipeline_equals_sagfast_enable(keywords):
+    diff, bound, effect = sd3_case(keywords)
     assert diff <= bound
     assert effect > 100 * bound
 
@@ -104,12 +119,7 @@ def test_guidance_in_the_modular_sd3_pipeline_equals_sagfast_enable(keywords):
     ],
 )
 def test_guidance_in_the_modular_wan_pipeline_equals_sagfast_enable(keywords):
-    modular = modular_wan(wan(), ClassifierFreeGuidance(guidance_scale=5.0))
-    cfg = modular(**wan_call(), output="latents")
-    modular.update_components(guider=Guidance(guidance_scale=5.0, **keywords))
-    got = modular(**wan_call(), output="latents")
-    want = sagfast.enable(wan(), **keywords)(**wan_call(), guidance_scale=5.0, output_type="latent").frames
-    diff, bound, effect = distances(got, want, cfg)
+    diff, bound, effect = wan_case(keywords)
     assert diff <= bound
     assert effect > 100 * bound
 
@@ -160,18 +170,8 @@ if __name__ == "__main__":  # the distances of docs/modular.md: python tests/tes
         (diff, bound, effect), _ = sdxl_case(keywords)
         print(f"| sdxl | {case} | {diff:.1e} | {bound:.1e} | {effect:.2f} |")
     for keywords in (dict(scale=0.75), dict(scale=0.0, pag_scale=3.0)):
-        keywords = dict(keywords, pag_layers="transformer_blocks.1")
-        pipe = modular_sd3(ClassifierFreeGuidance(guidance_scale=5.0))
-        cfg, _ = sd3_run(pipe)
-        pipe.update_components(guider=Guidance(guidance_scale=5.0, **keywords))
-        got, _ = sd3_run(pipe)
-        diff, bound, effect = distances(got, sd3_reference(**keywords), cfg)
+        diff, bound, effect = sd3_case(keywords)
         print(f"| sd3 | {keywords} | {diff:.1e} | {bound:.1e} | {effect:.2f} |")
     for keywords in (dict(scale=0.75), dict(scale=0.0, stg_scale=1.0)):
-        modular = modular_wan(wan(), ClassifierFreeGuidance(guidance_scale=5.0))
-        cfg = modular(**wan_call(), output="latents")
-        modular.update_components(guider=Guidance(guidance_scale=5.0, **keywords))
-        got = modular(**wan_call(), output="latents")
-        want = sagfast.enable(wan(), **keywords)(**wan_call(), guidance_scale=5.0, output_type="latent").frames
-        diff, bound, effect = distances(got, want, cfg)
+        diff, bound, effect = wan_case(keywords)
         print(f"| wan | {keywords} | {diff:.1e} | {bound:.1e} | {effect:.2f} |")
