@@ -65,8 +65,9 @@ ENGINE = (
 )
 """The engine's own settings: how the terms' rows are laid out in model calls, and what runs them."""
 
-FIELDS = {setting.name: setting for setting in (*SETTINGS[: len(TERMS[0].settings)], *ENGINE, *SETTINGS[len(TERMS[0].settings) :])}
-"""Every field of SAGConfig by name, SAG's first (its scale is the first field), then the engine's."""
+FIELDS = {setting.name: setting for setting in (*TERMS[0].settings, *ENGINE, *SETTINGS)}
+"""Every field of SAGConfig by name: the first term's (SAG's: its scale is the first field), the engine's,
+then every other term's and rule's (a dict keeps SAG's where SETTINGS names them again)."""
 PER_IMAGE = tuple(name for name, setting in FIELDS.items() if setting.per_image)
 """Fields that take one number for every image or one value per image of the call."""
 INTERVALS = tuple(name for name, setting in FIELDS.items() if setting.interval)

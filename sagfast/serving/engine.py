@@ -145,8 +145,9 @@ def load_models(specs: dict, device: str = "cpu") -> dict:
 def subject_problem(model: ServedModel, request) -> tuple[str, str] | None:
     """(field, message) when the request does not fit its model, else None."""
     size = request.size or model.size
+    asked = request.settings()
     for setting, why in model.refusals.items():
-        if request.settings()[setting] > 0:
+        if asked[setting] > 0:
             return request_name(setting), f"{model.name} cannot run it: {why}"
     if model.kind == "digits":
         if request.label is None:
